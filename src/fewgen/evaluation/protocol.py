@@ -1,0 +1,90 @@
+"""The evaluation protocol: episodes -> per-episode accuracy -> mean and 95% CI rows.
+
+Accuracy and its 95% confidence interval (t-distribution) are in percent, pooled over
+all episodes of all seeds of one (N, K) setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fewgen.data.fewshot import Episodes
+from fewgen.evaluation.classifiers import create_classifier
+
+
+def mean_ci95(values: np.ndarray | list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval of ``values`` (same units)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+def episode_accuracies(
+    features: torch.Tensor,
+    episodes: Episodes,
+    classifier: str,
+    chunk: int = 200,
+    classifier_kwargs: dict | None = None,
+    extra_support: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """Per-episode accuracy (E,) of a frozen-feature classifier.
+
+    Args:
+        features: features of the whole novel dataset, shape (n, D).
+        episodes: indices into that dataset.
+        classifier: ``logreg`` or ``proto``.
+        extra_support: optional function of the episode classes (e, N) returning extra support
+            features (e, S', D) and their episode labels (e, S') - e.g. synthetic images.
+    """
+    accs = []
+    n_way, n_shot = episodes.n_way, episodes.n_shot
+    for start in range(0, episodes.n_episodes, chunk):
+        sl = slice(start, start + chunk)
+        sup_idx, q_idx = episodes.support[sl], episodes.query[sl]
+        e = sup_idx.shape[0]
+        support = features[sup_idx.reshape(e, -1)]  # (e, N*K, D)
+        query = features[q_idx.reshape(e, -1)]
+        y_sup = torch.arange(n_way).repeat_interleave(n_shot).expand(e, -1)
+        y_q = torch.arange(n_way).repeat_interleave(episodes.n_query).expand(e, -1)
+        if extra_support is not None:
+            xs, ys = extra_support(episodes.classes[sl])
+            support = torch.cat([support, xs], 1)
+            y_sup = torch.cat([y_sup, ys], 1)
+        clf = create_classifier(classifier, **(classifier_kwargs or {}))
+        clf.fit(support, y_sup, n_classes=n_way)
+        accs.append((clf.predict(query) == y_q).double().mean(1))
+    return torch.cat(accs)
+
+
+def all_way_accuracy(features: torch.Tensor, labels: torch.Tensor, support_idx: torch.Tensor,
+                     query_idx: torch.Tensor, classifier: str, classifier_kwargs: dict | None = None) -> torch.Tensor:
+    """Correctness (M,) of each remaining novel image classified among all novel classes."""
+    n_classes, n_shot = support_idx.shape
+    support = features[support_idx.reshape(-1)].unsqueeze(0)
+    y_sup = torch.arange(n_classes).repeat_interleave(n_shot).unsqueeze(0)
+    clf = create_classifier(classifier, **(classifier_kwargs or {}))
+    clf.fit(support, y_sup, n_classes=n_classes)
+    pred = clf.predict(features[query_idx].unsqueeze(0))[0]
+    return (pred == labels[query_idx]).double()
+
+
+def summary_row(method: str, n_way: int, n_shot: int, per_episode: list[torch.Tensor], seeds: list[int],
+                **extra) -> dict:
+    """One ``metrics.json`` row from the per-episode accuracies of each seed."""
+    values = torch.cat(per_episode).numpy() * 100
+    mean, half = mean_ci95(values)
+    row = {
+        "method": method, "n_way": n_way, "n_shot": n_shot,
+        "accuracy": round(mean, 3), "ci95": round(half, 3),
+        "episodes": int(len(values)), "seeds": list(seeds),
+    }
+    row.update(extra)
+    return row

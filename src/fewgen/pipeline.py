@@ -1,0 +1,181 @@
+"""``fewgen run``: a config's pipeline steps, in order, in one run directory.
+
+Steps are registered functions of a :class:`Run`; each reads and writes artifacts through
+the content-addressed cache, so a rerun or a second preset reuses what exists. The core
+steps (``pretrain``, ``evaluate``) live here; later stages register theirs in their own
+modules, listed in ``STEP_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewgen.cache import ArtifactCache
+from fewgen.config import RunConfig
+from fewgen.data.base import FewShotData
+from fewgen.data.fewshot import Episodes, check_setting, sample_episodes
+from fewgen.errors import FewgenError
+from fewgen.registry import Registry
+from fewgen.runs import RunLog, environment, format_table, prepare_run_dir, write_config, write_metrics
+from fewgen.utils import resolve_device, seed_everything, write_json
+
+STEPS: Registry = Registry("pipeline step")
+STEP_MODULES: tuple[str, ...] = ()  # modules that register more steps when imported
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    dir: Path | None
+    cache: ArtifactCache
+    device: torch.device
+    log: RunLog
+    progress: bool = True
+    data: FewShotData | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    _episodes: dict[tuple, Episodes] = field(default_factory=dict)
+
+    def episodes(self, n_way: int, n_shot: int, seed: int) -> Episodes:
+        """The run's episodes for one setting: drawn once, saved in the run, reused by every method."""
+        e = self.cfg.eval
+        key = (n_way, n_shot, seed)
+        if key not in self._episodes:
+            path = self.dir / "episodes" / f"seed{seed}_{n_way}way_{n_shot}shot.npz" if self.dir else None
+            if path is not None and path.exists():
+                self._episodes[key] = Episodes.load(path)
+            else:
+                ep = sample_episodes(self.data.novel, n_way, n_shot, e.n_query, e.episodes, seed)
+                if path is not None:
+                    ep.save(path)
+                self._episodes[key] = ep
+        return self._episodes[key]
+
+    def add_rows(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        if self.dir is not None:
+            write_metrics(self.dir, self.rows, {"timings_s": self.timings})
+
+
+def load_data(cfg: RunConfig) -> FewShotData:
+    from fewgen.data import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.dataset, d.root, d.image_size, base_classes=d.base_classes, val_classes=d.val_classes,
+                        novel_classes=d.novel_classes, download=d.download, channels=d.channels)
+
+
+def check_eval_settings(cfg: RunConfig, data: FewShotData) -> None:
+    for n_way in cfg.eval.n_ways:
+        for n_shot in cfg.eval.n_shots:
+            check_setting(data.novel, n_way, n_shot, cfg.eval.n_query)
+    from fewgen.evaluation.classifiers import CLASSIFIERS
+
+    for c in cfg.eval.classifiers:
+        CLASSIFIERS.get(c)
+
+
+@STEPS.register("pretrain")
+def step_pretrain(run: Run) -> None:
+    from fewgen.pretrain import pretrain_backbone
+
+    pb = pretrain_backbone(run.cfg, run.data, run.cache, run.device, run.log, run.progress)
+    run.artifacts["backbone"] = pb
+    if run.dir is not None:
+        write_json(run.dir / "pretrain_history.json",
+                   {"history": pb.history, "best_epoch": pb.best_epoch, "best_val": pb.best_val, "cache_key": pb.key})
+        link = run.dir / "checkpoints" / "backbone.safetensors"
+        if not link.exists():
+            link.symlink_to(pb.path.resolve())
+
+
+def novel_features(run: Run) -> torch.Tensor:
+    from fewgen.evaluation.features import cached_features
+
+    pb = run.artifacts["backbone"]
+    data = run.data
+    return cached_features(run.cache, pb.key, f"{data.name}/novel/{data.protocol}", pb.backbone, data.novel, run.device)
+
+
+def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra_support=None, extra_fields=None) -> list[dict]:
+    """Rows for every (classifier, N, K) and all-way, on the run's shared episodes."""
+    from fewgen.data.fewshot import all_way_split
+    from fewgen.evaluation.protocol import all_way_accuracy, episode_accuracies, summary_row
+
+    cfg, novel = run.cfg, run.data.novel
+    kw = {"logreg": {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters}}
+    rows = []
+    for clf in cfg.eval.classifiers:
+        for n_way in cfg.eval.n_ways:
+            for n_shot in cfg.eval.n_shots:
+                per_seed = []
+                for seed in cfg.seeds:
+                    ep = run.episodes(n_way, n_shot, seed)
+                    es = (lambda classes, s=seed, k=n_shot: extra_support(classes, s, k)) if extra_support else None
+                    per_seed.append(episode_accuracies(features, ep, clf, classifier_kwargs=kw.get(clf), extra_support=es))
+                rows.append(summary_row(method, n_way, n_shot, per_seed, cfg.seeds, classifier=clf,
+                                        n_query=cfg.eval.n_query, **(extra_fields or {})))
+        if cfg.eval.all_way and extra_support is None:
+            for n_shot in cfg.eval.n_shots:
+                correct = []
+                for seed in cfg.seeds:
+                    sup, qry = all_way_split(novel, n_shot, seed)
+                    correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf)))
+                row = summary_row(method, novel.num_classes, n_shot, correct, cfg.seeds, classifier=clf,
+                                  all_way=True, **(extra_fields or {}))
+                row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
+                rows.append(row)
+    return rows
+
+
+@STEPS.register("evaluate")
+def step_evaluate(run: Run) -> None:
+    if "backbone" not in run.artifacts:
+        raise FewgenError("the evaluate step needs a backbone: put 'pretrain' before it in pipeline")
+    feats = novel_features(run)
+    rows = evaluate_frozen(run, feats, method=run.cfg.pretrain.recipe)
+    run.add_rows(rows)
+
+
+def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+        quiet: bool = False) -> Run:
+    """Run ``cfg.pipeline`` and return the finished :class:`Run` (rows in ``run.rows``)."""
+    for module in STEP_MODULES:
+        importlib.import_module(module)
+    for step in cfg.pipeline:
+        STEPS.get(step)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    run_dir = prepare_run_dir(out_dir or Path("runs") / cfg.name, overwrite)
+    write_config(run_dir, cfg)
+    log = RunLog(run_dir / "log.txt", quiet=quiet)
+    write_json(run_dir / "env.json", environment(str(device)))
+    cache = ArtifactCache(cfg.cache_dir)
+    r = Run(cfg, run_dir, cache, device, log, progress)
+    seed_everything(cfg.pretrain.seed)
+    t0 = time.time()
+    r.data = load_data(cfg)
+    check_eval_settings(cfg, r.data)
+    write_json(run_dir / "splits.json", r.data.summary())
+    log(f"data: {r.data.protocol}; base {len(r.data.base)} images / {r.data.base.num_classes} classes, "
+        f"val {r.data.val.num_classes} classes, novel {r.data.novel.num_classes} classes")
+    r.timings["load_data"] = round(time.time() - t0, 2)
+    for step in cfg.pipeline:
+        t = time.time()
+        log(f"== step {step}")
+        STEPS.get(step)(r)
+        r.timings[step] = round(time.time() - t, 2)
+    r.timings["total"] = round(time.time() - t0, 2)
+    write_metrics(run_dir, r.rows, {"timings_s": r.timings})
+    write_json(run_dir / "done", {"timings_s": r.timings})
+    log("\n" + format_table(r.rows))
+    log(f"run finished in {r.timings['total']:.0f}s: {run_dir}")
+    return r

@@ -1,0 +1,83 @@
+"""Base-class pretraining: recipes (``ce``; ``ier`` and ``ier-distill`` in ier.py) and
+:func:`pretrain_backbone`, which caches the selected backbone by content key."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewgen.pretrain import ce  # noqa: F401  (registration)
+from fewgen.pretrain.registry import RECIPES, PretrainContext
+
+try:  # the IER recipes register themselves when present
+    from fewgen.pretrain import ier  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+
+@dataclass
+class PretrainedBackbone:
+    backbone: nn.Module
+    key: str  # content key of the checkpoint (feeds later cache keys)
+    path: Path
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val: float = float("nan")
+
+
+def pretrain_key(cfg) -> dict:
+    """Everything that determines the pretrained weights."""
+    return {
+        "data": dataclasses.asdict(cfg.data) | {"root": None},
+        "backbone": dataclasses.asdict(cfg.backbone),
+        "pretrain": dataclasses.asdict(cfg.pretrain),
+    }
+
+
+def pretrain_backbone(cfg, data, cache, device: torch.device | str = "cpu",
+                      log: Callable[[str], None] = print, progress: bool = True) -> PretrainedBackbone:
+    """Pretrain (or load from the cache, or resume) the backbone ``cfg`` describes.
+
+    Returns the val-selected backbone. The cache entry is complete once it is marked done;
+    an interrupted run resumes from the last epoch checkpoint in it.
+    """
+    from fewgen.backbones import create_backbone
+    from fewgen.checkpoint import load_model, save_model
+    from fewgen.data.augment import add_rotation_classes
+    from fewgen.utils import read_json, seed_everything, write_json
+
+    recipe = RECIPES.get(cfg.pretrain.recipe)
+    parts = pretrain_key(cfg)
+    entry = cache.entry("backbones", parts)
+    key = cache.key(parts)
+    final = entry / "backbone.safetensors"
+    backbone = create_backbone(cfg.backbone.name, in_chans=data.base.image_shape[0], **cfg.backbone.kwargs)
+    if cache.is_done(entry) and final.exists():
+        meta = load_model(final, backbone)
+        log(f"pretrained backbone from cache {entry}")
+        info = read_json(entry / "history.json")
+        return PretrainedBackbone(backbone.to(device), key, final, info["history"], meta.get("best_epoch", -1),
+                                  meta.get("best_val", float("nan")))
+    seed_everything(cfg.pretrain.seed)
+    images, labels, n_classes = data.base.images, data.base.labels, data.base.num_classes
+    if cfg.pretrain.rotation_classes:
+        images, labels = add_rotation_classes(images, labels, n_classes)
+        n_classes *= 4
+    log(f"pretraining {cfg.backbone.name} with recipe {cfg.pretrain.recipe!r} on {len(images)} images, "
+        f"{n_classes} classes ({data.name} base)")
+    ctx = PretrainContext(cfg, data, images, labels, n_classes, entry, torch.device(device), log, progress)
+    result = recipe(ctx)
+    load_model(result.best_path, backbone)
+    meta = {"best_epoch": result.best_epoch, "best_val": result.best_val, "recipe": cfg.pretrain.recipe}
+    save_model(final, backbone, meta)
+    write_json(entry / "history.json", {"history": result.history, **meta})
+    cache.mark_done(entry, meta)
+    return PretrainedBackbone(backbone.to(device), key, final, result.history, result.best_epoch, result.best_val)
+
+
+__all__ = ["RECIPES", "PretrainContext", "PretrainedBackbone", "pretrain_backbone", "pretrain_key"]

@@ -1,0 +1,64 @@
+"""Pretraining recipes and the context they run in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewgen.backbones import create_backbone
+from fewgen.data.augment import build_augmentation
+from fewgen.data.base import FewShotData
+from fewgen.pretrain.loop import TrainResult, TrainSettings, train_backbone
+from fewgen.registry import Registry
+
+RECIPES: Registry = Registry("pretraining recipe")
+
+
+@dataclass
+class PretrainContext:
+    """What a recipe gets: the config, base training data, val classes and a place to write.
+
+    ``train_images`` / ``train_labels`` already include the rotation classes when
+    ``pretrain.rotation_classes`` is on.
+    """
+
+    cfg: object  # RunConfig
+    data: FewShotData
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    num_classes: int
+    out_dir: Path
+    device: torch.device
+    log: Callable[[str], None]
+    progress: bool = True
+
+    def new_backbone(self) -> nn.Module:
+        b = self.cfg.backbone
+        return create_backbone(b.name, in_chans=self.data.base.image_shape[0], **b.kwargs)
+
+    def settings(self, **overrides) -> TrainSettings:
+        p = self.cfg.pretrain
+        s = TrainSettings(
+            epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer, momentum=p.momentum,
+            weight_decay=p.weight_decay, seed=p.seed, val_every=p.val_every, val_episodes=p.val_episodes,
+            val_n_way=p.val_n_way, val_n_shot=p.val_n_shot, max_steps_per_epoch=p.max_steps_per_epoch,
+        )
+        for k, v in overrides.items():
+            setattr(s, k, v)
+        return s
+
+    def augmentation(self) -> nn.Module:
+        shape = self.data.base.image_shape
+        return build_augmentation(self.cfg.pretrain.augment, shape[-1], shape[0]).to(self.device)
+
+    def train(self, model: nn.Module, backbone: nn.Module, loss_fn, stage: str,
+              settings: TrainSettings | None = None, extra_modules: dict | None = None) -> TrainResult:
+        return train_backbone(
+            model, backbone, loss_fn, self.train_images, self.train_labels, self.data.val,
+            settings or self.settings(), self.out_dir, stage=stage, augment=self.augmentation(),
+            device=self.device, log=self.log, progress=self.progress, extra_modules=extra_modules,
+        )

@@ -1,0 +1,120 @@
+"""Run directories: config.yaml, env.json, log.txt, metrics.json, checkpoints/, done."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fewgen.errors import FewgenError
+from fewgen.utils import write_json
+
+TRACKED_PACKAGES = ("torch", "numpy", "scikit-learn", "kornia", "torchmetrics", "safetensors", "diffusers",
+                    "transformers", "peft", "accelerate", "sentence-transformers")
+
+
+def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Create the run folder; refuse to touch an existing non-empty one unless ``overwrite``.
+
+    Even with ``overwrite`` only a folder that holds a fewgen run (a config.yaml) is cleared.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FewgenError(f"run directory {path} already exists; pass --overwrite to replace it or --out to choose another")
+        if not (path / "config.yaml").exists():
+            raise FewgenError(f"{path} is not empty and holds no fewgen run (no config.yaml); refusing to delete it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "checkpoints").mkdir(exist_ok=True)
+    return path
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    import fewgen
+
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "fewgen": fewgen.__version__,
+        "git_sha": git_sha(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": versions,
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_config(path: Path, cfg: Any) -> None:
+    from fewgen.utils import atomic_path
+
+    with atomic_path(path / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+class RunLog:
+    """Prints a line and appends it to log.txt."""
+
+    def __init__(self, path: Path | None, quiet: bool = False):
+        self.path = path
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+
+def write_metrics(path: Path, rows: list[dict], extra: dict | None = None) -> None:
+    write_json(path / "metrics.json", {"rows": rows, **(extra or {})})
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table of metrics rows (accuracy +- ci95 merged)."""
+    if not rows:
+        return "(no results)"
+    columns = columns or [c for c in ("method", "classifier", "domain", "n_way", "n_shot") if any(c in r for r in rows)]
+    header = [*columns, "accuracy", "episodes"]
+    lines = []
+    for r in rows:
+        acc = f"{r['accuracy']:.2f} +- {r['ci95']:.2f}" if r.get("ci95") == r.get("ci95") else f"{r['accuracy']:.2f}"
+        cells = [str(r.get(c, "")) for c in columns]
+        if r.get("all_way") and "n_way" in columns:
+            cells[columns.index("n_way")] = f"all ({r['n_way']})"
+        lines.append(cells + [acc, str(r.get("episodes", ""))])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
