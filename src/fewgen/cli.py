@@ -51,6 +51,22 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fewgen.config import load_config
+    from fewgen.pipeline import run
+
+    cfg = load_config(args.config, args.overrides)
+    if args.zero_shot:
+        cfg.synthesis.zero_shot = True
+    if cfg.synthesis.zero_shot and cfg.generator.kind == "diffusion" and cfg.generator.cond_mode == "class":
+        raise FewgenError("zero-shot generation needs the class names: set generator.cond_mode=name or class+name")
+    cfg.pipeline = ["generator", "synthesize"] if cfg.synthesis.zero_shot else ["generator", "adapt", "synthesize"]
+    r = run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
+    sets = r.artifacts.get("synthetic", {})
+    print(f"{len(sets)} synthetic set(s), {sum(len(d) for d in sets.values())} images; grids in {r.dir / 'grids'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewgen", description="Few-shot image classification with generated data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list presets (and, with --keys, every config key)")
     pr.add_argument("--keys", action="store_true", help="list every config key with its default and help")
     pr.set_defaults(func=_cmd_presets)
+
+    g = sub.add_parser("generate", help="train the base generator, adapt it to the few shots, write synthetic sets",
+                       description="Runs the generator, adapt and synthesize steps of a config, e.g. "
+                                   "`fewgen generate generate synthesis.synthetic_per_class=50 --out runs/gen`.")
+    g.add_argument("config", help="preset name or path to a YAML config")
+    g.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    g.add_argument("--zero-shot", action="store_true", help="skip adaptation; generate novel classes from their names")
+    g.add_argument("--out", help="run directory (default runs/<name>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="print only errors (the log file still gets everything)")
+    g.set_defaults(func=_cmd_generate)
     return p
 
 

@@ -47,6 +47,27 @@ class BackboneConfig:
 
 
 @dataclass
+class IERConfig:
+    """IER pretraining (recipes ``ier`` and ``ier-distill``; Rizve et al. 2021). Any loss is off at weight 0."""
+
+    ce_weight: float = opt(1.0, "weight of the cross-entropy on base classes (head f_Phi)")
+    equivariant_weight: float = opt(1.0, "weight of the transformation-prediction loss (head f_Psi)")
+    invariant_weight: float = opt(1.0, "weight of the memory-bank contrastive loss (head f_Omega)")
+    distill_weight: float = opt(1.0, "weight of the teacher terms (KL on class/transformation heads, L2 on f_Omega) in generations >= 1")
+    distill_feature_weight: float = opt(0.0, "extra L2 between student and teacher backbone features (the official code uses it; not in the paper's equations)")
+    transforms: list[str] = opt(["rotate"], "transformation families whose product is the equivariance set: rotate (4), flip (2), crop (4), affine (4)")
+    num_views: int | None = opt(None, "views per image per step, the identity included (default: every transformation); bounds memory")
+    temperature: float = opt(1.0, "temperature of the contrastive loss (official code: 1.0)")
+    bank_negatives: int = opt(6400, "negatives drawn from the memory bank per step (official: 6400)")
+    feature_dim: int = opt(64, "output size of the contrastive head f_Omega")
+    bank_momentum: float = opt(0.99, "momentum of the memory-bank update")
+    head_hidden: int | None = opt(None, "hidden width of the f_Psi / f_Omega MLPs (default: backbone feature size)")
+    rotation_classes: str = opt("drop", "with pretrain.rotation_classes and rotate in transforms: drop (train on unrotated base classes; rotations are the transformations) or relabel (keep rotation classes; each rotated view gets the rotation class it lands in)")
+    generations: int = opt(1, "distillation generations after the first model (ier-distill)")
+    distill_temperature: float = opt(4.0, "temperature of the distillation KL terms")
+
+
+@dataclass
 class PretrainConfig:
     recipe: str = opt("ce", "base-class pretraining recipe")
     epochs: int = opt(10, "training epochs over the base classes")
@@ -64,6 +85,7 @@ class PretrainConfig:
     val_n_shot: int = opt(1, "validation episode shots")
     seed: int = opt(0, "seed of the pretraining run")
     max_steps_per_epoch: int | None = opt(None, "cap steps per epoch (quick tests)")
+    ier: IERConfig = field(default_factory=IERConfig)
 
 
 @dataclass
@@ -75,7 +97,163 @@ class EvalConfig:
     classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto")
     all_way: bool = opt(True, "also classify all remaining novel images among all novel classes")
     logreg_c: float = opt(1.0, "inverse L2 strength of the logistic regression (scikit-learn's C)")
-    logreg_iters: int = opt(100, "L-BFGS iterations of the batched logistic regression")
+    logreg_iters: int = opt(1000, "maximum iterations of the batched logistic regression")
+
+
+@dataclass
+class LearnerConfig:
+    """Learning with synthetic data (fewgen.learners): DataDream and DiffAlign fine-tuning."""
+
+    methods: list[str] = opt(["real-only", "synthetic-only", "datadream", "diffalign"],
+                             "fine-tuning methods: real-only, synthetic-only, datadream (real+synthetic), diffalign")
+    ablations: list[str] = opt(["synthetic", "hallucination", "mmd"],
+                               "DiffAlign terms switched off one at a time (real, synthetic, hallucination, mmd)")
+    model: str = opt("backbone", "backbone (the pretrained backbone + cosine head) or clip (CLIP + LoRA)")
+    clip_path: str | None = opt(None, "local CLIP model folder or hub id (model=clip)")
+    clip_lora_rank: int = opt(16, "LoRA rank on both CLIP towers")
+    clip_prompt: str = opt("a photo of a {}.", "class prompt template for the CLIP head")
+    eval_with: list[str] = opt(["head", "logreg"],
+                               "head (the fine-tuned head restricted to the episode classes) and/or a frozen "
+                               "classifier (logreg, proto) on the fine-tuned features")
+    steps: int = opt(150, "optimizer steps per fine-tuning run")
+    batch_size: int = opt(64, "real (or DataDream mixed) images per step")
+    synthetic_batch_size: int = opt(64, "synthetic images per step (DiffAlign)")
+    base_batch_size: int = opt(64, "base images per step for the hallucination term (DiffAlign)")
+    lr_backbone: float = opt(0.025, "SGD learning rate of the backbone (DiffAlign: 0.025)")
+    lr_head: float = opt(0.05, "SGD learning rate of the head (DiffAlign: 0.05)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "weight decay")
+    augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)")
+    head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random")
+    datadream_lambda: float = opt(0.8, "DataDream weight of the real-image CE (1 - lambda on synthetic)")
+    w_real: float = opt(1.0, "DiffAlign weight: CE on the real shots")
+    w_synthetic: float = opt(1.0, "DiffAlign weight: label-smoothed CE on synthetic images")
+    w_hallucination: float = opt(1.0, "DiffAlign weight: KL to the hallucinated soft labels of base images")
+    w_mmd: float = opt(1.0, "DiffAlign weight: multi-kernel MMD between real and synthetic features")
+    label_smoothing: float = opt(0.1, "label smoothing of the synthetic CE")
+    mmd_bandwidths: list[float] = opt([0.5, 1.0, 2.0], "Gaussian kernel bandwidths of the MMD (on L2-normalised features)")
+    hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels")
+    synthetic_per_class: int | None = opt(None, "use at most this many synthetic images per class (null: all)")
+    sweep: list[int] = opt([], "synthetic images per class for the sweep (e.g. [0, 10, 50, 200]); empty: no sweep")
+    sweep_method: str = opt("datadream", "method trained at each sweep point")
+    sweep_shots: list[int] = opt([1], "shots (K) of the sweep")
+    frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the support")
+    augmented_copies_per_class: int = opt(50, "images per class made by the augmented-copies step (generator-free control)")
+
+
+@dataclass
+class DomainFusionConfig:
+    """Domain generalization on a domain dataset (leave-one-domain-out) and DomainFusion (ECCV 2024)."""
+
+    methods: list[str] = opt(["erm", "erm+offline", "df-ld", "df-aug", "df"],
+                             "erm, erm+offline (offline img2img images), df-ld (latent distillation), "
+                             "df-aug (online augmentation), df (both)")
+    targets: list[str] | None = opt(None, "target domains (null: every domain in turn)")
+    val_fraction: float = opt(0.2, "share of each SOURCE domain held out for model selection")
+    epochs: int = opt(8, "classifier training epochs")
+    batch_size: int = opt(64, "images per step")
+    lr: float = opt(1e-3, "peak learning rate (cosine schedule)")
+    optimizer: str = opt("adam", "adam or sgd")
+    weight_decay: float = opt(5e-4, "weight decay")
+    augment: list[str] = opt(["crop", "flip"], "kornia augmentations of every training image")
+    pretrained: str | None = opt(None, "local safetensors backbone checkpoint to start from (null: from scratch)")
+    gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)")
+    gen_channels: list[int] = opt([32, 64], "UNet block_out_channels of the diffusion model")
+    gen_steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)")
+    gen_batch_size: int = opt(64, "diffusion training batch size")
+    gen_lr: float = opt(1e-3, "diffusion learning rate")
+    gen_guidance: float = opt(1.0, "classifier-free guidance of img2img (1: plain conditional model)")
+    sample_steps: int = opt(10, "DDIM steps of img2img (strength s runs round(s * steps) of them)")
+    ld_weight: float = opt(1.0, "lambda of the latent distillation loss")
+    ld_t_min: int = opt(50, "smallest timestep of latent distillation")
+    ld_t_max: int = opt(400, "largest timestep of latent distillation")
+    ld_batch: int = opt(16, "images of each batch that get the latent distillation term (cost control)")
+    aug_synthetic: int = opt(200, "size M of the online synthetic set (random source training images)")
+    aug_every: int = opt(3, "refresh the synthetic set every T epochs")
+    aug_candidates: int = opt(3, "img2img candidates N per synthetic image per refresh")
+    aug_strength: float = opt(0.5, "img2img strength s (0: unchanged, 1: pure noise)")
+    aug_feature_level: int = opt(1, "backbone block whose maps give style and content")
+    aug_content_weight: float = opt(1.0, "weight of content closeness against style difference")
+    offline_factor: float = opt(2.0, "offline baseline images = factor x the images df-aug generates per run")
+
+
+@dataclass
+class GANConfig:
+    """Few-shot GAN adaptation (steps gan-source and gan-adapt; fewgen.generators.gan and its methods)."""
+
+    setup: str = opt("class-range", "how source and target come from the run's data: class-range (target = classes "
+                     "[target_range[0], target_range[1]) of the whole dataset, source = every other class), domains "
+                     "(source = source_domains, target = target_domain), folder (source = the run's dataset, target = "
+                     "the imagefolder at target_root)")
+    target_range: list[int] = opt([827, 869], "class-range: first and one-past-last class id of the target (a contiguous "
+                                  "Omniglot range follows one alphabet)")
+    source_domains: list[str] = opt([], "domains: the source domains (e.g. photo, art_painting, cartoon)")
+    target_domain: str | None = opt(None, "domains: the target domain (e.g. sketch)")
+    target_root: str | None = opt(None, "folder: an image folder (one subfolder per class) holding the target images")
+    n_shots: int = opt(10, "training images of the target (one per class when the target has that many classes); "
+                       "each of the run's seeds draws its own shots and adapts with that seed")
+    pretrain_seed: int = opt(0, "seed of the source GAN pretraining (one source GAN serves every shot draw)")
+    image_size: int = opt(32, "GAN resolution: 8, 16, 32 or 64 (images are resized)")
+    z_dim: int = opt(64, "latent size")
+    width: int = opt(16, "channel width (4 x width at 4x4, halving per resolution)")
+    mapping_layers: int = opt(0, "layers of the optional mapping network")
+    pretrain_iters: int = opt(2000, "source GAN iterations")
+    pretrain_batch_size: int = opt(32, "source GAN batch size")
+    lr: float = opt(0.002, "Adam learning rate (source pretraining and adaptation)")
+    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every 4 iterations)")
+    adapt_iters: int = opt(500, "adaptation iterations (the same for every method)")
+    adapt_batch_size: int = opt(16, "latents per adaptation iteration")
+    methods: list[str] = opt(["tgan", "freezed", "cdc", "dcl"], "adaptation methods, each from the same source GAN")
+    freezed_layers: int = opt(2, "FreezeD: discriminator blocks frozen from the input side")
+    cdc_weight: float = opt(1000.0, "CDC: weight of the distance-consistency loss")
+    dcl_lambda1: float = opt(2.0, "DCL: weight of the generator-side contrastive loss")
+    dcl_lambda2: float = opt(0.5, "DCL: weight of the discriminator-side contrastive loss")
+    dcl_temperature: float = opt(0.07, "DCL: contrastive temperature")
+    track_every: int = opt(50, "adaptation iterations between tracked realism / intra-diversity / FID")
+    track_samples: int = opt(500, "samples per tracking point")
+    eval_samples: int = opt(1000, "samples for the final metrics (intra-LPIPS protocol: 1000)")
+    kid_subset_size: int = opt(100, "KID subset size (capped at the sample counts)")
+    feature_net: str | None = opt(None, "metrics network: null = the run's pretrained backbone; else a backbone "
+                                  "checkpoint (.safetensors, architecture backbone.name) or clip:<local folder>")
+    lpips_weights: str | None = opt(None, "LPIPS-AlexNet safetensors for intra-diversity (default: the metrics backbone's maps)")
+
+
+@dataclass
+class GeneratorConfig:
+    """The base generator (fewgen.generators) and its DataDream adaptation to the few shots."""
+
+    kind: str = opt("diffusion", "diffusion (pixel UNet trained on the base classes) or stable-diffusion")
+    cond_mode: str = opt("class+name", "condition tokens: class, name (MiniLM of the class name) or class+name")
+    block_out_channels: list[int] = opt([32, 64, 64], "UNet channels per level (each level after the first halves the size)")
+    attention_levels: list[bool] = opt([False, False, True], "cross-attention blocks per UNet level")
+    cond_dim: int = opt(64, "condition token width (cross-attention dim)")
+    train_steps: int = opt(1500, "DDPM training steps on the base classes")
+    batch_size: int = opt(48, "base training batch size")
+    lr: float = opt(1e-3, "base training peak learning rate (AdamW, warmup + cosine)")
+    seed: int = opt(0, "seed of base training and of the adapters' initialisation")
+    model: str | None = opt(None, "Stable Diffusion pipeline: local folder or hub id (kind=stable-diffusion)")
+    prompt: str = opt("a photo of a {}", "prompt template for text-to-image backends ({} = class name)")
+    resolution: int | None = opt(None, "Stable Diffusion generation size (default: the pipeline's)")
+    dtype: str = opt("auto", "Stable Diffusion dtype: auto (fp16 on cuda), float32, float16, bfloat16")
+    adapt_mode: str = opt("dset", "DataDream mode: cls (one LoRA per class) or dset (one LoRA for all classes)")
+    lora_rank: int = opt(16, "DataDream LoRA rank")
+    adapt_steps_per_class: int = opt(40, "DataDream steps per class (dset trains classes x this, equal total)")
+    adapt_batch_size: int = opt(16, "DataDream batch size")
+    adapt_lr: float = opt(1e-3, "DataDream learning rate (AdamW, cosine; the paper's 1e-4 for Stable Diffusion)")
+
+
+@dataclass
+class SynthesisConfig:
+    """Synthetic images of the novel classes (fewgen.synthesis): sampler, count, cache."""
+
+    synthetic_per_class: int = opt(20, "synthetic images per novel class")
+    sampler: str = opt("dpmsolver++", "ddim or dpmsolver++")
+    steps: int = opt(25, "sampling steps")
+    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)")
+    seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")
+    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch)")
+    zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
+    grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none")
 
 
 @dataclass
@@ -90,6 +268,11 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    domainfusion: DomainFusionConfig = field(default_factory=DomainFusionConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
 # ----------------------------------------------------------------------------- merging

@@ -22,11 +22,25 @@ from fewgen.data.base import FewShotData
 from fewgen.data.fewshot import Episodes, check_setting, sample_episodes
 from fewgen.errors import FewgenError
 from fewgen.registry import Registry
-from fewgen.runs import RunLog, environment, format_table, prepare_run_dir, write_config, write_metrics
+from fewgen.runs import (
+    RunLog,
+    check_run_dir,
+    environment,
+    format_table,
+    prepare_run_dir,
+    write_config,
+    write_metrics,
+)
 from fewgen.utils import resolve_device, seed_everything, write_json
 
 STEPS: Registry = Registry("pipeline step")
-STEP_MODULES: tuple[str, ...] = ()  # modules that register more steps when imported
+STEP_MODULES: tuple[str, ...] = (  # modules that register more steps when imported
+    "fewgen.learners.steps",
+    "fewgen.reports.steps",
+    "fewgen.learners.domainfusion_steps",
+    "fewgen.generators.gan_steps",
+    "fewgen.generators.steps",
+)
 
 
 @dataclass
@@ -112,11 +126,19 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra_support
     cfg, novel = run.cfg, run.data.novel
     kw = {"logreg": {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters}}
     rows = []
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        total = len(cfg.eval.classifiers) * len(cfg.eval.n_ways) * len(cfg.eval.n_shots) * len(cfg.seeds)
+        bar = tqdm(total=total, desc=f"evaluate {method}", leave=False)
     for clf in cfg.eval.classifiers:
         for n_way in cfg.eval.n_ways:
             for n_shot in cfg.eval.n_shots:
                 per_seed = []
                 for seed in cfg.seeds:
+                    if bar is not None:
+                        bar.update()
                     ep = run.episodes(n_way, n_shot, seed)
                     es = (lambda classes, s=seed, k=n_shot: extra_support(classes, s, k)) if extra_support else None
                     per_seed.append(episode_accuracies(features, ep, clf, classifier_kwargs=kw.get(clf), extra_support=es))
@@ -132,6 +154,8 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra_support
                                   all_way=True, **(extra_fields or {}))
                 row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
                 rows.append(row)
+    if bar is not None:
+        bar.close()
     return rows
 
 
@@ -154,16 +178,18 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    run_dir = prepare_run_dir(out_dir or Path("runs") / cfg.name, overwrite)
+    out_dir = Path(out_dir or Path("runs") / cfg.name)
+    check_run_dir(out_dir, overwrite)
+    seed_everything(cfg.pretrain.seed)
+    t0 = time.time()
+    data = load_data(cfg)  # bad data or impossible settings fail before anything is written
+    check_eval_settings(cfg, data)
+    run_dir = prepare_run_dir(out_dir, overwrite)
     write_config(run_dir, cfg)
     log = RunLog(run_dir / "log.txt", quiet=quiet)
     write_json(run_dir / "env.json", environment(str(device)))
     cache = ArtifactCache(cfg.cache_dir)
-    r = Run(cfg, run_dir, cache, device, log, progress)
-    seed_everything(cfg.pretrain.seed)
-    t0 = time.time()
-    r.data = load_data(cfg)
-    check_eval_settings(cfg, r.data)
+    r = Run(cfg, run_dir, cache, device, log, progress, data=data)
     write_json(run_dir / "splits.json", r.data.summary())
     log(f"data: {r.data.protocol}; base {len(r.data.base)} images / {r.data.base.num_classes} classes, "
         f"val {r.data.val.num_classes} classes, novel {r.data.novel.num_classes} classes")

@@ -28,15 +28,21 @@ def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     Even with ``overwrite`` only a folder that holds a fewgen run (a config.yaml) is cleared.
     """
     path = Path(path)
+    check_run_dir(path, overwrite)
+    if path.exists() and any(path.iterdir()):
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "checkpoints").mkdir(exist_ok=True)
+    return path
+
+
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Raise unless ``path`` is absent, empty, or (with ``overwrite``) an earlier fewgen run."""
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise FewgenError(f"run directory {path} already exists; pass --overwrite to replace it or --out to choose another")
         if not (path / "config.yaml").exists():
             raise FewgenError(f"{path} is not empty and holds no fewgen run (no config.yaml); refusing to delete it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "checkpoints").mkdir(exist_ok=True)
-    return path
 
 
 def git_sha() -> str | None:
@@ -108,7 +114,10 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     header = [*columns, "accuracy", "episodes"]
     lines = []
     for r in rows:
-        acc = f"{r['accuracy']:.2f} +- {r['ci95']:.2f}" if r.get("ci95") == r.get("ci95") else f"{r['accuracy']:.2f}"
+        if r.get("accuracy") is None:  # rows without an accuracy (e.g. generative metrics rows)
+            acc = "-"
+        else:
+            acc = f"{r['accuracy']:.2f} +- {r['ci95']:.2f}" if r.get("ci95") == r.get("ci95") else f"{r['accuracy']:.2f}"
         cells = [str(r.get(c, "")) for c in columns]
         if r.get("all_way") and "n_way" in columns:
             cells[columns.index("n_way")] = f"all ({r['n_way']})"

@@ -8,8 +8,7 @@ Both follow easyfsl's contract in batched form: ``fit(support, labels)`` then
 * :class:`LogisticRegression` - multinomial logistic regression with an L2 penalty on
   L2-normalised features, the RFS / IER evaluation (Tian et al. 2020; Rizve et al. 2021),
   which fit scikit-learn's ``LogisticRegression`` per episode. Here every episode's
-  convex problem is solved together by L-BFGS on the sum of their objectives; the sum is
-  separable, so its minimiser is each episode's minimiser.
+  convex problem is solved at once by batched accelerated gradient descent.
 """
 
 from __future__ import annotations
@@ -51,22 +50,45 @@ class PrototypeClassifier:
 
 @CLASSIFIERS.register("logreg")
 class LogisticRegression:
-    """Batched multinomial logistic regression, scikit-learn's objective:
+    """Batched multinomial logistic regression with scikit-learn's objective:
 
     ``min_{W,b} sum_i CE(W x_i + b, y_i) + ||W||^2 / (2C)`` per episode (bias unpenalised),
     on L2-normalised features when ``normalize`` is true.
+
+    Solved by accelerated gradient descent (FISTA with adaptive restart, O'Donoghue & Candes
+    2015) on explicit gradients. Features are centred on each episode's (weighted) support
+    mean first: with an unpenalised bias this is an exact reparameterisation (same W, shifted
+    b), and it makes the Hessian bound block-diagonal, ``H <= diag(Xc^T Xc, sum w) / 2`` (the
+    softmax Hessian is at most I/2), so W and b get their own step sizes 1/L and the
+    problem is far better conditioned. Every step is a couple of batched matmuls, so hundreds
+    of episodes cost about as much as one.
     """
 
-    def __init__(self, c: float = 1.0, max_iter: int = 100, normalize: bool = True, **_: object):
+    def __init__(self, c: float = 1.0, max_iter: int = 1000, tol: float = 1e-6, normalize: bool = True,
+                 dtype: torch.dtype = torch.float32, **_: object):
+        self.dtype = dtype
         self.c = c
         self.max_iter = max_iter
+        self.tol = tol
         self.normalize = normalize
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.n_iter = 0
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.double()
+        x = x.to(self.dtype)
         return F.normalize(x, dim=-1) if self.normalize else x
+
+    @staticmethod
+    def _lambda_max(xa: torch.Tensor, iters: int = 30) -> torch.Tensor:
+        """Largest eigenvalue of xa^T xa per episode, by power iteration on the smaller Gram."""
+        gram = xa @ xa.transpose(1, 2) if xa.shape[1] <= xa.shape[2] else xa.transpose(1, 2) @ xa
+        v = torch.ones(gram.shape[0], gram.shape[1], 1, dtype=xa.dtype)
+        for _ in range(iters):
+            v = gram @ v
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return (v.transpose(1, 2) @ gram @ v).reshape(-1) * 1.05 + 1e-12
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None,
             sample_weight: torch.Tensor | None = None) -> LogisticRegression:
@@ -74,29 +96,45 @@ class LogisticRegression:
         x = self._prep(support)
         e, s, d = x.shape
         n = int(n_classes or labels.max() + 1)
-        w = torch.zeros(e, d, n, dtype=x.dtype, requires_grad=True)
-        b = torch.zeros(e, 1, n, dtype=x.dtype, requires_grad=True)
-        sw = torch.ones(e, s, dtype=x.dtype) if sample_weight is None else sample_weight.to(x.dtype)
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=self.max_iter, history_size=20,
-                                tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-        target = labels.reshape(-1)
+        sw = torch.ones(e, s, 1, dtype=x.dtype) if sample_weight is None else sample_weight.to(x.dtype).unsqueeze(-1)
+        y = F.one_hot(labels, n).to(x.dtype)
+        self.mean = (x * sw).sum(1, keepdim=True) / sw.sum(1, keepdim=True)
+        xc = x - self.mean
+        lip_w = 0.5 * self._lambda_max(xc * sw.sqrt()) + 1.0 / self.c  # (E,)
+        lip_b = 0.5 * sw.sum((1, 2))
+        # parameters as one (E, D+1, N) block: rows 0..D-1 = W, row D = bias
+        step = torch.cat([(1.0 / lip_w).view(e, 1, 1).expand(e, d, 1), (1.0 / lip_b).view(e, 1, 1)], 1)
+        reg = torch.ones(1, d + 1, 1, dtype=x.dtype)
+        reg[:, d] = 0.0  # bias unpenalised
+        x1 = torch.cat([xc, torch.ones(e, s, 1, dtype=x.dtype)], 2)
+        x1t = x1.transpose(1, 2)
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            logits = x @ w + b
-            ce = F.cross_entropy(logits.reshape(-1, n), target, reduction="none").reshape(e, s)
-            loss = (ce * sw).sum() + (w * w).sum() / (2 * self.c)
-            loss.backward()
-            return loss
+        def grad(t: torch.Tensor) -> torch.Tensor:
+            p = (x1 @ t).softmax(-1)
+            return x1t @ ((p - y) * sw) + reg * t / self.c
 
-        with torch.enable_grad():
-            opt.step(closure)
-        self.weight, self.bias = w.detach(), b.detach()
+        theta = torch.zeros(e, d + 1, n, dtype=x.dtype)
+        z, t_k = theta.clone(), torch.ones(e, 1, 1, dtype=x.dtype)
+        it = 0
+        for it in range(1, self.max_iter + 1):
+            g = grad(z)
+            if it % 10 == 0 and (g.abs().amax((1, 2)) / sw.sum((1, 2))).max() < self.tol:
+                theta = z
+                break
+            new = z - step * g
+            # adaptive restart: drop momentum where the step went uphill along the momentum
+            restart = (g * (new - theta)).sum((1, 2), keepdim=True) > 0
+            t_next = (1 + torch.sqrt(1 + 4 * t_k * t_k)) / 2
+            mom = torch.where(restart, torch.zeros_like(t_k), (t_k - 1) / t_next)
+            z = new + mom * (new - theta)
+            theta, t_k = new, torch.where(restart, torch.ones_like(t_next), t_next)
+        self.n_iter = it
+        self.weight, self.bias = theta[:, :d].contiguous(), theta[:, d:].contiguous()
         return self
 
     def decision_function(self, query: torch.Tensor) -> torch.Tensor:
         """query: (E, Q, D) -> logits (E, Q, N)."""
-        return self._prep(query) @ self.weight + self.bias
+        return (self._prep(query) - self.mean) @ self.weight + self.bias
 
     def predict_proba(self, query: torch.Tensor) -> torch.Tensor:
         return self.decision_function(query).softmax(-1)

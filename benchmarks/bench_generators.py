@@ -1,0 +1,278 @@
+"""Generators on Omniglot (development split, novel classes): quality and speed.
+
+Quality, per few-shot setting (K = 1, 5; few-shot seed 0) on the first ``--classes`` novel
+classes: synthetic sets from (a) the unadapted base generator, zero-shot from the class
+names, (b) DataDream ``cls`` and (c) DataDream ``dset`` (equal total LoRA steps), each scored
+against held-out real images of the same classes (the images outside the 5-shot set):
+
+* FID and KID (torchmetrics) with the foundation's pretrained Conv-4 as the feature network;
+* accuracy on the held-out real images of a logistic regression trained on features of the
+  synthetic images only (all-way over the chosen classes; chance = 1 / classes).
+
+Sampler check: DPM-Solver++ with 20 steps against DDIM with 50 on the same adapter.
+
+Speed, against the reference way (DataDream's ``generate.py``: for each class, reload the
+generator from disk, load that class's LoRA file with diffusers' ``load_lora_adapter`` and
+generate its images in batches of ``--ref-batch``): fewgen loads once, switches per-class
+LoRA weights in memory, and generates fixed chunks through the synthesis cache. Same
+sampler, steps and guidance; images per second on this machine.
+
+    python benchmarks/bench_generators.py --generator /tmp/g4/omni_base --classes 20 --per-class 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fewgen.cache import ArtifactCache
+from fewgen.config import load_config
+from fewgen.data import load_dataset
+from fewgen.data.fewshot import few_shot_indices, few_shot_set
+from fewgen.generators.datadream import (
+    DataDreamAdapter,
+    DataDreamConfig,
+    train_datadream,
+)
+from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
+from fewgen.generators.steps import dataset_digest, pixel_sample_fn
+from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec, write_png
+
+
+def feature_scores(real_test, real_labels, fake, fake_labels, feature_net, n_classes):
+    """FID / KID against the held-out real images, and synthetic-only classifier accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    from fewgen.evaluation.generative import fid_kid
+
+    scores = fid_kid(real_test, fake, feature_net, kid_subsets=50, kid_subset_size=100)
+    f_fake = feature_net(fake).numpy()
+    f_real = feature_net(real_test).numpy()
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(f_fake, fake_labels.numpy())
+    acc = float((clf.predict(f_real) == real_labels.numpy()).mean() * 100)
+    return {"fid": round(scores["fid"], 3), "kid": round(scores["kid"], 5), "kid_std": round(scores["kid_std"], 5),
+            "synthetic_only_acc": round(acc, 2), "n_fake": len(fake), "n_real": len(real_test),
+            "chance": round(100 / n_classes, 2)}
+
+
+def real_shot_accuracy(few, real_test, real_labels, feature_net):
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(feature_net(few.images).numpy(), few.labels.numpy())
+    return round(float((clf.predict(feature_net(real_test).numpy()) == real_labels.numpy()).mean() * 100), 2)
+
+
+def get_adapter(cache: ArtifactCache, gen, few, dd: DataDreamConfig, log):
+    parts = {"kind": "datadream", "generator": gen.state_key(), "datadream": dd.__dict__, "few_shot": dataset_digest(few)}
+    entry = cache.entry("adapters", parts)
+    if cache.is_done(entry):
+        return DataDreamAdapter.load(entry), 0.0
+    t = time.time()
+    ad = train_datadream(gen, few, dd, log=log)
+    ad.save(entry)
+    cache.mark_done(entry, {"mode": dd.mode})
+    return ad, time.time() - t
+
+
+def synth(store, gen, names, per_class, shape, sampler, steps, guidance, adapter=None, chunk=16):
+    spec = SynthesisSpec(generator_key=gen.state_key(), class_names=names, prompts=list(names), per_class=per_class,
+                         image_shape=shape, adapter_key=None if adapter is None else adapter.key, sampler=sampler,
+                         steps=steps, guidance=guidance, seed=0, chunk=chunk,
+                         extra={"zero_shot": adapter is None})
+    t = time.time()
+    ds = store.synthesize(spec, pixel_sample_fn(gen, spec, adapter))
+    return ds, time.time() - t
+
+
+def reference_generate(gen_dir: Path, adapter_dir: Path, n_classes: int, per_class: int, steps: int,
+                       guidance: float, sampler: str, batch: int, out_dir: Path) -> float:
+    """DataDream generate.py's way: per class, reload the generator and that class's LoRA file."""
+    info = json.loads((adapter_dir / "adapter_config.json").read_text())
+    from fewgen.checkpoint import load_tensors
+
+    emb = load_tensors(adapter_dir / "class_embeddings.safetensors")[0]["class_embeddings"]
+    t = time.time()
+    for c in range(n_classes):
+        gen = DiffusionGenerator.load(gen_dir)  # reload per class
+        (label,) = gen.add_classes([info["class_names"][c]], init=emb[c:c + 1])
+        gen.unet.load_lora_adapter(str(adapter_dir / f"class_{c:04d}" / "pytorch_lora_weights.safetensors"),
+                                   prefix="unet", adapter_name=f"class{c}")
+        for i in range(0, per_class, batch):
+            n = min(batch, per_class - i)
+            seeds = [hash((c, i + k)) % (2**31) for k in range(n)]
+            imgs = gen.sample([label] * n, seeds=seeds, steps=steps, guidance=guidance, sampler=sampler)
+            for k in range(n):
+                write_png(out_dir / f"{c:04d}" / f"{i + k:05d}.png", imgs[k])
+    return time.time() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--generator", help="trained base generator folder (generator.json); trained here if absent")
+    p.add_argument("--train-steps", type=int, default=2000)
+    p.add_argument("--classes", type=int, default=20, help="first N novel classes")
+    p.add_argument("--per-class", type=int, default=10, help="synthetic images per class")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--modes", nargs="+", default=["zero-shot", "cls", "dset"])
+    p.add_argument("--steps-per-class", type=int, default=15, help="DataDream LoRA steps per class")
+    p.add_argument("--adapt-batch", type=int, default=8)
+    p.add_argument("--adapt-lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps for the quality sets")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 on dset at the last K")
+    p.add_argument("--speed", action="store_true", help="fewgen vs the reference way, cls adapters at the first K")
+    p.add_argument("--speed-classes", type=int, default=5)
+    p.add_argument("--speed-per-class", type=int, default=10)
+    p.add_argument("--ref-batch", type=int, default=10)
+    p.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default=os.environ.get("FEWGEN_CACHE", "/tmp/fewgen_bench_cache"))
+    p.add_argument("--out", default="benchmarks/results/bench_generators.json")
+    p.add_argument("--merge", nargs="*", help="only print the table of these JSON results together")
+    args = p.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
+        print_table(rows)
+        return 0
+    torch.set_num_threads(args.threads)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    cache = ArtifactCache(args.cache)
+    store = SynthesisCache(cache)
+    data = load_dataset("omniglot", None, 28)
+    novel = data.novel.select_classes(list(range(args.classes)), name=data.novel.name)
+    names = novel.class_names
+    max_k = max(5, *args.shots)
+    held_mask = torch.ones(len(novel), dtype=torch.bool)
+    held_mask[few_shot_indices(novel, max_k, 0).reshape(-1)] = False
+    real_test, real_labels = novel.images[held_mask], novel.labels[held_mask]
+
+    from fewgen.evaluation.generative import FeatureNet
+    from fewgen.pretrain import pretrain_backbone
+
+    cfg = load_config("omniglot", args.pretrain)
+    pb = pretrain_backbone(cfg, data, cache, "cpu", log, progress=False)
+    feature_net = FeatureNet(pb.backbone.eval())
+    log(f"feature network: conv4 backbone {pb.key} (best val {pb.best_val:.1f}%); "
+        f"{len(real_test)} held-out real images of {args.classes} novel classes")
+
+    if args.generator and (Path(args.generator) / "generator.json").exists():
+        gen = DiffusionGenerator.load(args.generator)
+        gen.trained_key = f"file:{args.generator}:{os.path.getmtime(Path(args.generator) / 'generator.safetensors')}"
+    else:
+        torch.manual_seed(0)
+        gen = DiffusionGenerator(DiffusionConfig(block_out_channels=[16, 32, 32], cond_dim=32), data.base.class_names)
+        gen.fit(data.base, steps=args.train_steps, batch_size=32, lr=2e-3, log=log)
+        args.generator = tempfile.mkdtemp()
+        gen.save(args.generator)
+    log(f"base generator: {gen.num_parameters() / 1e6:.2f}M parameters, cond_mode {gen.cfg.cond_mode}")
+
+    rows: list[dict] = []
+    results = {"config": vars(args), "rows": rows}
+
+    def emit(row):
+        rows.append(row)
+        log(json.dumps(row))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+    zs = None
+    adapters = {}
+    for k in args.shots:
+        few = few_shot_set(novel, k, 0)
+        emit({"setting": f"{k}-shot", "method": f"real {k} shots (reference)", "synthetic_only_acc": None,
+              "real_shot_acc": real_shot_accuracy(few, real_test, real_labels, feature_net)})
+        for mode in args.modes:
+            if mode == "zero-shot":
+                if zs is None:
+                    ds, dt = synth(store, gen, names, args.per_class, novel.image_shape, "dpmsolver++", args.steps,
+                                   args.guidance)
+                    zs = (ds, dt)
+                ds, dt = zs
+                row = {"method": "base, zero-shot from name", "adapt_s": 0.0}
+            else:
+                dd = DataDreamConfig(mode=mode, rank=args.rank, alpha=float(args.rank),
+                                     steps_per_class=args.steps_per_class, batch_size=args.adapt_batch,
+                                     lr=args.adapt_lr, seed=0)
+                ad, t_adapt = get_adapter(cache, gen, few, dd, log)
+                adapters[(k, mode)] = ad
+                ds, dt = synth(store, gen, names, args.per_class, novel.image_shape, "dpmsolver++", args.steps,
+                               args.guidance, ad)
+                row = {"method": f"DataDream {mode}", "adapt_s": round(t_adapt, 1),
+                       "lora_steps_total": sum(h["steps"] for h in ad.history)}
+            scores = feature_scores(real_test, real_labels, ds.images, ds.labels, feature_net, args.classes)
+            emit({"setting": f"{k}-shot", **row, "sampler": f"dpmsolver++ {args.steps}", "synth_s": round(dt, 1),
+                  **scores})
+
+    if args.sampler_check:
+        k = args.shots[-1]
+        ad = adapters.get((k, "dset"))
+        if ad is None:
+            few = few_shot_set(novel, k, 0)
+            ad, _ = get_adapter(cache, gen, few, DataDreamConfig(mode="dset", rank=args.rank, alpha=float(args.rank),
+                                                                 steps_per_class=args.steps_per_class,
+                                                                 batch_size=args.adapt_batch, lr=args.adapt_lr), log)
+        for sampler, steps in (("ddim", 50), ("dpmsolver++", 20)):
+            ds, dt = synth(store, gen, names, args.per_class, novel.image_shape, sampler, steps, args.guidance, ad)
+            scores = feature_scores(real_test, real_labels, ds.images, ds.labels, feature_net, args.classes)
+            emit({"setting": f"{k}-shot", "method": f"sampler check: DataDream dset, {sampler} {steps}",
+                  "sampler": f"{sampler} {steps}", "synth_s": round(dt, 1), **scores})
+
+    if args.speed:
+        k = args.shots[0]
+        few = few_shot_set(novel, k, 0)
+        ad = adapters.get((k, "cls"))
+        if ad is None:
+            ad, _ = get_adapter(cache, gen, few, DataDreamConfig(mode="cls", rank=args.rank, alpha=float(args.rank),
+                                                                 steps_per_class=args.steps_per_class,
+                                                                 batch_size=args.adapt_batch, lr=args.adapt_lr), log)
+        adapter_dir = Path(tempfile.mkdtemp())
+        ad.save(adapter_dir)
+        nc, npc = args.speed_classes, args.speed_per_class
+        n_img = nc * npc
+        ref_out = Path(tempfile.mkdtemp())
+        t_ref = reference_generate(Path(args.generator), adapter_dir, nc, npc, args.steps, args.guidance,
+                                   "dpmsolver++", args.ref_batch, ref_out)
+        sub_ad = copy.copy(ad)
+        sub_ad.class_names, sub_ad.lora = ad.class_names[:nc], ad.lora[:nc]
+        sub_ad.class_embeddings = ad.class_embeddings[:nc]
+        tmp_store = SynthesisCache(Path(tempfile.mkdtemp()))
+        t0 = time.time()
+        base = DiffusionGenerator.load(args.generator)  # loaded once, included in the time
+        base.trained_key = gen.trained_key
+        spec = SynthesisSpec(generator_key=base.state_key(), class_names=names[:nc], prompts=names[:nc],
+                             per_class=npc, image_shape=novel.image_shape, adapter_key=sub_ad.key,
+                             sampler="dpmsolver++", steps=args.steps, guidance=args.guidance, chunk=npc)
+        tmp_store.synthesize(spec, pixel_sample_fn(base, spec, sub_ad))
+        t_ours = time.time() - t0
+        emit({"setting": f"{k}-shot", "method": "speed: reference (reload per class, diffusers LoRA loader)",
+              "sampler": f"dpmsolver++ {args.steps}", "images": n_img, "seconds": round(t_ref, 2),
+              "images_per_s": round(n_img / t_ref, 3)})
+        emit({"setting": f"{k}-shot", "method": "speed: fewgen (load once, LoRA swap, cached chunks)",
+              "sampler": f"dpmsolver++ {args.steps}", "images": n_img, "seconds": round(t_ours, 2),
+              "images_per_s": round(n_img / t_ours, 3), "speedup": round(t_ref / t_ours, 2)})
+        for d in (adapter_dir, ref_out, tmp_store.cache.root):
+            shutil.rmtree(d, ignore_errors=True)
+    print_table(rows)
+    return 0
+
+
+def print_table(rows):
+    cols = ["setting", "method", "sampler", "fid", "kid", "synthetic_only_acc", "real_shot_acc", "adapt_s", "synth_s",
+            "images_per_s", "speedup"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generators: pixel diffusion, DataDream LoRA, Stable Diffusion backend, GANs and their few-shot adaptations."""

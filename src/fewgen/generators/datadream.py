@@ -1,0 +1,308 @@
+"""DataDream: few-shot guided dataset generation (Kim, Wang, Pal, Baek & Akata, ECCV 2024).
+
+DataDream adapts a pretrained text-to-image diffusion model to the K real shots of each
+novel class before generating a synthetic training set. It trains LoRA (Hu et al., 2022)
+on the attention projections of the UNet::
+
+    W' x = W x + (alpha / r) B A x,   A in R^{r x d_in}, B in R^{d_out x r}, B initialised to 0
+
+on ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` (rank r = 16), with the standard diffusion
+loss (its Eq. 1) on the few-shot images and their class condition. Two modes:
+
+* ``cls``: one adapter per class, trained only on that class's K shots (DataDream_cls);
+* ``dset``: one adapter for all novel classes, trained on the whole few-shot set (DataDream_dset).
+
+As in the paper the two modes get the same total number of training steps: ``cls`` trains
+each of the C adapters for ``steps_per_class`` steps, ``dset`` its one adapter for
+``C * steps_per_class`` steps. Where the paper puts the class name in a prompt, the pixel
+model here also learns a new class token per novel class (initialised to the mean base
+token; textual-inversion style), trained together with the LoRA.
+
+Adapters are saved in the peft/diffusers layout: ``pytorch_lora_weights.safetensors`` with
+``unet.<module>.lora.down/up.weight`` keys (what ``save_lora_weights`` writes and
+``load_lora_weights`` / ``UNet2DConditionModel.load_lora_adapter`` read), one per class in
+``class_<i>/`` for ``cls``, plus ``class_embeddings.safetensors`` and ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fewgen.data.base import ArrayDataset
+from fewgen.errors import FewgenError
+from fewgen.generators.diffusion import DiffusionGenerator, cosine_with_warmup, to_model_space
+from fewgen.synthesis.sharding import ProcessContext, shard
+from fewgen.utils import make_generator, read_json, stable_hash, write_json
+
+MODES = ("cls", "dset")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class DataDreamConfig:
+    mode: str = "dset"
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    steps_per_class: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 10
+    weight_decay: float = 1e-2
+    p_uncond: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise FewgenError(f"DataDream mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.rank < 1 or self.steps_per_class < 1:
+            raise FewgenError(f"rank ({self.rank}) and steps_per_class ({self.steps_per_class}) must be >= 1")
+
+
+def lora_config(cfg: DataDreamConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                      init_lora_weights="gaussian")
+
+
+def inject_lora(gen: DiffusionGenerator, cfg: DataDreamConfig) -> None:
+    """Add one LoRA adapter ("default") to ``gen.unet`` and freeze everything else."""
+    for m in gen.modules().values():
+        m.requires_grad_(False)
+    gen.unet.add_adapter(lora_config(cfg))
+
+
+def lora_state(unet) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft layout (``...to_q.lora_A.weight``), detached copies."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def set_lora_state(unet, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise FewgenError(f"adapter has {len(unexpected)} keys the model lacks (e.g. {unexpected[0]}); "
+                          "it was trained for another generator architecture")
+
+
+def init_lora_state(unet, g: torch.Generator, rank: int) -> dict[str, torch.Tensor]:
+    """A fresh LoRA: A ~ N(0, 1/r^2) (peft's "gaussian"), B = 0, drawn from ``g``."""
+    out = {}
+    for k, v in lora_state(unet).items():
+        out[k] = torch.randn(v.shape, generator=g) / rank if "lora_A" in k else torch.zeros_like(v)
+    return out
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and bytes of tensors (a content key for trained weights)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def to_diffusers_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+def from_diffusers_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    return convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+
+
+@dataclass
+class DataDreamAdapter:
+    """Trained DataDream weights for a list of novel classes.
+
+    Attributes:
+        cfg: the DataDream settings.
+        class_names: the novel classes, in label order.
+        lora: LoRA states in peft layout, one per class (``cls``) or one (``dset``).
+        class_embeddings: the learned class tokens, shape (n_classes, cond_dim).
+        generator_key: key of the base generator the adapter belongs to.
+    """
+
+    cfg: DataDreamConfig
+    class_names: list[str]
+    lora: list[dict[str, torch.Tensor]]
+    class_embeddings: torch.Tensor
+    generator_key: str
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return stable_hash({"datadream": asdict(self.cfg), "classes": self.class_names, "gen": self.generator_key,
+                            "weights": [tensor_digest(s) for s in self.lora],
+                            "embeddings": tensor_digest({"e": self.class_embeddings})})
+
+    def save(self, folder: str | Path) -> None:
+        from fewgen.checkpoint import save_tensors
+        from fewgen.utils import atomic_path
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        subdirs = [folder] if self.cfg.mode == "dset" else [folder / f"class_{i:04d}" for i in range(len(self.lora))]
+        for sub, state in zip(subdirs, self.lora, strict=True):
+            from safetensors.torch import save_file
+
+            sub.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.contiguous() for k, v in to_diffusers_layout(state).items()}
+            with atomic_path(sub / LORA_WEIGHTS) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_tensors(folder / "class_embeddings.safetensors", {"class_embeddings": self.class_embeddings})
+        lc = lora_config(self.cfg).to_dict()
+        lc = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lc.items()}
+        write_json(folder / "adapter_config.json", {"method": "datadream", "datadream": asdict(self.cfg),
+                                                    "class_names": self.class_names, "lora": lc,
+                                                    "generator_key": self.generator_key, "history": self.history})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DataDreamAdapter:
+        from safetensors.torch import load_file
+
+        from fewgen.checkpoint import load_tensors
+
+        folder = Path(folder)
+        info = read_json(folder / "adapter_config.json")
+        cfg = DataDreamConfig(**info["datadream"])
+        n = len(info["class_names"])
+        subdirs = [folder] if cfg.mode == "dset" else [folder / f"class_{i:04d}" for i in range(n)]
+        lora = []
+        for sub in subdirs:
+            if not (sub / LORA_WEIGHTS).exists():
+                raise FewgenError(f"adapter file {sub / LORA_WEIGHTS} is missing; delete {folder} to retrain")
+            lora.append(from_diffusers_layout(load_file(str(sub / LORA_WEIGHTS))))
+        emb, _ = load_tensors(folder / "class_embeddings.safetensors")
+        return cls(cfg, info["class_names"], lora, emb["class_embeddings"], info["generator_key"],
+                   info.get("history", []))
+
+
+class AdaptedDiffusion:
+    """A copy of a base generator with the novel classes added and a DataDream adapter loaded.
+
+    ``sample_class(c, seeds, ...)`` switches to class c's LoRA (``cls``) before sampling.
+    """
+
+    def __init__(self, base: DiffusionGenerator, adapter: DataDreamAdapter):
+        self.adapter = adapter
+        self.gen = copy.deepcopy(base)
+        self.labels = self.gen.add_classes(adapter.class_names, init=adapter.class_embeddings)
+        inject_lora(self.gen, adapter.cfg)
+        self._active: int | None = None
+        self._use(0)
+
+    def _use(self, c: int) -> None:
+        i = 0 if self.adapter.cfg.mode == "dset" else c
+        if self._active != i:
+            set_lora_state(self.gen.unet, self.adapter.lora[i])
+            self._active = i
+
+    def sample_class(self, c: int, seeds, steps: int = 50, guidance: float = 2.0, sampler: str = "ddim",
+                     batch_size: int = 64) -> torch.Tensor:
+        """uint8 images of novel class ``c`` (index into adapter.class_names), one per seed."""
+        self._use(c)
+        return self.gen.sample([self.labels[c]] * len(seeds), seeds=list(seeds), steps=steps, guidance=guidance,
+                               sampler=sampler, batch_size=batch_size)
+
+
+def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, steps: int,
+                   cfg: DataDreamConfig, seed_parts: tuple, log: Callable[[str], None] | None) -> list[float]:
+    """Train the LoRA currently in ``gen.unet`` plus the newest class-token chunk, in place."""
+    lora_params = [p for n, p in gen.unet.named_parameters() if "lora_" in n]
+    table = gen.conditioner.tables[-1]
+    for p in lora_params:
+        p.requires_grad_(True)
+    table.requires_grad_(True)
+    params = [*lora_params, table]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(min(cfg.warmup, steps // 2), steps))
+    x_all = to_model_space(images)
+    gen.unet.train()
+    losses = []
+    for step in range(steps):
+        g = make_generator("datadream", *seed_parts, step)
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
+        loss = gen.diffusion_loss(x_all[idx].to(gen.device), labels[idx], g, p_uncond=cfg.p_uncond, p_drop_class=0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    gen.unet.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def train_datadream(base: DiffusionGenerator, few_shot: ArrayDataset, cfg: DataDreamConfig,
+                    ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> DataDreamAdapter:
+    """Adapt ``base`` to ``few_shot`` (K real images per novel class; its labels index its
+    class_names) and return the adapter. The base generator is not modified.
+
+    ``cls`` adapters are independent (each seeded by its class name), so with several processes
+    each trains its shard of classes and the result equals one process's; ``dset`` trains on rank 0.
+    """
+    ctx = ctx or ProcessContext()
+    names = list(few_shot.class_names)
+    n_cls = len(names)
+    gen = copy.deepcopy(base)
+    new_labels = torch.tensor(gen.add_classes(names))
+    init_table = gen.conditioner.tables[-1].detach().clone()
+    inject_lora(gen, cfg)
+    key = base.state_key()
+    t0 = time.time()
+    history: list[dict] = []
+    if cfg.mode == "dset":
+        loras, table = [], init_table.clone()
+        if ctx.is_main:
+            with torch.no_grad():
+                gen.conditioner.tables[-1].copy_(init_table)
+            set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, "dset"), cfg.rank))
+            steps = cfg.steps_per_class * n_cls
+            losses = _train_adapter(gen, few_shot.images, new_labels[few_shot.labels], steps, cfg,
+                                    (cfg.seed, "dset"), log)
+            loras, table = [lora_state(gen.unet)], gen.conditioner.tables[-1].detach().clone()
+            history.append({"class": "all", "steps": steps, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:])})
+            if log:
+                log(f"[datadream dset] {steps} steps, loss {history[-1]['loss_last']:.4f} ({time.time() - t0:.0f}s)")
+        loras, table, history = ctx.gather_objects((loras, table, history))[0]
+        return DataDreamAdapter(cfg, names, loras, table, key, history)
+
+    by_class = few_shot.indices_by_class()
+    mine: dict[int, tuple[dict, torch.Tensor, dict]] = {}
+    for c in shard(list(range(n_cls)), ctx.rank, ctx.world):
+        with torch.no_grad():
+            gen.conditioner.tables[-1].copy_(init_table)
+        set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, names[c]), cfg.rank))
+        idx = by_class[c]
+        losses = _train_adapter(gen, few_shot.images[idx], new_labels[few_shot.labels[idx]], cfg.steps_per_class,
+                                cfg, (cfg.seed, names[c]), log)
+        rec = {"class": names[c], "steps": cfg.steps_per_class, "loss_first": losses[0],
+               "loss_last": sum(losses[-10:]) / len(losses[-10:])}
+        mine[c] = (lora_state(gen.unet), gen.conditioner.tables[-1][c].detach().clone(), rec)
+        if log and (len(mine) % max(1, n_cls // 10) == 0):
+            log(f"[datadream cls] {len(mine)} classes on rank {ctx.rank} ({time.time() - t0:.0f}s)")
+    merged: dict[int, tuple] = {}
+    for part in ctx.gather_objects(mine):
+        merged.update(part)
+    loras = [merged[c][0] for c in range(n_cls)]
+    table = torch.stack([merged[c][1] for c in range(n_cls)])
+    history = [merged[c][2] for c in range(n_cls)]
+    return DataDreamAdapter(cfg, names, loras, table, key, history)

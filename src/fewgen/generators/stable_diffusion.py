@@ -1,0 +1,335 @@
+"""Stable Diffusion backend: the generator interface over diffusers' ``StableDiffusionPipeline``.
+
+For users with the weights (a local folder or a hub id, e.g. SD 2.1) and a GPU; the papers'
+setting. Text-to-image from the prompt ``"a photo of a {class}"`` (DiffAlign's generation from
+the label name; DataDream's template), 50 steps and guidance 2.0 by default; img2img from a
+real image at a strength (SDEdit, Meng et al., 2022; used by DomainFusion); and DataDream
+adaptation (Kim et al., ECCV 2024): LoRA of rank 16 on the UNet attention (``to_q``, ``to_k``,
+``to_v``, ``to_out.0``) and on the CLIP text encoder's attention (``q_proj``, ``k_proj``,
+``v_proj``, ``out_proj``), AdamW at 1e-4 with a cosine schedule, the latent diffusion loss
+
+    L = E || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, tau(prompt)) ||^2,  z0 = s * E(x)
+
+(or the v-prediction target when the scheduler says so), mode ``cls`` (one adapter per class)
+or ``dset`` (one for all, same total steps). Adapters are written with the pipeline's own
+``save_lora_weights`` and read back with ``load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fewgen.data.base import ArrayDataset
+from fewgen.errors import FewgenError
+from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
+from fewgen.synthesis.sharding import ProcessContext, shard
+from fewgen.utils import make_generator, read_json, write_json
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise FewgenError(f"dtype {name!r} is not one of auto, float32, float16, bfloat16") from None
+
+
+def to_uint8_rgb(x: torch.Tensor, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Pipeline output, float in [0, 1] (n, 3, H, W) -> uint8 (n, C, h, w) for a target shape."""
+    x = x.float().clamp(0, 1)
+    if shape is not None:
+        c, h, w = shape
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        if c == 1:
+            x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class SDAdapter:
+    """DataDream adapters for a Stable Diffusion pipeline: folders written by ``save_lora_weights``."""
+
+    cfg: DataDreamConfig
+    class_names: list[str]
+    folder: Path
+    generator_key: str
+    history: list[dict] = field(default_factory=list)
+
+    def class_folder(self, c: int) -> Path:
+        return self.folder if self.cfg.mode == "dset" else self.folder / f"class_{c:04d}"
+
+    @property
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for c in range(1 if self.cfg.mode == "dset" else len(self.class_names)):
+            h.update((self.class_folder(c) / LORA_WEIGHTS).read_bytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SDAdapter:
+        info = read_json(Path(folder) / "adapter_config.json")
+        return cls(DataDreamConfig(**info["datadream"]), info["class_names"], Path(folder), info["generator_key"],
+                   info.get("history", []))
+
+
+class StableDiffusionGenerator:
+    """Text-to-image, img2img and DataDream LoRA on a Stable Diffusion pipeline."""
+
+    kind = "stable-diffusion"
+
+    def __init__(self, model: str | Path, device: torch.device | str = "cpu", dtype: str = "auto",
+                 prompt: str = "a photo of a {}", resolution: int | None = None):
+        from diffusers import StableDiffusionPipeline
+
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = str(model)
+        self.prompt = prompt
+        try:
+            self.pipe = StableDiffusionPipeline.from_pretrained(self.model, torch_dtype=self.dtype, safety_checker=None,
+                                                                requires_safety_checker=False)
+        except (OSError, ValueError) as e:
+            raise FewgenError(f"cannot load a Stable Diffusion pipeline from {self.model!r} ({str(e).splitlines()[0]}); "
+                              "give a local folder saved with save_pretrained, or a hub id with HF access") from None
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.resolution = resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self._train_scheduler = copy.deepcopy(self.pipe.scheduler)
+        self._loaded_lora: str | None = None
+
+    def state_key(self) -> str:
+        parts = {"model": self.model, "dtype": str(self.dtype), "resolution": self.resolution}
+        index = Path(self.model) / "model_index.json"
+        if index.exists():  # a local folder: key on its files' names and sizes too
+            parts["files"] = sorted((str(p.relative_to(self.model)), p.stat().st_size)
+                                    for p in Path(self.model).rglob("*") if p.is_file())
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def prompts_for(self, class_names: Sequence[str]) -> list[str]:
+        return [self.prompt.format(n) for n in class_names]
+
+    def _set_sampler(self, sampler: str) -> None:
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        cfg = self._train_scheduler.config
+        if sampler == "ddim":
+            self.pipe.scheduler = DDIMScheduler.from_config(cfg)
+        elif sampler == "dpmsolver++":
+            self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
+        else:
+            raise FewgenError(f"unknown sampler {sampler!r}; choose ddim or dpmsolver++")
+
+    def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        return [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 2.0,
+               sampler: str = "dpmsolver++", image_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """One image per prompt, from its own seed: uint8 (n, C, H, W) (``image_shape`` resizes / greys)."""
+        if len(prompts) != len(seeds):
+            raise FewgenError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per image")
+        self._set_sampler(sampler)
+        out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
+                        generator=self._generators(seeds), output_type="pt", height=self.resolution,
+                        width=self.resolution).images
+        return to_uint8_rgb(out.cpu(), image_shape)
+
+    @torch.no_grad()
+    def img2img(self, images: torch.Tensor, prompts: Sequence[str], strength: float = 0.5, steps: int = 50,
+                seeds: Sequence[int] | None = None, guidance: float = 2.0, sampler: str = "dpmsolver++",
+                seed: int = 0) -> torch.Tensor:
+        """Real images uint8 (n, C, H, W) noised to ``strength`` and denoised toward the prompts;
+        returns uint8 of the input shape."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        if not 0.0 < strength <= 1.0:
+            raise FewgenError(f"strength must be in (0, 1], got {strength}")
+        seeds = list(seeds) if seeds is not None else [int(make_generator("sd-img2img", seed, i).initial_seed())
+                                                       for i in range(len(images))]
+        self._set_sampler(sampler)
+        i2i = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+        i2i.set_progress_bar_config(disable=True)
+        x = images.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        out = i2i(prompt=list(prompts), image=x.to(self.device, self.dtype), strength=strength,
+                  num_inference_steps=steps, guidance_scale=guidance, generator=self._generators(seeds),
+                  output_type="pt").images
+        return to_uint8_rgb(out.cpu(), tuple(images.shape[1:]))
+
+    # ------------------------------------------------------------------ DataDream
+    def _encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer(list(prompts), padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+        return self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
+
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1.0
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            dist = self.pipe.vae.encode(x.to(self.device, self.dtype)).latent_dist
+        return dist.mean * self.pipe.vae.config.scaling_factor
+
+    def _inject(self, cfg: DataDreamConfig) -> None:
+        from peft import LoraConfig
+
+        unet, te = self.pipe.unet, self.pipe.text_encoder
+        unet.requires_grad_(False)
+        te.requires_grad_(False)
+        self.pipe.vae.requires_grad_(False)
+        if self._loaded_lora is not None:
+            self.pipe.unload_lora_weights()
+            self._loaded_lora = None
+        self._remove_training_adapter()
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=UNET_TARGETS,
+                                    init_lora_weights="gaussian"), adapter_name="datadream")
+        te.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TEXT_TARGETS,
+                                  init_lora_weights="gaussian"), adapter_name="datadream")
+        if self.dtype != torch.float32:  # train the LoRA weights in fp32 (diffusers' cast_training_params)
+            from diffusers.training_utils import cast_training_params
+
+            for m in (unet, te):
+                for n, p in m.named_parameters():
+                    if "lora_" in n:
+                        p.requires_grad_(True)
+                cast_training_params(m, dtype=torch.float32)
+
+    def _remove_training_adapter(self) -> None:
+        for m in (self.pipe.unet, self.pipe.text_encoder):
+            if getattr(m, "peft_config", None) and "datadream" in m.peft_config:
+                # diffusers models call it delete_adapters, transformers models delete_adapter
+                (m.delete_adapters if hasattr(m, "delete_adapters") else m.delete_adapter)("datadream")
+
+    def _reset_lora(self, g: torch.Generator, rank: int) -> list[torch.nn.Parameter]:
+        params = []
+        with torch.no_grad():
+            for m in (self.pipe.unet, self.pipe.text_encoder):
+                for n, p in m.named_parameters():
+                    if "lora_" in n:
+                        if "lora_A" in n:
+                            p.copy_(torch.randn(p.shape, generator=g) / rank)
+                        else:
+                            p.zero_()
+                        p.requires_grad_(True)
+                        params.append(p)
+        return params
+
+    def _train(self, images: torch.Tensor, prompts: list[str], steps: int, cfg: DataDreamConfig,
+               seed_parts: tuple) -> list[float]:
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+
+        params = self._reset_lora(make_generator("sd-datadream-init", *seed_parts), cfg.rank)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup, steps // 2), steps)
+        latents = self._latents(images)
+        noise_sched = self._train_scheduler
+        n_t = noise_sched.config.num_train_timesteps
+        self.pipe.unet.train()
+        self.pipe.text_encoder.train()
+        losses = []
+        for step in range(steps):
+            g = make_generator("sd-datadream", *seed_parts, step)
+            idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
+            z0 = latents[idx]
+            noise = torch.randn(z0.shape, generator=g).to(z0)
+            t = torch.randint(0, n_t, (len(idx),), generator=g).to(self.device)
+            z_t = noise_sched.add_noise(z0, noise, t)
+            cond = self._encode_prompts([prompts[i] for i in idx.tolist()])
+            pred = self.pipe.unet(z_t, t, encoder_hidden_states=cond).sample
+            target = noise_sched.get_velocity(z0, noise, t) if noise_sched.config.prediction_type == "v_prediction" \
+                else noise
+            loss = F.mse_loss(pred.float(), target.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        self.pipe.unet.eval()
+        self.pipe.text_encoder.eval()
+        return losses
+
+    def _save_lora(self, folder: Path) -> None:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet, adapter_name="datadream"))
+        te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.text_encoder,
+                                                                          adapter_name="datadream"))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                                  safe_serialization=True)
+
+    def adapt(self, few_shot: ArrayDataset, cfg: DataDreamConfig, entry: Path, cache=None,
+              ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> SDAdapter:
+        """DataDream on the few-shot set, written to ``entry`` (reused when ``entry/done`` exists)."""
+        ctx = ctx or ProcessContext()
+        entry = Path(entry)
+        if (entry / "done").exists():
+            return SDAdapter.load(entry)
+        names = list(few_shot.class_names)
+        prompts_all = self.prompts_for(names)
+        self._inject(cfg)
+        t0 = time.time()
+        history = []
+        if cfg.mode == "dset":
+            if ctx.is_main:
+                steps = cfg.steps_per_class * len(names)
+                losses = self._train(few_shot.images, [prompts_all[y] for y in few_shot.labels.tolist()], steps, cfg,
+                                     (cfg.seed, "dset"))
+                self._save_lora(entry)
+                history.append({"class": "all", "steps": steps, "loss_last": losses[-1]})
+        else:
+            by_class = few_shot.indices_by_class()
+            for c in shard(list(range(len(names))), ctx.rank, ctx.world):
+                losses = self._train(few_shot.images[by_class[c]], [prompts_all[c]] * len(by_class[c]),
+                                     cfg.steps_per_class, cfg, (cfg.seed, names[c]))
+                self._save_lora(entry / f"class_{c:04d}")
+                history.append({"class": names[c], "steps": cfg.steps_per_class, "loss_last": losses[-1]})
+        self._remove_training_adapter()
+        history = [h for part in ctx.gather_objects(history) for h in part]
+        if log:
+            log(f"[datadream {cfg.mode}] Stable Diffusion adapters in {entry} ({time.time() - t0:.0f}s)")
+        if ctx.is_main:
+            write_json(entry / "adapter_config.json", {"method": "datadream", "datadream": asdict(cfg),
+                                                       "class_names": names, "generator_key": self.state_key(),
+                                                       "lora": {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS},
+                                                       "history": history})
+            write_json(entry / "done", {"mode": cfg.mode})
+        ctx.barrier()
+        return SDAdapter.load(entry)
+
+    def use_adapter(self, adapter: SDAdapter | None, c: int = 0) -> None:
+        """Load class ``c``'s LoRA (``cls``) or the set's (``dset``) into the pipeline; None unloads."""
+        folder = None if adapter is None else str(adapter.class_folder(c))
+        if folder == self._loaded_lora:
+            return
+        if self._loaded_lora is not None:
+            self.pipe.unload_lora_weights()
+        if folder is not None:
+            self.pipe.load_lora_weights(folder)
+        self._loaded_lora = folder
+
+    def synthesis_sample_fn(self, spec, adapter: SDAdapter | None, image_shape: tuple[int, int, int]):
+        def fn(c, seeds):
+            self.use_adapter(adapter, c)
+            return self.sample([spec.prompts[c]] * len(seeds), seeds, spec.steps, spec.guidance, spec.sampler,
+                               image_shape)
+        return fn

@@ -1,0 +1,269 @@
+"""Pipeline steps of the generator stage: ``generator``, ``adapt``, ``synthesize``.
+
+* ``generator``: train (or load from the cache, or resume) the base generator on
+  ``run.data.base``; ``run.artifacts["generator"]``. With ``generator.kind=stable-diffusion``
+  it loads the pipeline named by ``generator.model`` instead.
+* ``adapt``: per seed in ``cfg.seeds`` and K in ``cfg.eval.n_shots``, DataDream LoRA on
+  ``few_shot_set(novel, K, seed)`` only; ``run.artifacts["adapters"][(seed, K)]``.
+* ``synthesize``: ``run.artifacts["synthetic"][(seed, K)]``, an ArrayDataset of
+  ``synthesis.synthetic_per_class`` images per novel class, labels indexing
+  ``run.data.novel.class_names``, same shape as the real images; with
+  ``synthesis.zero_shot=true`` the unadapted base generator draws them from the class names.
+  Real-vs-synthetic grids go to ``<run>/grids/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from fewgen.data.base import ArrayDataset
+from fewgen.errors import FewgenError
+from fewgen.pipeline import STEPS, Run
+from fewgen.synthesis.sharding import process_context
+from fewgen.utils import stable_hash, write_json
+
+
+def dataset_digest(ds: ArrayDataset) -> str:
+    """Content key of a dataset's pixels, labels and class names."""
+    import hashlib
+
+    h = hashlib.sha256(ds.images.contiguous().numpy().tobytes())
+    h.update(ds.labels.numpy().tobytes())
+    h.update("\n".join(ds.class_names).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def generator_parts(run: Run) -> dict:
+    g = run.cfg.generator
+    return {"kind": "generator", "generator": dataclasses.asdict(g), "base": dataset_digest(run.data.base),
+            "data": run.data.name}
+
+
+def diffusion_config(run: Run):
+    from fewgen.generators.diffusion import DiffusionConfig
+
+    g = run.cfg.generator
+    c, s = run.data.base.image_shape[0], run.data.base.image_shape[1]
+    return DiffusionConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
+                           attention_levels=list(g.attention_levels), cond_dim=g.cond_dim, cond_mode=g.cond_mode,
+                           norm_num_groups=8 if min(g.block_out_channels) % 8 == 0 else 1)
+
+
+def train_or_load_generator(run: Run):
+    """The base pixel generator for the run's data and config, through the artifact cache."""
+    from fewgen.generators.diffusion import DiffusionGenerator
+
+    g = run.cfg.generator
+    parts = generator_parts(run)
+    entry = run.cache.entry("generators", parts)
+    key = run.cache.key(parts)
+    if run.cache.is_done(entry):
+        gen = DiffusionGenerator.load(entry, run.device)
+        run.log(f"generator from cache {entry}")
+    else:
+        ctx = process_context()
+        if ctx.is_main:
+            torch.manual_seed(g.seed)
+            gen = DiffusionGenerator(diffusion_config(run), run.data.base.class_names, run.device)
+            run.log(f"training the base diffusion generator ({gen.num_parameters() / 1e6:.2f}M parameters) for "
+                    f"{g.train_steps} steps on {len(run.data.base)} base images")
+            res = gen.fit(run.data.base, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr, seed=g.seed,
+                          state_path=entry / "training_state.safetensors", log=run.log, log_every=100)
+            gen.save(entry, {"steps": g.train_steps})
+            run.cache.mark_done(entry, {"steps": g.train_steps, "images_per_s": round(res.images_per_s, 1)})
+        ctx.barrier()
+        gen = DiffusionGenerator.load(entry, run.device)
+    gen.trained_key = key
+    return gen
+
+
+@STEPS.register("generator")
+def step_generator(run: Run) -> None:
+    g = run.cfg.generator
+    if g.kind == "stable-diffusion":
+        from fewgen.generators.stable_diffusion import StableDiffusionGenerator
+
+        if not g.model:
+            raise FewgenError("generator.kind=stable-diffusion needs generator.model=<local folder or hub id>")
+        run.artifacts["generator"] = StableDiffusionGenerator(g.model, device=run.device, dtype=g.dtype,
+                                                              prompt=g.prompt, resolution=g.resolution)
+        return
+    if g.kind != "diffusion":
+        raise FewgenError(f"generator.kind {g.kind!r} is not one of: diffusion, stable-diffusion")
+    run.artifacts["generator"] = train_or_load_generator(run)
+
+
+# ----------------------------------------------------------------------------- adapt
+
+
+def datadream_config(run: Run):
+    from fewgen.generators.datadream import DataDreamConfig
+
+    g = run.cfg.generator
+    return DataDreamConfig(mode=g.adapt_mode, rank=g.lora_rank, alpha=float(g.lora_rank),
+                           steps_per_class=g.adapt_steps_per_class, batch_size=g.adapt_batch_size, lr=g.adapt_lr,
+                           seed=g.seed)
+
+
+def _need_generator(run: Run, step: str):
+    if "generator" not in run.artifacts:
+        raise FewgenError(f"the {step} step needs a generator: put 'generator' before it in pipeline")
+    return run.artifacts["generator"]
+
+
+@STEPS.register("adapt")
+def step_adapt(run: Run) -> None:
+    from fewgen.data.fewshot import few_shot_set
+
+    gen = _need_generator(run, "adapt")
+    dd = datadream_config(run)
+    ctx = process_context()
+    adapters = run.artifacts.setdefault("adapters", {})
+    for seed in run.cfg.seeds:
+        for k in run.cfg.eval.n_shots:
+            few = few_shot_set(run.data.novel, k, seed)
+            parts = {"kind": "datadream", "generator": gen.state_key(), "datadream": dataclasses.asdict(dd),
+                     "few_shot": dataset_digest(few)}
+            if getattr(gen, "kind", "") == "stable-diffusion":
+                parts["prompt"] = run.cfg.generator.prompt
+            entry = run.cache.entry("adapters", parts)
+            adapters[(seed, k)] = gen.adapt(few, dd, entry, run.cache, ctx, run.log) \
+                if hasattr(gen, "adapt") else _adapt_pixel(run, gen, few, dd, entry, ctx)
+
+
+def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
+    from fewgen.generators.datadream import DataDreamAdapter, train_datadream
+
+    if run.cache.is_done(entry):
+        run.log(f"DataDream {dd.mode} adapter from cache {entry}")
+        return DataDreamAdapter.load(entry)
+    run.log(f"DataDream {dd.mode}: {few.num_classes} classes x {len(few) // few.num_classes} shots, "
+            f"{dd.steps_per_class * few.num_classes} steps in total")
+    adapter = train_datadream(gen, few, dd, ctx, run.log)
+    if ctx.is_main:
+        adapter.save(entry)
+        run.cache.mark_done(entry, {"mode": dd.mode, "classes": few.num_classes})
+    ctx.barrier()
+    return adapter
+
+
+# ----------------------------------------------------------------------------- synthesize
+
+
+def synthesis_spec(run: Run, gen, adapter=None, zero_shot: bool = False):
+    from fewgen.synthesis.cache import SynthesisSpec
+
+    s, novel = run.cfg.synthesis, run.data.novel
+    template = run.cfg.generator.prompt if getattr(gen, "kind", "") == "stable-diffusion" else "{}"
+    return SynthesisSpec(generator_key=gen.state_key(), class_names=list(novel.class_names),
+                         prompts=[template.format(n) for n in novel.class_names], per_class=s.synthetic_per_class,
+                         image_shape=novel.image_shape, adapter_key=None if adapter is None else adapter.key,
+                         sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=s.seed, chunk=s.chunk,
+                         extra={"zero_shot": zero_shot})
+
+
+def pixel_sample_fn(gen, spec, adapter=None):
+    """sample_fn(class index, seeds) for the synthesis cache, adapted or zero-shot from names."""
+    from fewgen.generators.datadream import AdaptedDiffusion
+
+    if adapter is not None:
+        adapted = AdaptedDiffusion(gen, adapter)
+
+        def fn(c, seeds):
+            return adapted.sample_class(c, seeds, spec.steps, spec.guidance, spec.sampler, batch_size=spec.chunk)
+        return fn
+    import copy
+
+    if not gen.conditioner.use_name:
+        raise FewgenError("zero-shot synthesis needs a name-conditioned generator (generator.cond_mode=name or "
+                          "class+name); or adapt it first (put 'adapt' before 'synthesize')")
+    zs = copy.deepcopy(gen)
+    labels = zs.add_classes(spec.class_names)
+
+    def fn(c, seeds):
+        return zs.sample([labels[c]] * len(seeds), seeds=list(seeds), steps=spec.steps, guidance=spec.guidance,
+                         sampler=spec.sampler, batch_size=spec.chunk, use_class=False)
+    return fn
+
+
+@STEPS.register("synthesize")
+def step_synthesize(run: Run) -> None:
+    from fewgen.synthesis.cache import SynthesisCache
+
+    gen = _need_generator(run, "synthesize")
+    s = run.cfg.synthesis
+    zero_shot = s.zero_shot or "adapters" not in run.artifacts
+    if zero_shot and not s.zero_shot:
+        run.log("no adapters in this run: synthesizing zero-shot from the class names (synthesis.zero_shot)")
+    ctx = process_context()
+    store = SynthesisCache(run.cache)
+    out = run.artifacts.setdefault("synthetic", {})
+    info = {}
+    for seed in run.cfg.seeds:
+        for k in run.cfg.eval.n_shots:
+            adapter = None if zero_shot else run.artifacts["adapters"][(seed, k)]
+            spec = synthesis_spec(run, gen, adapter, zero_shot)
+            if hasattr(gen, "synthesis_sample_fn"):
+                fn = gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape)
+            else:
+                fn = pixel_sample_fn(gen, spec, adapter)
+            ds = store.synthesize(spec, fn, ctx, run.log)
+            ds.name = f"synthetic/{'zero-shot' if zero_shot else 'datadream-' + run.cfg.generator.adapt_mode}" \
+                      f"/s{seed}-k{k}"
+            out[(seed, k)] = ds
+            info[f"seed{seed}_{k}shot"] = {"key": store.key(spec), "path": str(store.path(spec)), "images": len(ds)}
+            if run.dir is not None and ctx.is_main and s.grid_classes > 0:
+                from fewgen.data.fewshot import few_shot_set
+
+                write_grids(run.dir / "grids" / f"seed{seed}_{k}shot", few_shot_set(run.data.novel, k, seed), ds,
+                            s.grid_classes)
+    if run.dir is not None and ctx.is_main:
+        write_json(run.dir / "synthetic_sets.json", info)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Rows of uint8 images (n_i, C, H, W) -> one uint8 image (C, H', W'), rows left-aligned."""
+    c, h, w = rows[0].shape[1:]
+    n_cols = max(len(r) for r in rows)
+    grid = torch.full((c, len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, r in enumerate(rows):
+        for j, im in enumerate(r):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, y:y + h, x:x + w] = im
+    return grid
+
+
+def write_grids(folder: Path, few_shot: ArrayDataset, synthetic: ArrayDataset, n_classes: int,
+                per_row: int = 10) -> list[Path]:
+    """One PNG per novel class (first ``n_classes``): the real shots in the top row, synthetic
+    images below; plus ``overview.png`` with one row per class (shots | a gap | synthetic)."""
+    from fewgen.synthesis.cache import write_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    real_by, syn_by = few_shot.indices_by_class(), synthetic.indices_by_class()
+    written, overview = [], []
+    gap = torch.full((1, *few_shot.image_shape), 255, dtype=torch.uint8)
+    for c in range(min(n_classes, few_shot.num_classes)):
+        real, syn = few_shot.images[real_by[c]], synthetic.images[syn_by[c]]
+        rows = [real] + [syn[i:i + per_row] for i in range(0, len(syn), per_row)]
+        name = few_shot.class_names[c].replace("/", "_")
+        path = folder / f"{c:04d}_{name}.png"
+        write_png(path, image_grid(rows))
+        written.append(path)
+        overview.append(torch.cat([real, gap, syn[:per_row]]))
+    if overview:
+        write_png(folder / "overview.png", image_grid(overview))
+        written.append(folder / "overview.png")
+    return written
+
+
+__all__ = ["step_generator", "step_adapt", "step_synthesize", "write_grids", "stable_hash"]

@@ -1,0 +1,228 @@
+"""Pipeline step ``domainfusion``: the leave-one-domain-out comparison of ERM, offline synthetic
+augmentation and DomainFusion (latent distillation, online augmentation, both).
+
+Per target domain, one class-conditional diffusion model (``fewgen.generators.diffusion``) is
+trained on the images of the SOURCE domains only, cached, and shared frozen by every method and
+seed. Per (target, seed, method), the classifier's per-image test correctness is cached, so an
+interrupted comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from fewgen.backbones import create_backbone
+from fewgen.checkpoint import load_model, load_tensors, save_tensors
+from fewgen.config import DomainFusionConfig
+from fewgen.errors import FewgenError
+from fewgen.learners.dg import (
+    DGClassifier,
+    DGSplit,
+    DGTrainSettings,
+    dg_rows,
+    leave_one_domain_out,
+    predict,
+    train_dg_classifier,
+)
+from fewgen.learners.domainfusion import (
+    OnlineAugmenter,
+    PixelDiffusionAdapter,
+    freeze,
+    latent_distillation_loss,
+    offline_synthetic,
+    resize_images,
+)
+from fewgen.pipeline import STEPS, Run
+from fewgen.utils import make_generator, seed_everything, seed_hash, stable_hash, write_json
+
+METHODS = ("erm", "erm+offline", "df-ld", "df-aug", "df")
+USES_GENERATOR = {"erm+offline", "df-ld", "df-aug", "df"}
+
+
+def data_key(run: Run) -> dict:
+    full = run.data.full
+    return {"dataset": run.data.name, "root": run.cfg.data.root, "shape": list(full.image_shape), "n": len(full),
+            "classes": full.class_names, "domains": full.domain_names,
+            "labels": stable_hash(full.labels.tolist()), "domain_ids": stable_hash(full.domains.tolist())}
+
+
+def check_config(d: DomainFusionConfig, image_size: int, domain_names: list[str]) -> None:
+    unknown = [m for m in d.methods if m not in METHODS]
+    if unknown:
+        raise FewgenError(f"unknown domainfusion method(s) {unknown}; choose from {', '.join(METHODS)}")
+    bad = [t for t in d.targets or [] if t not in domain_names]
+    if bad:
+        raise FewgenError(f"unknown target domain(s) {bad}; the dataset has {domain_names}")
+    if d.gen_image_size > image_size:
+        raise FewgenError(f"domainfusion.gen_image_size {d.gen_image_size} is larger than the images ({image_size}); "
+                          f"use at most {image_size}")
+    if not 0 <= d.ld_t_min <= d.ld_t_max < 1000:
+        raise FewgenError(f"domainfusion.ld_t_min/ld_t_max must satisfy 0 <= {d.ld_t_min} <= {d.ld_t_max} < 1000")
+    if d.epochs < 1 or d.aug_every < 1 or d.aug_candidates < 1 or d.aug_synthetic < 1:
+        raise FewgenError("domainfusion.epochs, aug_every, aug_candidates and aug_synthetic must be at least 1")
+
+
+def source_generator(run: Run, target: str):
+    """The diffusion model of ``target``'s source domains (trained once, cached), frozen."""
+    from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
+
+    d = run.cfg.domainfusion
+    full = run.data.full
+    sources = [n for n in full.domain_names if n != target]
+    channels = full.image_shape[0]
+    gcfg = DiffusionConfig(image_size=d.gen_image_size, channels=channels, block_out_channels=list(d.gen_channels),
+                           attention_levels=[False] * len(d.gen_channels), cond_mode="class")
+    parts = {"kind": "dg-diffusion", "data": data_key(run), "sources": sources, "config": dataclasses.asdict(gcfg),
+             "steps": d.gen_steps, "batch_size": d.gen_batch_size, "lr": d.gen_lr}
+    entry = run.cache.entry("dg-diffusion", parts)
+    info_path = entry / "train.json"
+    if run.cache.is_done(entry):
+        gen = DiffusionGenerator.load(entry, device=run.device)
+        from fewgen.utils import read_json
+
+        seconds = read_json(info_path)["seconds"]
+    else:
+        from fewgen.data.base import ArrayDataset
+
+        src = full.select_domains(sources)
+        low = resize_images(src.float_images(), d.gen_image_size)
+        train = ArrayDataset((low * 255).round().to(torch.uint8), src.labels, src.class_names, name=f"{src.name}-gen")
+        gen = DiffusionGenerator(gcfg, full.class_names, device=run.device)
+        run.log(f"[domainfusion] training the diffusion model of sources {sources} ({len(train)} images at "
+                f"{d.gen_image_size}px, {gen.num_parameters()} parameters, {d.gen_steps} steps)")
+        t0 = time.time()
+        gen.fit(train, steps=d.gen_steps, batch_size=d.gen_batch_size, lr=d.gen_lr, seed=seed_hash("dg-gen", target),
+                state_path=entry / "state.safetensors", save_every=50, log=run.log,
+                log_every=max(1, d.gen_steps // 8))
+        seconds = time.time() - t0
+        gen.save(entry, {"sources": sources})
+        write_json(info_path, {"seconds": round(seconds, 1), "sources": sources})
+        run.cache.mark_done(entry, {"seconds": round(seconds, 1)})
+        (entry / "state.safetensors").unlink(missing_ok=True)
+    adapter = PixelDiffusionAdapter(gen, full.image_shape[-1], guidance=d.gen_guidance)
+    freeze(adapter)
+    return adapter, stable_hash(parts), seconds
+
+
+def new_classifier(run: Run, num_classes: int, seed: int, target: str) -> DGClassifier:
+    """The same initial weights for every method under one (seed, target): a paired comparison."""
+    seed_everything(seed_hash("dg-init", seed, target))
+    b = run.cfg.backbone
+    backbone = create_backbone(b.name, in_chans=run.data.full.image_shape[0], **b.kwargs)
+    pretrained = run.cfg.domainfusion.pretrained
+    if pretrained:
+        try:
+            load_model(pretrained, backbone)
+        except RuntimeError as e:
+            raise FewgenError(f"domainfusion.pretrained {pretrained} does not fit backbone {b.name!r} "
+                              f"({str(e).splitlines()[0]}); give a checkpoint of the same backbone") from None
+    return DGClassifier(backbone, num_classes)
+
+
+def train_method(run: Run, method: str, split: DGSplit, seed: int, generator) -> dict:
+    """Train one method on one split; returns correctness on the target and the run's counts."""
+    d = run.cfg.domainfusion
+    settings = DGTrainSettings(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, optimizer=d.optimizer,
+                               weight_decay=d.weight_decay, augment=list(d.augment), seed=seed)
+    model = new_classifier(run, split.train.num_classes, seed, split.target)
+    t0 = time.time()
+    extra_loss = epoch_data = None
+    augmenter = None
+    offline_count = 0
+    strength, steps = d.aug_strength, d.sample_steps
+    if method in ("df-ld", "df"):
+        def extra_loss(model, x, y, logits, step):
+            g = make_generator("dg-ld", seed, split.target, step)
+            k = min(d.ld_batch, len(x))
+            return {"ld": d.ld_weight * latent_distillation_loss(generator, x[:k], y[:k], logits[:k],
+                                                                 (d.ld_t_min, d.ld_t_max), g)}
+    if method in ("df-aug", "df"):
+        g = make_generator("dg-synthetic-set", seed, split.target)
+        pick = torch.randperm(len(split.train), generator=g)[:d.aug_synthetic]
+        augmenter = OnlineAugmenter(generator, split.train.images[pick], split.train.labels[pick], d.aug_every,
+                                    d.aug_candidates, strength, steps, d.aug_feature_level, d.aug_content_weight,
+                                    seed=seed_hash("dg-online", seed, split.target))
+
+        def epoch_data(epoch, model):
+            augmenter.maybe_refresh(epoch, model.backbone)
+            return augmenter.images, augmenter.labels
+    if method == "erm+offline":
+        offline_count = int(round(d.offline_factor * OnlineAugmenter.planned_images(
+            d.epochs, d.aug_every, min(d.aug_synthetic, len(split.train)), d.aug_candidates)))
+        off = offline_synthetic(generator, split.train.images, split.train.labels, offline_count, strength, steps,
+                                seed=seed_hash("dg-offline", seed, split.target))
+
+        def epoch_data(epoch, model):
+            return off
+    result = train_dg_classifier(split, model, settings, extra_loss=extra_loss, epoch_data=epoch_data,
+                                 device=run.device, log=run.log if run.progress else (lambda m: None),
+                                 label=f"{method} {split.target} seed {seed}")
+    correct = predict(result.model, split.test, run.device) == split.test.labels
+    generated = augmenter.images_generated if augmenter is not None else offline_count
+    return {"correct": correct, "best_epoch": result.best_epoch, "best_val": round(result.best_val, 3),
+            "images_generated": int(generated), "wall_s": round(time.time() - t0, 1), "history": result.history}
+
+
+def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -> dict:
+    d = run.cfg.domainfusion
+    settings = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("methods", "targets")}
+    parts = {"kind": "dg-result", "data": data_key(run), "target": split.target, "seed": seed, "method": method,
+             "settings": settings, "backbone": dataclasses.asdict(run.cfg.backbone),
+             "generator": gen_state[1] if method in USES_GENERATOR else None}
+    entry = run.cache.entry("dg-result", parts)
+    path = entry / "result.safetensors"
+    if run.cache.is_done(entry):
+        tensors, meta = load_tensors(path)
+        return {"correct": tensors["correct"].bool(), **meta}
+    out = train_method(run, method, split, seed, gen_state[0] if method in USES_GENERATOR else None)
+    meta = {k: v for k, v in out.items() if k != "correct"}
+    save_tensors(path, {"correct": out["correct"].to(torch.uint8)}, meta)
+    run.cache.mark_done(entry, {"method": method, "target": split.target, "seed": seed})
+    return out
+
+
+@STEPS.register("domainfusion")
+def step_domainfusion(run: Run) -> None:
+    """Leave-one-domain-out: every method x target x seed; rows per method and target + average."""
+    d = run.cfg.domainfusion
+    full = run.data.full
+    if full is None or full.domains is None:
+        raise FewgenError(f"the domainfusion step needs a domain dataset (pacs, or imagefolder with "
+                          f"<root>/<domain>/<class>/ folders); {run.data.name!r} has no domains")
+    check_config(d, full.image_shape[-1], full.domain_names)
+    targets = d.targets or list(full.domain_names)
+    seeds = list(run.cfg.seeds)
+    correct = {m: {t: [] for t in targets} for m in d.methods}
+    info = {m: {t: [] for t in targets} for m in d.methods}
+    gen_seconds = {}
+    for target in targets:
+        gen_state = None
+        if any(m in USES_GENERATOR for m in d.methods):
+            gen_state = source_generator(run, target)
+            gen_seconds[target] = round(gen_state[2], 1)
+        for seed in seeds:
+            split = leave_one_domain_out(full, target, d.val_fraction, seed)
+            for method in d.methods:
+                out = cached_method(run, method, split, seed, gen_state)
+                correct[method][target].append(out["correct"])
+                info[method][target].append({k: v for k, v in out.items() if k != "correct"})
+                run.log(f"[domainfusion] {method:12s} target {target:14s} seed {seed}: "
+                        f"{float(out['correct'].double().mean() * 100):.2f}% (val {out['best_val']:.2f}% at epoch "
+                        f"{out['best_epoch']}, {out['images_generated']} generated, {out['wall_s']}s)")
+    rows = []
+    for method in d.methods:
+        per_target = {
+            t: {"images_generated": round(sum(i["images_generated"] for i in info[method][t]) / len(seeds)),
+                "wall_s": round(sum(i["wall_s"] for i in info[method][t]) / len(seeds), 1),
+                "best_epochs": [i["best_epoch"] for i in info[method][t]],
+                "source_val": round(sum(i["best_val"] for i in info[method][t]) / len(seeds), 3),
+                "generator_train_s": gen_seconds.get(t, 0.0) if method in USES_GENERATOR else 0.0}
+            for t in targets}
+        rows += dg_rows(method, correct[method], seeds, per_target)
+    if run.dir is not None:
+        write_json(run.dir / "domainfusion.json", {"info": info, "generator_train_s": gen_seconds,
+                                                   "config": dataclasses.asdict(d)})
+    run.add_rows(rows)

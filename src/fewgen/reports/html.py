@@ -1,0 +1,147 @@
+"""The run report: one self-contained folder with ``index.html`` and its PNG figures.
+
+:func:`write_report` needs only a run directory (``metrics.json``, ``config.yaml``,
+``pretrain_history.json``, ``learn_history.json``); images of real and synthetic examples
+are drawn by the ``report`` step, which still has them in memory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from fewgen.reports import figures
+from fewgen.utils import atomic_path
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.2f}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) if len(value) <= 6 else f"{value[0]}, ... ({len(value)})"
+    return "" if value is None else str(value)
+
+
+def results_table(rows: list[dict]) -> str:
+    """An HTML table of metrics rows: accuracy +- 95% CI and the counts behind each number."""
+    if not rows:
+        return "<p>No results in this run.</p>"
+    optional = [c for c in ("classifier", "domain", "synthetic_per_class", "n_synthetic", "train_seconds")
+                if any(c in r for r in rows)]
+    head = ["method", *[c for c in optional if c in ("classifier", "domain")], "setting", "accuracy (%)",
+            "95% CI", "episodes", "seeds", *[c for c in optional if c not in ("classifier", "domain")]]
+    best: dict[str, float] = {}
+    for r in rows:
+        best[figures.setting_label(r)] = max(best.get(figures.setting_label(r), -1.0), r.get("accuracy", -1.0))
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        setting = figures.setting_label(r)
+        acc = r.get("accuracy", float("nan"))
+        cls = ' class="best"' if acc == best[setting] else ""
+        cells = [r.get("method", "")]
+        cells += [r.get(c, "") for c in optional if c in ("classifier", "domain")]
+        cells += [setting, f"{acc:.2f}", f"&plusmn; {_fmt(r.get('ci95'))}", r.get("episodes", ""), r.get("seeds", "")]
+        cells += [r.get(c, "") for c in optional if c not in ("classifier", "domain")]
+        out.append(f"<tr{cls}>" + "".join(f"<td>{c if str(c).startswith('&') else html.escape(_fmt(c))}</td>"
+                                          for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #eef; }
+tr.best td { font-weight: bold; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+.meta { color: #555; font-size: 13px; }
+pre { background: #f6f6f6; padding: 0.6em; font-size: 12px; overflow-x: auto; }
+"""
+
+
+def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[str] | None = None) -> Path:
+    """Write ``<run_dir>/report/index.html`` and its figures; returns the HTML path.
+
+    Args:
+        run_dir: a run directory (at least ``metrics.json``).
+        examples: an already drawn examples PNG inside the report folder (the step draws it).
+        notes: extra lines shown at the top (e.g. where the synthetic images came from).
+    """
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _read(run_dir / "metrics.json") or {}
+    rows = metrics.get("rows", [])
+    pretrain = (_read(run_dir / "pretrain_history.json") or {}).get("history")
+    learn = _read(run_dir / "learn_history.json")
+    made = {
+        "results": figures.results_figure(rows, out / "results.png"),
+        "sweep": figures.sweep_figure(rows, out / "sweep.png"),
+        "examples": examples if examples is not None and Path(examples).exists() else None,
+        "curves": figures.curves_figure(pretrain, learn, out / "curves.png"),
+    }
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+    timings = metrics.get("timings_s", {})
+    main_rows = [r for r in rows if not r.get("sweep")]
+    sweep_rows = [r for r in rows if r.get("sweep")]
+    captions = {
+        "results": "Accuracy with 95% confidence intervals (t-interval over all episodes of all seeds).",
+        "sweep": "Accuracy against the number of synthetic images per class.",
+        "examples": "Real few-shot images (green frame) beside synthetic images of the same class (seed 0).",
+        "curves": "Training curves: base pretraining per epoch; fine-tuning loss per step.",
+    }
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>fewgen report: {html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>fewgen run <code>{html.escape(run_dir.name)}</code></h1>",
+        f"<p class='meta'>report written {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+        + ", ".join(f"{html.escape(k)} {v:.0f}s" for k, v in timings.items() if isinstance(v, int | float))
+        + "</p>",
+    ]
+    for line in notes or []:
+        parts.append(f"<p class='meta'>{html.escape(line)}</p>")
+    parts += ["<h2>Results</h2>", results_table(main_rows)]
+    if made["results"]:
+        parts.append(f"<figure><img src='results.png' alt='results'><figcaption>{captions['results']}</figcaption></figure>")
+    parts.append("<h2>Synthetic images per class</h2>")
+    if made["sweep"]:
+        parts.append(f"<figure><img src='sweep.png' alt='sweep'><figcaption>{captions['sweep']}</figcaption></figure>")
+        parts.append(results_table(sweep_rows))
+    else:
+        parts.append("<p>No sweep in this run (set <code>learner.sweep</code>, e.g. [0, 10, 50, 200]).</p>")
+    parts.append("<h2>Real and synthetic images</h2>")
+    diagnostics = _read(run_dir / "synthetic_diagnostics.json")
+    if diagnostics:
+        keys = list(next(iter(diagnostics.values())))
+        parts.append("<table><thead><tr><th>few-shot set</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+                     + "</tr></thead><tbody>")
+        for name, d in diagnostics.items():
+            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(d.get(k))}</td>" for k in keys)
+                         + "</tr>")
+        parts.append("</tbody></table><p class='meta'>Synthetic-set diagnostics in the pretrained feature space, "
+                     "computed from the few shots only (see fewgen.learners.steps.synthetic_diagnostics).</p>")
+    if made["examples"]:
+        parts.append(f"<figure><img src='{Path(made['examples']).name}' alt='examples'>"
+                     f"<figcaption>{captions['examples']}</figcaption></figure>")
+    else:
+        parts.append("<p>No images recorded for this run.</p>")
+    parts.append("<h2>Training curves</h2>")
+    if made["curves"]:
+        parts.append(f"<figure><img src='curves.png' alt='curves'><figcaption>{captions['curves']}</figcaption></figure>")
+    else:
+        parts.append("<p>No training curves in this run.</p>")
+    parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(config_text)}</pre>", "</body></html>"]
+    page = out / "index.html"
+    with atomic_path(page) as tmp:
+        tmp.write_text("\n".join(parts))
+    return page

@@ -1,0 +1,233 @@
+"""The synthesis cache: generated images in a content-addressed store, resumable per image.
+
+A synthetic set is a folder ``<cache>/synthetic/<key>/`` where the key hashes everything that
+determines its pixels: the generator and adapter keys, the class names and prompts, the
+sampler, steps, guidance, seed, images per class, image shape and chunk size. (diffusers'
+DreamBooth tops a class-image folder up by file count, so a changed prompt silently reuses
+stale images; a changed prompt, adapter or sampler here is a new key and a new folder.)
+
+Images are PNG files ``images/<class>/<index>.png``. Image ``i`` of class ``c`` starts from
+its own seed ``seed_hash("synthetic", seed, prompt_c, i)``. Work is done in chunks of
+``chunk`` images of one class, always the same images in the same batch, so a chunk's bytes
+do not depend on what ran before it or on which process ran it. After a chunk's files are
+renamed into place a record ``chunks/<class>_<chunk>.json`` lists their sha256; a chunk
+without a valid record (killed mid-way, file corrupted or deleted) is generated again. When
+every chunk is done, ``manifest.json`` lists file, class, per-image seed and sha256 and the
+entry is marked ``done``. Reading a finished set verifies every file against the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewgen.cache import ArtifactCache
+from fewgen.data.base import ArrayDataset
+from fewgen.errors import FewgenError
+from fewgen.synthesis.sharding import ProcessContext, shard
+from fewgen.utils import atomic_path, read_json, seed_hash, sha256_file, write_json
+
+# sample_fn(class_index, seeds) -> uint8 images (len(seeds), C, H, W)
+SampleFn = Callable[[int, Sequence[int]], torch.Tensor]
+
+
+@dataclass
+class SynthesisSpec:
+    """Everything that determines a synthetic set's pixels (its cache key is the hash of this)."""
+
+    generator_key: str
+    class_names: list[str]
+    prompts: list[str]
+    per_class: int
+    image_shape: tuple[int, int, int]
+    adapter_key: str | None = None
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 2.0
+    seed: int = 0
+    chunk: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.class_names):
+            raise FewgenError(f"{len(self.prompts)} prompts for {len(self.class_names)} classes; give one per class")
+        if self.per_class < 1 or self.chunk < 1:
+            raise FewgenError(f"per_class ({self.per_class}) and chunk ({self.chunk}) must be at least 1")
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+
+    def parts(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return {"kind": "synthetic-set", **d}
+
+    def image_seed(self, class_index: int, i: int) -> int:
+        return seed_hash("synthetic", self.seed, self.prompts[class_index], i)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(class index, chunk index) in the global order that processes shard."""
+        n = math.ceil(self.per_class / self.chunk)
+        return [(c, j) for c in range(len(self.class_names)) for j in range(n)]
+
+    def chunk_images(self, j: int) -> range:
+        return range(j * self.chunk, min(self.per_class, (j + 1) * self.chunk))
+
+
+def image_file(c: int, i: int) -> str:
+    return f"images/{c:04d}/{i:05d}.png"
+
+
+def write_png(path: Path, image: torch.Tensor) -> None:
+    """uint8 (C, H, W) -> PNG (grey for C=1), written atomically with fixed encoder settings."""
+    from PIL import Image
+
+    arr = image.cpu().numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def read_png(path: Path, channels: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.array(im.convert("L" if channels == 1 else "RGB"))
+    arr = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class SynthesisCache:
+    """Synthetic sets in ``<root>/synthetic/<key>``: create, resume, verify, read."""
+
+    kind = "synthetic"
+
+    def __init__(self, cache: ArtifactCache | str | Path | None = None):
+        self.cache = cache if isinstance(cache, ArtifactCache) else ArtifactCache(cache)
+
+    def key(self, spec: SynthesisSpec) -> str:
+        return self.cache.key(spec.parts())
+
+    def path(self, spec: SynthesisSpec) -> Path:
+        return self.cache.path(self.kind, spec.parts())
+
+    # ------------------------------------------------------------------ chunk records
+    def _chunk_ok(self, entry: Path, c: int, j: int) -> bool:
+        rec = entry / "chunks" / f"{c:04d}_{j:04d}.json"
+        if not rec.exists():
+            return False
+        try:
+            files = read_json(rec)["files"]
+        except (FewgenError, KeyError, TypeError):
+            return False
+        return all((entry / f["file"]).exists() and sha256_file(entry / f["file"]) == f["sha256"] for f in files)
+
+    def _run_chunk(self, entry: Path, spec: SynthesisSpec, c: int, j: int, sample_fn: SampleFn) -> None:
+        idx = list(spec.chunk_images(j))
+        seeds = [spec.image_seed(c, i) for i in idx]
+        images = sample_fn(c, seeds)
+        if images.dtype != torch.uint8 or tuple(images.shape) != (len(idx), *spec.image_shape):
+            raise FewgenError(f"the generator returned {images.dtype} {tuple(images.shape)}, expected uint8 "
+                              f"{(len(idx), *spec.image_shape)}")
+        files = []
+        for k, i in enumerate(idx):
+            path = entry / image_file(c, i)
+            write_png(path, images[k])
+            files.append({"file": image_file(c, i), "class": c, "class_name": spec.class_names[c], "index": i,
+                          "seed": seeds[k], "sha256": sha256_file(path)})
+        write_json(entry / "chunks" / f"{c:04d}_{j:04d}.json", {"files": files})
+
+    # ------------------------------------------------------------------ public API
+    def status(self, spec: SynthesisSpec) -> dict[str, int]:
+        """How many chunks are valid on disk (for messages and tests)."""
+        entry = self.path(spec)
+        chunks = spec.chunks()
+        ok = sum(self._chunk_ok(entry, c, j) for c, j in chunks) if entry.exists() else 0
+        return {"chunks": len(chunks), "valid": ok}
+
+    def verify(self, spec: SynthesisSpec) -> list[str]:
+        """Files of a finished set that are missing or do not match the manifest's sha256."""
+        entry = self.path(spec)
+        manifest = entry / "manifest.json"
+        if not manifest.exists():
+            return ["manifest.json"]
+        bad = []
+        for f in read_json(manifest)["images"]:
+            p = entry / f["file"]
+            if not p.exists() or sha256_file(p) != f["sha256"]:
+                bad.append(f["file"])
+        return bad
+
+    def synthesize(self, spec: SynthesisSpec, sample_fn: SampleFn | None, ctx: ProcessContext | None = None,
+                   log: Callable[[str], None] | None = None) -> ArrayDataset:
+        """The set ``spec`` describes: read from the cache, or generated (resuming per chunk, each
+        process doing its shard of chunks) and then read. ``sample_fn`` may be None only when the
+        set is complete on disk."""
+        ctx = ctx or ProcessContext()
+        entry = self.cache.entry(self.kind, spec.parts())
+        if self.cache.is_done(entry):
+            bad = self.verify(spec)
+            if not bad:
+                return self.read(spec)
+            if log:
+                log(f"synthetic set {entry.name}: {len(bad)} file(s) missing or corrupt, regenerating them")
+            ctx.barrier()
+            if ctx.is_main:
+                (entry / "done").unlink(missing_ok=True)
+            ctx.barrier()
+        todo = [(c, j) for c, j in shard(spec.chunks(), ctx.rank, ctx.world) if not self._chunk_ok(entry, c, j)]
+        if todo and sample_fn is None:
+            raise FewgenError(f"synthetic set {entry} is incomplete and no generator was given to finish it")
+        t0 = time.time()
+        for n, (c, j) in enumerate(todo):
+            self._run_chunk(entry, spec, c, j, sample_fn)
+            if log and (n + 1) % max(1, len(todo) // 10) == 0:
+                log(f"synthetic set {entry.name}: {n + 1}/{len(todo)} chunks on rank {ctx.rank} "
+                    f"({time.time() - t0:.0f}s)")
+        ctx.barrier()
+        if ctx.is_main:
+            self._finish(entry, spec)
+        ctx.barrier()
+        return self.read(spec)
+
+    def _finish(self, entry: Path, spec: SynthesisSpec) -> None:
+        images = []
+        for c, j in spec.chunks():
+            if not self._chunk_ok(entry, c, j):
+                raise FewgenError(f"chunk {c}/{j} of {entry} is not valid after generation; rerun to regenerate it")
+            images += read_json(entry / "chunks" / f"{c:04d}_{j:04d}.json")["files"]
+        write_json(entry / "manifest.json", {"key": entry.name, "spec": spec.parts(), "images": images})
+        self.cache.mark_done(entry, {"images": len(images)})
+
+    def read(self, spec: SynthesisSpec) -> ArrayDataset:
+        """A finished set as an ArrayDataset (labels index ``spec.class_names``), verified."""
+        entry = self.path(spec)
+        if not self.cache.is_done(entry):
+            raise FewgenError(f"synthetic set {entry} is not finished; run synthesize() to generate it")
+        return read_set(entry)
+
+
+def read_set(entry: str | Path, verify: bool = True) -> ArrayDataset:
+    """Read a finished set folder (its ``manifest.json``) as an ArrayDataset."""
+    entry = Path(entry)
+    manifest = read_json(entry / "manifest.json")
+    spec = manifest["spec"]
+    channels = spec["image_shape"][0]
+    images, labels = [], []
+    for f in manifest["images"]:
+        p = entry / f["file"]
+        if verify and (not p.exists() or sha256_file(p) != f["sha256"]):
+            raise FewgenError(f"{p} is missing or corrupt; rerun the synthesis step to regenerate it")
+        images.append(read_png(p, channels))
+        labels.append(f["class"])
+    x = torch.stack(images) if images else torch.zeros(0, *spec["image_shape"], dtype=torch.uint8)
+    return ArrayDataset(x, torch.tensor(labels, dtype=torch.long), list(spec["class_names"]),
+                        name=f"synthetic/{entry.name}")

@@ -1,0 +1,162 @@
+"""Pixel diffusion generator, DataDream LoRA adaptation, and the generate CLI, on tiny models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewgen.data.base import ArrayDataset
+from fewgen.errors import FewgenError
+from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_worker import TINY, tiny_generator  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_data(n_per_class: int = 8, n_classes: int = 3) -> ArrayDataset:
+    """Class c: a bright c-th horizontal band on black, 8x8."""
+    x = torch.zeros(n_per_class * n_classes, 1, 8, 8, dtype=torch.uint8)
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    for i, c in enumerate(y.tolist()):
+        x[i, 0, 2 * c:2 * c + 2] = 255
+    return ArrayDataset(x, y, [f"class{i}" for i in range(n_classes)], name="toy")
+
+
+def test_fit_lowers_loss_and_sampling_is_seeded():
+    gen = tiny_generator()
+    res = gen.fit(toy_data(), steps=30, batch_size=16, lr=3e-3, warmup=5, seed=0)
+    assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
+    labels = torch.tensor([0, 1, 2, -1])
+    for sampler in ("ddim", "dpmsolver++"):
+        a = gen.sample(labels, seed=3, steps=3, guidance=2.0, sampler=sampler)
+        b = gen.sample(labels, seed=3, steps=3, guidance=2.0, sampler=sampler)
+        assert a.dtype == torch.uint8 and a.shape == (4, 1, 8, 8) and torch.equal(a, b)
+    c = gen.sample(labels, seed=4, steps=3)
+    assert not torch.equal(c, gen.sample(labels, seed=3, steps=3))
+    f = gen.sample(labels, seed=3, steps=3, output="float")
+    assert f.dtype == torch.float32 and f.min() >= -1 and f.max() <= 1 and torch.isfinite(f).all()
+
+
+def test_predict_noise_guidance_and_img2img():
+    gen = tiny_generator()
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([10, 500])
+    labels = torch.tensor([0, 2])
+    eps_c = gen.predict_noise(x, t, labels)
+    eps_u = gen.predict_noise(x, t, torch.tensor([-1, -1]))
+    eps_g = gen.predict_noise(x, t, labels, guidance=3.0)
+    assert eps_c.shape == x.shape
+    assert torch.allclose(eps_g, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5)
+    real = toy_data().images[:2]
+    assert torch.equal(gen.img2img(real, labels, strength=0.0, steps=4), real)
+    out = gen.img2img(real, labels, strength=0.5, steps=4, seed=1)
+    assert out.shape == real.shape and out.dtype == torch.uint8
+
+
+def test_bad_inputs_raise_clear_errors():
+    gen = tiny_generator()
+    with pytest.raises(FewgenError, match="labels must be in"):
+        gen.sample([5], steps=2)
+    with pytest.raises(FewgenError, match="unknown sampler"):
+        gen.sample([0], steps=2, sampler="euler")
+    with pytest.raises(FewgenError, match="strength"):
+        gen.img2img(toy_data().images[:1], [0], strength=1.5)
+    with pytest.raises(FewgenError, match="not divisible"):
+        DiffusionConfig(image_size=10, block_out_channels=[8, 16, 16], attention_levels=[False, False, True])
+
+
+def test_save_load_roundtrip_with_added_classes(tmp_path):
+    gen = tiny_generator()
+    ids = gen.add_classes(["novel0", "novel1"])
+    gen.save(tmp_path)
+    back = DiffusionGenerator.load(tmp_path)
+    assert back.class_names == gen.class_names
+    labels = torch.tensor([0, *ids])
+    assert torch.equal(gen.sample(labels, steps=2), back.sample(labels, steps=2))
+
+
+def test_name_conditioned_zero_shot_from_minilm():
+    torch.manual_seed(0)
+    gen = DiffusionGenerator(DiffusionConfig(**{**TINY, "cond_mode": "class+name"}), ["circle", "square"])
+    assert gen.conditioner.text_embeddings.shape == (2, 384)
+    (novel,) = gen.add_classes(["triangle"])
+    x = gen.sample([novel, novel], steps=2, use_class=False)
+    assert x.shape == (2, 1, 8, 8)
+    t = torch.tensor([100])
+    z = torch.randn(1, 1, 8, 8)
+    # the name token differs between classes, so zero-shot conditions differ
+    assert not torch.allclose(gen.predict_noise(z, t, torch.tensor([0]), use_class=False),
+                              gen.predict_noise(z, t, torch.tensor([novel]), use_class=False))
+
+
+@pytest.mark.parametrize("mode", ["cls", "dset"])
+def test_datadream_adapter_keys_totals_and_diffusers_loading(mode, tmp_path):
+    from safetensors.torch import load_file
+
+    from fewgen.generators.datadream import (
+        AdaptedDiffusion,
+        DataDreamAdapter,
+        DataDreamConfig,
+        train_datadream,
+    )
+
+    base = tiny_generator()
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    few = toy_data(n_per_class=2, n_classes=2)
+    few.class_names = ["novelA", "novelB"]
+    cfg = DataDreamConfig(mode=mode, rank=4, alpha=4.0, steps_per_class=4, batch_size=4, lr=1e-2, warmup=1)
+    adapter = train_datadream(base, few, cfg)
+    assert all(torch.equal(before[k], v) for k, v in base.unet.state_dict().items())  # base untouched
+    assert sum(h["steps"] for h in adapter.history) == 2 * 4  # equal total steps in both modes
+    assert len(adapter.lora) == (2 if mode == "cls" else 1)
+    assert any(v.abs().sum() > 0 for k, v in adapter.lora[0].items() if "lora_B" in k)  # B moved from 0
+    adapter.save(tmp_path)
+    weights = tmp_path / ("class_0001" if mode == "cls" else "") / "pytorch_lora_weights.safetensors"
+    keys = list(load_file(str(weights)))
+    assert keys and all(k.startswith("unet.") and (".lora.down.weight" in k or ".lora.up.weight" in k) for k in keys)
+    assert {k.split(".lora.")[0].rsplit(".", 1)[-1] for k in keys} >= {"to_q", "to_k", "to_v"}
+    assert any(".to_out.0.lora" in k for k in keys)
+    back = DataDreamAdapter.load(tmp_path)
+    assert back.key == adapter.key
+    adapted = AdaptedDiffusion(base, back)
+    c = 1
+    imgs = adapted.sample_class(c, [11, 12], steps=2)
+    assert imgs.shape == (2, 1, 8, 8)
+    # the saved file loads with diffusers' own LoRA loader into a plain copy of the base UNet
+    import copy
+
+    plain = copy.deepcopy(base)
+    plain.add_classes(back.class_names, init=back.class_embeddings)
+    plain.unet.load_lora_adapter(str(weights), prefix="unet", adapter_name="loaded")
+    adapted._use(c)
+    z, t, lab = torch.randn(2, 1, 8, 8), torch.tensor([50, 700]), torch.tensor([3 + c] * 2)
+    assert torch.allclose(plain.predict_noise(z, t, lab), adapted.gen.predict_noise(z, t, lab), atol=1e-5)
+    assert not torch.allclose(base.predict_noise(z, t, torch.tensor([0, 0])),
+                              plain.predict_noise(z, t, torch.tensor([0, 0])), atol=1e-6)
+
+
+def test_generate_cli_end_to_end(tmp_path, monkeypatch):
+    from fewgen.cli import main
+
+    monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
+    argv = ["generate", "generate", "seeds=[0]", "eval.n_shots=[1]", "generator.cond_mode=class",
+            "generator.train_steps=3", "generator.adapt_steps_per_class=1", "generator.adapt_batch_size=2",
+            "generator.lora_rank=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2", "synthesis.chunk=2",
+            "synthesis.grid_classes=2", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    run = tmp_path / "run"
+    assert (run / "done").exists() and (run / "grids/seed0_1shot/overview.png").exists()
+    assert len(list((tmp_path / "cache/synthetic").glob("*/images/*/*.png"))) == 5 * 2
+    assert main(["generate", "generate", "generator.cond_mode=class", "--zero-shot", "--out",
+                 str(tmp_path / "zs"), "--quiet"]) == 2  # zero-shot needs a name-conditioned model

@@ -1,0 +1,269 @@
+"""Learning with synthetic data: loss terms, label hallucination, batches, the learn step, presets."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewgen.learners.losses import (
+    datadream_loss,
+    hallucinate_labels,
+    hallucination_kl,
+    label_smoothed_ce,
+    mmd,
+)
+
+
+def mmd_reference(x, y, bandwidths):
+    """Biased multi-kernel MMD^2 with explicit loops."""
+    def k(a, b):
+        d2 = float(((a - b) ** 2).sum())
+        return sum(math.exp(-d2 / (2 * s * s)) for s in bandwidths)
+
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n)) / (n * n)
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+@pytest.mark.parametrize("bandwidths", [(1.0,), (0.5, 1.0, 2.0)])
+def test_mmd_matches_double_loop(bandwidths):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 4, generator=g, dtype=torch.float64) + 0.5
+    assert mmd(x, y, bandwidths).item() == pytest.approx(mmd_reference(x, y, bandwidths), rel=1e-9, abs=1e-12)
+
+
+def test_mmd_is_zero_for_equal_samples_and_grows_with_shift():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 8, generator=g)
+    assert mmd(x, x).abs().item() < 1e-6
+    near, far = mmd(x, x + 0.1).item(), mmd(x, x + 1.0).item()
+    assert 0 < near < far
+    y = (x + 1.0).requires_grad_()
+    mmd(x, y).backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        mmd(x, torch.randn(3, 5))
+
+
+def test_label_smoothed_ce_matches_torch():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 5, generator=g)
+    y = torch.randint(5, (7,), generator=g)
+    for eps in (0.0, 0.1, 0.3):
+        ref = F.cross_entropy(logits, y, label_smoothing=eps)
+        assert label_smoothed_ce(logits, y, eps).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_hallucination_kl():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, generator=g)
+    q = torch.randn(6, 4, generator=g).softmax(-1)
+    ref = F.kl_div(logits.log_softmax(-1), q, reduction="batchmean")
+    assert hallucination_kl(logits, q).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert hallucination_kl(q.log(), q).abs().item() < 1e-6  # zero at the target
+    assert hallucination_kl(logits, q).item() > 0
+
+
+def test_datadream_loss_weights():
+    g = torch.Generator().manual_seed(4)
+    lr, ls = torch.randn(4, 3, generator=g), torch.randn(6, 3, generator=g)
+    yr, ys = torch.randint(3, (4,), generator=g), torch.randint(3, (6,), generator=g)
+    terms = datadream_loss(lr, yr, ls, ys, lam=0.8)
+    assert terms["real"].item() == pytest.approx(0.8 * F.cross_entropy(lr, yr).item(), rel=1e-6)
+    assert terms["synthetic"].item() == pytest.approx(0.2 * F.cross_entropy(ls, ys).item(), rel=1e-6)
+    empty = datadream_loss(lr, yr, ls[:0], ys[:0], lam=0.8)
+    assert empty["synthetic"].item() == 0.0
+
+
+def test_label_hallucination_gives_base_images_soft_novel_labels():
+    # three novel classes around three centres; base images near each centre
+    g = torch.Generator().manual_seed(5)
+    centres = torch.eye(3, 8) * 4
+    support = centres.repeat_interleave(2, 0) + 0.3 * torch.randn(6, 8, generator=g)
+    labels = torch.arange(3).repeat_interleave(2)
+    base = centres[[2, 0, 1, 1]] + 0.3 * torch.randn(4, 8, generator=g)
+    soft = hallucinate_labels(support, labels, base, n_classes=3)
+    assert soft.shape == (4, 3)
+    assert torch.allclose(soft.sum(1), torch.ones(4), atol=1e-5)
+    assert soft.argmax(1).tolist() == [2, 0, 1, 1]
+    assert (soft.max(1).values < 1).all() and (soft.min(1).values > 0).all()  # soft, not one-hot
+    sharper = hallucinate_labels(support, labels, base, n_classes=3, temperature=0.1)
+    assert (sharper.max(1).values > soft.max(1).values).all()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fewgen.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def test_datadream_batches_repeat_real_to_balance(digits):
+    from fewgen.data.fewshot import few_shot_set
+    from fewgen.learners.datadream import datadream_batches, real_repeats
+
+    real = few_shot_set(digits.novel, 1, seed=0)  # 5 images
+    syn = few_shot_set(digits.novel, 20, seed=1)  # 100 "synthetic" images
+    assert real_repeats(len(real), len(syn)) == 20
+    batch_fn = datadream_batches(real, syn, 40, "t")
+    n_real = sum(len(batch_fn(s)["y_real"]) for s in range(50))
+    assert 0.4 < n_real / (50 * 40) < 0.6  # half the pool is (repeated) real
+    b = batch_fn(0)
+    assert b["x_real"].dtype == torch.uint8 and b["x_syn"].shape[1:] == digits.novel.image_shape
+
+
+def test_diffalign_batches_are_class_matched_and_ablations_drop_terms(digits):
+    from fewgen.backbones import create_backbone
+    from fewgen.data.fewshot import few_shot_set
+    from fewgen.learners.diffalign import DiffAlignWeights, diffalign_batches, diffalign_loss_fn
+    from fewgen.learners.finetune import BackboneClassifier
+
+    real = few_shot_set(digits.novel, 2, seed=0)
+    syn = few_shot_set(digits.novel, 6, seed=1)
+    base = digits.base.images[:30]
+    soft = torch.full((30, 5), 0.2)
+    batch = diffalign_batches(real, syn, base, soft, 8, 12, 6, "t")(0)
+    assert set(batch["y_syn"].tolist()) <= set(batch["y_real"].tolist())
+    assert batch["x_base"].shape[0] == 6 and batch["q_base"].shape == (6, 5)
+    model = BackboneClassifier(create_backbone("conv4", in_chans=1), 5)
+    fbatch = {k: (v.float() / 255 if k.startswith("x_") else v) for k, v in batch.items()}
+    w = DiffAlignWeights()
+    assert set(diffalign_loss_fn(w)(model, fbatch)) == {"real", "synthetic", "hallucination", "mmd"}
+    for term in ("real", "synthetic", "hallucination", "mmd"):
+        assert term not in diffalign_loss_fn(w.without(term))(model, fbatch)
+
+
+def test_finetune_is_deterministic_and_head_eval_is_exact(digits, monkeypatch):
+    from fewgen.backbones import create_backbone
+    from fewgen.data.fewshot import few_shot_set, sample_episodes
+    from fewgen.learners.finetune import (
+        BackboneClassifier,
+        FinetuneSettings,
+        ce_batches,
+        ce_loss,
+        finetune,
+        finetuned_episode_accuracies,
+    )
+
+    real = few_shot_set(digits.novel, 2, seed=0)
+
+    def train():
+        torch.manual_seed(0)
+        model = BackboneClassifier(create_backbone("conv4", in_chans=1, hidden=8, out_channels=8), 5)
+        hist = finetune(model, ce_batches(real, 10, "t"), ce_loss, FinetuneSettings(steps=3, log_every=1),
+                        digits.novel.image_shape)
+        return model, hist
+
+    (m1, h1), (m2, h2) = train(), train()
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    # features = one-hot true labels and an identity head: restricted to the episode classes the
+    # head is always right, and so is a prototype classifier on those features
+    import fewgen.learners.finetune as ft
+
+    novel = digits.novel
+    oracle = torch.nn.Module()
+    oracle.head = torch.nn.Identity()
+    ep = sample_episodes(novel, 3, 1, 5, 20, seed=0)
+    monkeypatch.setattr(ft, "model_features", lambda model, images, **kw: F.one_hot(novel.labels, 5).float())
+    acc = finetuned_episode_accuracies(oracle, novel, [ep], ["head", "proto"])
+    assert torch.allclose(acc["head"][0], torch.ones(20, dtype=torch.float64))
+    assert torch.allclose(acc["proto"][0], torch.ones(20, dtype=torch.float64))
+
+
+TINY = ["seeds=[0]", "pretrain.epochs=1", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=4",
+        "eval.episodes=20", "eval.n_shots=[1]", "learner.steps=3", "learner.batch_size=10",
+        "learner.synthetic_batch_size=10", "learner.base_batch_size=10", "learner.augmented_copies_per_class=12",
+        "num_threads=1"]
+
+
+def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
+    """The whole learner table on digits, with augmented copies standing in for a generator."""
+    from fewgen.config import load_config
+    from fewgen.pipeline import run
+
+    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,augmented-copies,learn,report]", "learner.sweep=[0,5,12,50]",
+                               f"cache_dir={tmp_path / 'cache'}"])
+    r = run(cfg, tmp_path / "run", progress=False, quiet=True)
+    methods = {(row["method"], row["classifier"]) for row in r.rows}
+    for m in ("real-only", "synthetic-only", "datadream", "diffalign", "diffalign-no-synthetic",
+              "diffalign-no-hallucination", "diffalign-no-mmd"):
+        assert (m, "head") in methods and (m, "logreg") in methods
+    assert ("frozen+synthetic", "logreg") in methods
+    sweep = sorted({row["synthetic_per_class"] for row in r.rows if row.get("sweep")})
+    assert sweep == [0, 5, 12]  # 50 is above the 12 copies per class: skipped, not faked
+    for row in r.rows:
+        assert 0 <= row["accuracy"] <= 100 and row["ci95"] == row["ci95"] and row["episodes"] == 20
+    dd = next(row for row in r.rows if row["method"] == "datadream" and row["classifier"] == "head")
+    assert dd["n_synthetic"] == [60] and dd["synthetic_per_class"] == 12
+    hist = json.loads((tmp_path / "run" / "learn_history.json").read_text())
+    assert "diffalign/seed0/1shot" in hist
+    assert (tmp_path / "run" / "report" / "index.html").exists()
+    # a rerun reuses every fine-tuned model from the cache and gives identical numbers
+    r2 = run(cfg, tmp_path / "run2", progress=False, quiet=True)
+    assert [row["accuracy"] for row in r2.rows] == [row["accuracy"] for row in r.rows]
+    assert "from cache" in (tmp_path / "run2" / "log.txt").read_text()
+
+
+def test_learn_step_errors_without_synthetic(tmp_path):
+    from fewgen.config import load_config
+    from fewgen.errors import FewgenError
+    from fewgen.pipeline import run
+
+    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,learn]", f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(FewgenError, match="synthesize"):
+        run(cfg, tmp_path / "run", progress=False, quiet=True)
+    bad = load_config("demo", [*TINY, "pipeline=[pretrain,learn]", "learner.methods=[real-only, datadreem]",
+                               f"cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(FewgenError, match="datadream"):
+        run(bad, tmp_path / "run2", progress=False, quiet=True)
+
+
+def _generator_steps_registered() -> bool:
+    from fewgen.pipeline import STEP_MODULES, STEPS
+
+    for module in STEP_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    return all(s in STEPS.names() for s in ("generator", "adapt", "synthesize"))
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for both presets: the second reuses pretraining, generator, adapters, images."""
+    return tmp_path_factory.mktemp("preset-cache")
+
+
+@pytest.mark.parametrize("preset", ["datadream", "diffalign"])
+def test_presets_run_end_to_end_on_digits(preset, tmp_path, shared_cache):
+    if not _generator_steps_registered():
+        pytest.skip("the generator steps (generator, adapt, synthesize) are not registered yet")
+    from fewgen.config import load_config
+    from fewgen.pipeline import run
+
+    cfg = load_config(preset, ["data.dataset=digits", "data.image_size=null", "eval.n_ways=[5]", *TINY,
+                               *PRESET_TINY, f"cache_dir={shared_cache}"])
+    r = run(cfg, tmp_path / "run", progress=False, quiet=True)
+    methods = {row["method"] for row in r.rows}
+    assert {"real-only", "synthetic-only", "datadream"} <= methods
+    if preset == "diffalign":
+        assert {"diffalign", "diffalign-no-mmd"} <= methods
+    assert (tmp_path / "run" / "report" / "index.html").exists()
+
+
+# tiny generator, adaptation and synthesis (fewgen.generators / fewgen.synthesis settings)
+PRESET_TINY = ["generator.train_steps=10", "generator.block_out_channels=[16,32]", "generator.attention_levels=[false,true]",
+               "generator.cond_dim=32", "generator.batch_size=16", "generator.adapt_steps_per_class=1",
+               "generator.adapt_batch_size=4", "synthesis.synthetic_per_class=4", "synthesis.steps=2",
+               "synthesis.chunk=4", "synthesis.grid_classes=0", "learner.sweep=[0,2]"]

@@ -1,0 +1,97 @@
+"""The run report: figures and HTML from a run directory, and a render in headless chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def fake_run_dir(tmp_path):
+    """A run directory with every kind of row and curve the report draws."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = []
+    for k in (1, 5):
+        for i, m in enumerate(["ce", "real-only", "datadream", "diffalign", "diffalign-no-mmd"]):
+            rows.append({"method": m, "classifier": "logreg", "n_way": 20, "n_shot": k, "accuracy": 60.0 + 5 * i + k,
+                         "ci95": 0.8, "episodes": 600, "seeds": [0, 1, 2], "synthetic_per_class": 50})
+    for m_syn, acc in [(0, 60.0), (10, 63.0), (50, 65.5)]:
+        rows.append({"method": f"datadream@{m_syn}", "classifier": "head", "n_way": 20, "n_shot": 1, "accuracy": acc,
+                     "ci95": 0.9, "episodes": 600, "seeds": [0], "synthetic_per_class": m_syn, "sweep": True})
+    (run / "metrics.json").write_text(json.dumps({"rows": rows, "timings_s": {"learn": 12.5, "total": 20.0}}))
+    (run / "config.yaml").write_text("name: fake\nseeds: [0, 1, 2]\n")
+    (run / "pretrain_history.json").write_text(json.dumps(
+        {"history": [{"epoch": e, "loss/ce": 3.0 / e, "val_acc": 80 + e} for e in range(1, 5)]}))
+    (run / "learn_history.json").write_text(json.dumps(
+        {f"{m}/seed0/1shot": {"method": m, "seed": 0, "n_shot": 1,
+                              "history": [{"step": s, "loss": 2.0 / s} for s in range(10, 60, 10)]}
+         for m in ("real-only", "datadream")}))
+    return run
+
+
+def test_report_writes_html_and_figures(tmp_path):
+    from fewgen.reports.figures import examples_figure
+    from fewgen.reports.html import write_report
+
+    run = fake_run_dir(tmp_path)
+    (run / "report").mkdir()
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 255, (6, 1, 28, 28), dtype=torch.uint8, generator=g)
+    syn = torch.randint(0, 255, (12, 1, 28, 28), dtype=torch.uint8, generator=g)
+    ex = examples_figure(real, torch.arange(3).repeat_interleave(2), syn, torch.arange(3).repeat_interleave(4),
+                         ["a", "b", "c"], run / "report" / "examples.png")
+    page = write_report(run, ex, notes=["synthetic images: test"])
+    text = page.read_text()
+    for name in ("results.png", "sweep.png", "examples.png", "curves.png"):
+        assert (run / "report" / name).stat().st_size > 1000
+        assert name in text
+    assert "diffalign-no-mmd" in text and "&plusmn; 0.80" in text and "synthetic images: test" in text
+    assert "20-way 1-shot" in text
+
+
+def test_report_of_a_foundation_only_run(tmp_path):
+    """A run with frozen-feature rows only (e.g. demo) still gets a page: table, results, curves."""
+    from fewgen.reports.html import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"method": "ce", "classifier": "proto", "n_way": 5, "n_shot": 1, "accuracy": 70.0, "ci95": 1.0,
+             "episodes": 600, "seeds": [0]}]
+    (run / "metrics.json").write_text(json.dumps({"rows": rows}))
+    page = write_report(run)
+    text = page.read_text()
+    assert "No sweep in this run" in text and (run / "report" / "results.png").exists()
+    assert not (run / "report" / "curves.png").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium) - cannot render HTML")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    from fewgen.reports.html import write_report
+
+    run = fake_run_dir(tmp_path)
+    page = write_report(run)
+    shot = tmp_path / "page.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--window-size=1200,2000", f"--screenshot={shot}", page.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.exists(), f"chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-500:]}"
+    img = Image.open(shot).convert("L")
+    assert img.size == (1200, 2000)
+    # the page is not blank: text, table lines and figures give many dark pixels and many grey levels
+    hist = img.histogram()
+    dark = sum(hist[:128]) / (img.size[0] * img.size[1])
+    assert dark > 0.005 and sum(1 for h in hist if h) > 50
+    # the figures loaded: the results PNG's blue bars (#4c72b0) appear in the render
+    rgb = Image.open(shot).convert("RGB").resize((300, 500))
+    px = np.asarray(rgb).reshape(-1, 3).astype(int)
+    assert (np.abs(px - [0x4C, 0x72, 0xB0]).max(1) < 25).any()

@@ -1,0 +1,162 @@
+"""The synthesis cache: manifest, read-back, invalidation, corrupt files, kill -9 resume, 2 processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewgen.errors import FewgenError
+from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec
+from fewgen.synthesis.sharding import shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_worker import sample_fn_for, spec_for, tiny_generator  # noqa: E402
+
+WORKER = Path(__file__).parent / "synth_worker.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def set_files(root: Path) -> dict[str, bytes]:
+    """Every image file and the manifest of the single set under ``root``, by relative path."""
+    (entry,) = (root / "synthetic").iterdir()
+    return {str(p.relative_to(entry)): p.read_bytes() for p in sorted(entry.rglob("*"))
+            if p.is_file() and (p.suffix == ".png" or p.name == "manifest.json")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted single-process run (1 thread, like the workers)."""
+    root = tmp_path_factory.mktemp("ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = tiny_generator()
+        spec = spec_for(gen)
+        calls = []
+        fn = sample_fn_for(gen, spec)
+        ds = SynthesisCache(root).synthesize(spec, lambda c, s: (calls.append(c), fn(c, s))[1])
+    finally:
+        torch.set_num_threads(threads)
+    return root, gen, spec, ds, calls
+
+
+def counting(gen, spec):
+    calls = []
+    fn = sample_fn_for(gen, spec)
+    return calls, lambda c, s: (calls.append((c, list(s))), fn(c, s))[1]
+
+
+def test_set_reads_back_with_manifest(reference):
+    root, gen, spec, ds, calls = reference
+    assert len(ds) == 3 * 6 and ds.images.dtype == torch.uint8 and ds.image_shape == (1, 8, 8)
+    assert ds.labels.tolist() == sorted([0, 1, 2] * 6) and ds.class_names == gen.class_names
+    assert len(calls) == 9  # 3 classes x 3 chunks of 2
+    sc = SynthesisCache(root)
+    import json
+
+    manifest = json.loads((sc.path(spec) / "manifest.json").read_text())
+    row = manifest["images"][0]
+    assert set(row) >= {"file", "class", "seed", "sha256"} and row["seed"] == spec.image_seed(0, 0)
+    assert len({r["seed"] for r in manifest["images"]}) == 18
+    again = sc.synthesize(spec, None)  # complete: no generator needed
+    assert torch.equal(again.images, ds.images)
+
+
+def test_changed_prompt_adapter_or_sampler_never_reuses(reference, tmp_path):
+    root, gen, spec, ds, _ = reference
+    sc = SynthesisCache(root)
+    for changed in (spec_for(gen, prompt_suffix=" v2"), spec_for(gen, adapter_key="lora-abc"),
+                    spec_for(gen, sampler="dpmsolver++")):
+        assert sc.key(changed) != sc.key(spec)
+        assert not sc.path(changed).exists()
+        with pytest.raises(FewgenError, match="incomplete"):
+            sc.synthesize(changed, None)
+    calls, fn = counting(gen, spec_for(gen, sampler="dpmsolver++"))
+    out = sc.synthesize(spec_for(gen, sampler="dpmsolver++"), fn)
+    assert len(calls) == 9 and not torch.equal(out.images, ds.images)
+
+
+def test_corrupt_and_missing_files_are_regenerated(reference, tmp_path):
+    _, gen, spec, ds, _ = reference
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sc = SynthesisCache(tmp_path)
+        sc.synthesize(spec, sample_fn_for(gen, spec))
+        entry = sc.path(spec)
+        (entry / "images/0001/00003.png").write_bytes(b"not a png")
+        (entry / "images/0002/00000.png").unlink()
+        assert sorted(sc.verify(spec)) == ["images/0001/00003.png", "images/0002/00000.png"]
+        with pytest.raises(FewgenError, match="missing or corrupt"):
+            sc.read(spec)
+        calls, fn = counting(gen, spec)
+        out = sc.synthesize(spec, fn)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(c for c, _ in calls) == [1, 2]  # only the two broken chunks
+    assert torch.equal(out.images, ds.images) and sc.verify(spec) == []
+
+
+def test_resume_after_kill_matches_uninterrupted_run(reference, tmp_path):
+    ref_root = reference[0]
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "--slow", "0.4"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    chunks = []
+    while time.time() < deadline and proc.poll() is None:
+        chunks = list(tmp_path.glob("synthetic/*/chunks/*.json"))
+        if len(chunks) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the worker finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (entry,) = (tmp_path / "synthetic").iterdir()
+    assert not (entry / "done").exists() and 2 <= len(list(entry.glob("chunks/*.json"))) < 9
+    out = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert set_files(tmp_path) == set_files(ref_root)
+    assert not list(entry.rglob("*.tmp"))
+
+
+def test_two_processes_write_the_same_bytes_as_one(reference, tmp_path):
+    from synth_worker import toy_few_shot
+
+    from fewgen.generators.datadream import DataDreamConfig, train_datadream
+
+    ref_root, gen = reference[0], reference[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER),
+           str(tmp_path), "--adapt"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "world=2" in out.stdout
+    assert set_files(tmp_path) == set_files(ref_root)
+    # DataDream cls adapters sharded over the 2 processes equal one process's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = train_datadream(gen, toy_few_shot(), DataDreamConfig(mode="cls", rank=2, alpha=2.0, steps_per_class=2,
+                                                                    batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert f"ADAPTER {one.key}" in out.stdout
+
+
+def test_shard_covers_every_item_once():
+    items = list(range(11))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7, 10]
+
+
+def test_spec_rejects_mismatched_prompts():
+    with pytest.raises(FewgenError, match="one per class"):
+        SynthesisSpec("g", ["a", "b"], ["a"], per_class=2, image_shape=(1, 8, 8))
