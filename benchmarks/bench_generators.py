@@ -141,7 +141,11 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="*", help="only print the table of these JSON results together")
     args = p.parse_args(argv)
     if args.merge:
-        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]]
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"parts": [{"file": f, "config": part["config"]} for f, part in
+                                                        zip(args.merge, parts, strict=True)], "rows": rows}, indent=2))
         print_table(rows)
         return 0
     torch.set_num_threads(args.threads)

@@ -152,8 +152,9 @@ def comparison(results: dict) -> list[dict]:
                 a, b = _row(res, clf, n_way, n_shot), _row(results["ce"], clf, n_way, n_shot)
                 if a and b:
                     diff, ci = a["accuracy"] - b["accuracy"], a["ci95"] + b["ci95"]
+                    verdict = "better" if diff > ci else "worse" if diff < -ci else "within CIs"
                     out.append({"variant": v, "classifier": clf, "n_way": n_way, "n_shot": n_shot,
-                                "minus_ce": round(diff, 2), "ci_sum": round(ci, 2), "significant": diff > ci})
+                                "minus_ce": round(diff, 2), "ci_sum": round(ci, 2), "verdict": verdict})
     return out
 
 
@@ -171,10 +172,10 @@ def table(results: dict) -> str:
                          + f"{train:>10.0f}{res['peak_rss_mb']:>9.0f}{res['best_epoch']:>8}")
     comp = [c for c in comparison(results) if c["n_way"] == 20 and c["n_shot"] == 1]
     if comp:
-        lines.append("\n20-way 1-shot minus ce (significant = difference > sum of the 95% CIs):")
+        lines.append("\n20-way 1-shot minus ce (better/worse: |difference| > sum of the two 95% CIs):")
         for c in comp:
             lines.append(f"  {c['variant']:<20}{c['classifier']:<8}{c['minus_ce']:+.2f} (CI sum {c['ci_sum']:.2f})"
-                         f" {'significant' if c['significant'] else 'not significant'}")
+                         f" {c['verdict']}")
     return "\n".join(lines)
 
 

@@ -69,7 +69,7 @@ def test_refuses_to_overwrite_then_overwrites(tmp_path, capsys):
         (["run", "demo", "pretrain.epochs=many"], "config key 'pretrain.epochs' expects int"),
         (["run", "demo", "eval.n_ways=[7]"], "n_way=7 is larger than the number of novel classes (5)"),
         (["run", "demo", "eval.n_shots=[0]"], "n_shot must be at least 1"),
-        (["run", "demo", "eval.n_shots=[150]"], "fewer than n_shot + n_query"),
+        (["run", "demo", "eval.n_shots=[175]"], "fewer than n_shot + n_query"),
         (["run", "demo", "pipeline=[pretrain,nosuchstep]"], "unknown pipeline step 'nosuchstep'"),
         (["run", "missing.yaml"], "config file missing.yaml does not exist"),
     ],

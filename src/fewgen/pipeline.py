@@ -34,6 +34,7 @@ from fewgen.runs import (
 from fewgen.utils import resolve_device, seed_everything, write_json
 
 STEPS: Registry = Registry("pipeline step")
+EPISODE_STEPS = {"evaluate", "learn"}  # steps that draw few-shot episodes from cfg.eval
 STEP_MODULES: tuple[str, ...] = (  # modules that register more steps when imported
     "fewgen.learners.steps",
     "fewgen.reports.steps",
@@ -183,7 +184,8 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     seed_everything(cfg.pretrain.seed)
     t0 = time.time()
     data = load_data(cfg)  # bad data or impossible settings fail before anything is written
-    check_eval_settings(cfg, data)
+    if EPISODE_STEPS & set(cfg.pipeline):
+        check_eval_settings(cfg, data)
     run_dir = prepare_run_dir(out_dir, overwrite)
     write_config(run_dir, cfg)
     log = RunLog(run_dir / "log.txt", quiet=quiet)

@@ -300,17 +300,16 @@ def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: Adapt
 def format_generation_table(rows: list[dict]) -> str:
     """Mean +- std over seeds of each metric, one line per method."""
     cols = ["method", "fid", "kid", "intra_diversity", "realism", "precision", "recall", "nearest_shot_distance"]
-    head = ["method", "FID", "KIDx1e3", "intra-div", "realism", "prec", "recall", "near-shot"]
+    head = ["method", "FID", "KID", "intra-div", "realism", "prec", "recall", "near-shot"]
     lines = [head]
     for r in rows:
         cells = [r["method"]]
         for c in cols[1:]:
             v, sd = r.get(c), r.get(f"{c}_std")
-            scale = 1e3 if c == "kid" else 1.0
             digits = 2 if c in ("fid", "kid") else 3
-            cell = "-" if v is None else f"{v * scale:.{digits}f}"
+            cell = "-" if v is None else f"{v:.{digits}f}"
             if v is not None and sd is not None and len(r.get("seeds", [])) > 1:
-                cell += f"+-{sd * scale:.{digits}f}"
+                cell += f"+-{sd:.{digits}f}"
             cells.append(cell)
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

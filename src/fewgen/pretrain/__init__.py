@@ -31,11 +31,18 @@ class PretrainedBackbone:
 
 
 def pretrain_key(cfg) -> dict:
-    """Everything that determines the pretrained weights."""
+    """Everything that determines the pretrained weights.
+
+    A recipe's own options (``pretrain.ier``) count only for that recipe, so tuning IER never
+    invalidates a cached CE backbone.
+    """
+    pretrain = dataclasses.asdict(cfg.pretrain)
+    if not cfg.pretrain.recipe.startswith("ier"):
+        pretrain.pop("ier", None)
     return {
         "data": dataclasses.asdict(cfg.data) | {"root": None},
         "backbone": dataclasses.asdict(cfg.backbone),
-        "pretrain": dataclasses.asdict(cfg.pretrain),
+        "pretrain": pretrain,
     }
 
 
