@@ -1,6 +1,11 @@
 """Evaluation: the episode protocol, frozen-feature classifiers, generative metrics."""
 
-from fewgen.evaluation.classifiers import CLASSIFIERS, LogisticRegression, PrototypeClassifier, create_classifier
+from fewgen.evaluation.classifiers import (
+    CLASSIFIERS,
+    LogisticRegression,
+    PrototypeClassifier,
+    create_classifier,
+)
 from fewgen.evaluation.features import extract_features
 from fewgen.evaluation.protocol import episode_accuracies, mean_ci95, summary_row
 
