@@ -67,6 +67,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every command that makes a run directory takes."""
+    p.add_argument("config", help="preset name or path to a YAML config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print only errors (the log file still gets everything)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewgen", description="Few-shot image classification with generated data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,12 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a preset or YAML config", description=(
         "Run a preset (fewgen presets lists them) or a YAML file, with dotted key=value overrides, "
         "e.g. `fewgen run demo pretrain.epochs=5 --out runs/quick`."))
-    r.add_argument("config", help="preset name or path to a YAML config")
-    r.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
-    r.add_argument("--out", help="run directory (default runs/<name>)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--quiet", action="store_true", help="print only errors (the log file still gets everything)")
+    _add_run_arguments(r)
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("datasets", help="list datasets, or load one and print its splits")
@@ -95,13 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="train the base generator, adapt it to the few shots, write synthetic sets",
                        description="Runs the generator, adapt and synthesize steps of a config, e.g. "
                                    "`fewgen generate generate synthesis.synthetic_per_class=50 --out runs/gen`.")
-    g.add_argument("config", help="preset name or path to a YAML config")
-    g.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    _add_run_arguments(g)
     g.add_argument("--zero-shot", action="store_true", help="skip adaptation; generate novel classes from their names")
-    g.add_argument("--out", help="run directory (default runs/<name>)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--quiet", action="store_true", help="print only errors (the log file still gets everything)")
     g.set_defaults(func=_cmd_generate)
     return p
 
