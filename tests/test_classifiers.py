@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression as SkLogReg
 
-from fewgen.evaluation.classifiers import LogisticRegression, PrototypeClassifier
+from fewgen.evaluation.classifiers import LogisticRegression, PrototypeClassifier, argmax_last
 
 
 def _episodes(e=40, n=5, k=5, q=10, d=32, noise=1.5, seed=0):
@@ -50,6 +50,31 @@ def test_logreg_sample_weights_match_repeated_samples():
     rep_y = torch.cat([ys, ys[:, :1], ys[:, :1]], 1)
     b = LogisticRegression().fit(rep_sup, rep_y, 3).decision_function(qry)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_and_primal_forms_reach_the_same_classifier():
+    # supports of 12 in 8 dims (primal is the automatic choice) and in 32 dims (kernel)
+    for d in (8, 32):
+        sup, ys, qry, _ = _episodes(e=6, n=4, k=3, q=4, d=d, seed=d)
+        w = torch.rand(ys.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+        fits = [LogisticRegression(form=f, tol=1e-6).fit(sup, ys, 4, sample_weight=w) for f in ("kernel", "primal")]
+        torch.testing.assert_close(fits[0].weight, fits[1].weight, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fits[0].decision_function(qry), fits[1].decision_function(qry), atol=1e-4, rtol=1e-4)
+
+
+def test_an_episode_answer_does_not_depend_on_the_rest_of_the_batch():
+    sup, ys, qry, _ = _episodes(e=30, n=5, k=2, q=3, d=16)
+    sup[7] *= 0.05  # a harder episode that needs more steps than the others
+    together = LogisticRegression().fit(sup, ys, 5)
+    for e in (0, 7, 29):
+        alone = LogisticRegression().fit(sup[e:e + 1], ys[e:e + 1], 5)
+        torch.testing.assert_close(together.weight[e:e + 1], alone.weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(together.bias[e:e + 1], alone.bias, atol=1e-6, rtol=1e-5)
+
+
+def test_argmax_last_matches_argmax_with_ties_to_the_first():
+    scores = torch.randint(0, 4, (50, 7, 6)).float()  # many ties
+    assert torch.equal(argmax_last(scores), scores.argmax(-1))
 
 
 def test_prototype_is_cosine_nearest_centroid():
