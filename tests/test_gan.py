@@ -114,7 +114,7 @@ def source_gan():
                      "test", None)
 
 
-@pytest.mark.parametrize("name", ["tgan", "freezed", "cdc", "dcl"])
+@pytest.mark.parametrize("name", ["tgan", "freezed", "cdc", "dcl", "dcl-g", "dcl-cl1"])
 def test_two_adaptation_iterations(name, source_gan):
     shots = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     calls = []
@@ -138,8 +138,14 @@ def test_two_adaptation_iterations(name, source_gan):
     else:
         assert any(n.startswith("from_image") for n in changed)
     assert any(n.startswith("patch_head") for n in changed) == (name == "cdc")
-    expected = {"tgan": {"g_adv"}, "freezed": {"g_adv"}, "cdc": {"g_dist"}, "dcl": {"g_cl1", "g_cl2", "d_cl2"}}[name]
+    expected = {"tgan": {"g_adv"}, "freezed": {"g_adv"}, "cdc": {"g_dist"}, "dcl": {"g_cl1", "g_cl2", "d_cl2"},
+                "dcl-g": {"g_cl1", "g_cl2"}, "dcl-cl1": {"g_cl1"}}[name]
     assert expected <= set(terms)
+    # the ablations leave out exactly their part: D's contrastive term, or the whole D-side loss
+    if name in ("dcl-g", "dcl-cl1"):
+        assert "d_cl2" not in terms
+    if name == "dcl-cl1":
+        assert "g_cl2" not in terms
     # the source GAN itself is untouched
     for k, v in source_gan.generator.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -204,7 +204,9 @@ def step_gan_adapt(run: Run) -> None:
     first = setups[run.cfg.seeds[0]]
     net, net_key, distance = _metric_tools(run, first)
     method_kwargs = {"freezed": {"layers": gc.freezed_layers}, "cdc": {"weight": gc.cdc_weight},
-                     "dcl": {"lambda1": gc.dcl_lambda1, "lambda2": gc.dcl_lambda2, "temperature": gc.dcl_temperature}}
+                     "dcl": {"lambda1": gc.dcl_lambda1, "lambda2": gc.dcl_lambda2, "temperature": gc.dcl_temperature},
+                     "dcl-g": {"lambda1": gc.dcl_lambda1, "lambda2": gc.dcl_lambda2, "temperature": gc.dcl_temperature},
+                     "dcl-cl1": {"lambda1": gc.dcl_lambda1, "temperature": gc.dcl_temperature}}
     out = run.dir / "gan" if run.dir is not None else None
     per_seed: dict[str, list[dict]] = {"source": [], **{m: [] for m in gc.methods}}
     tracking: dict[str, dict[int, list[dict]]] = {m: {} for m in gc.methods}

@@ -34,9 +34,11 @@ Choices made here, each a config field in ``pretrain.ier``:
   base classes: the class head and f_Omega are rotation-invariant and f_Psi predicts the
   rotation, as in the paper; each image still appears in its 4 rotations per epoch, so an
   epoch costs the same forward passes as CE over the rotation classes. ``relabel`` keeps
-  the rotation classes: a view rotated by r' of an image of rotation class (c, r) gets
-  class (c, r + r' mod 4) and f_Psi predicts the absolute orientation r + r' mod 4 (the
-  applied r' alone cannot be told from an input that may itself be rotated).
+  the rotation classes: training runs over the unrotated base images, and the view rotated
+  by r' of an image of class c gets rotation class (c, r'), so an epoch sees every (image,
+  rotation) pair once, as CE over the rotation classes does; f_Psi predicts r'. (The
+  labelling is written for inputs of any rotation class (c, r): class (c, r + r' mod 4),
+  f_Psi the absolute orientation r + r' mod 4.)
 * The contrastive loss uses a log-sum-exp instead of the official ``+ 1e-6`` in the
   denominator; memory-bank rows are not renormalised after the update (as official).
 * Batch indices (for the memory bank) are recomputed from the training loop's seeded
@@ -342,14 +344,20 @@ def _prepare(ctx: PretrainContext) -> tuple[PretrainContext, _ViewPlan]:
     relabel = False
     base_classes = ctx.data.base.num_classes
     if rotation_data and "rotate" in ts.families:
+        base = ctx.data.base
         if ic.rotation_classes == "drop":
-            base = ctx.data.base
             ctx = dataclasses.replace(ctx, train_images=base.images, train_labels=base.labels,
                                       num_classes=base.num_classes)
             ctx.log(f"IER: rotations are the equivariant transformations; training on the {len(base)} unrotated "
                     f"base images ({base.num_classes} classes) instead of the rotation classes")
         else:
+            # the views of an unrotated image are its 4 rotation classes: every (image, rotation)
+            # pair once per epoch, as CE over the rotation classes, at the same forward passes
             relabel = True
+            ctx = dataclasses.replace(ctx, train_images=base.images, train_labels=base.labels,
+                                      num_classes=4 * base.num_classes)
+            ctx.log(f"IER: each of the {len(base)} unrotated base images is seen in its 4 rotations, labelled "
+                    f"with the rotation classes ({4 * base.num_classes} classes)")
     return ctx, _ViewPlan(ts, n_views, relabel, base_classes)
 
 
