@@ -271,7 +271,8 @@ def test_generation_loads_frozen_teacher_and_trains_student(digits, tmp_path):
     ctx = PretrainContext(cfg, digits, images, labels, 4 * digits.base.num_classes, tmp_path, torch.device("cpu"),
                           lambda m: None, progress=False)
     ctx, plan = _prepare(ctx)
-    assert ctx.num_classes == digits.base.num_classes  # drop mode: unrotated classes
+    # relabel (default): the unrotated images, labelled with the rotation classes
+    assert ctx.num_classes == 4 * digits.base.num_classes and len(ctx.train_images) == len(digits.base)
     _train_generation(ctx, plan, "ier")
     teacher = load_generation(tmp_path / "ier-model.safetensors", ctx, plan)
     saved, _ = load_tensors(tmp_path / "ier-model.safetensors")

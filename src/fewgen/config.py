@@ -62,7 +62,7 @@ class IERConfig:
     feature_dim: int = opt(64, "output size of the contrastive head f_Omega")
     bank_momentum: float = opt(0.99, "momentum of the memory-bank update")
     head_hidden: int | None = opt(None, "hidden width of the f_Psi / f_Omega MLPs (default: backbone feature size)")
-    rotation_classes: str = opt("drop", "with pretrain.rotation_classes and rotate in transforms: drop (train on unrotated base classes; rotations are the transformations) or relabel (keep rotation classes; each rotated view gets the rotation class it lands in)")
+    rotation_classes: str = opt("relabel", "with pretrain.rotation_classes and rotate in transforms: relabel (each rotated view of an unrotated base image is labelled with its rotation class, as CE sees them) or drop (train on the unrotated base classes only; rotations are just the transformations)")
     generations: int = opt(1, "distillation generations after the first model (ier-distill)")
     distill_temperature: float = opt(4.0, "temperature of the distillation KL terms")
 

@@ -29,16 +29,15 @@ Choices made here, each a config field in ``pretrain.ier``:
   drawn from the set (default: all of them).
 * Rotation classes (Vinyals et al.) vs rotation as the equivariant transformation: with
   ``pretrain.rotation_classes`` on, a rotated view of class c *is* an image of another
-  (rotation) class, so a rotation-invariant class label and the contrastive loss would
-  contradict the labels. ``rotation_classes: drop`` (default) trains IER on the unrotated
-  base classes: the class head and f_Omega are rotation-invariant and f_Psi predicts the
-  rotation, as in the paper; each image still appears in its 4 rotations per epoch, so an
-  epoch costs the same forward passes as CE over the rotation classes. ``relabel`` keeps
-  the rotation classes: training runs over the unrotated base images, and the view rotated
-  by r' of an image of class c gets rotation class (c, r'), so an epoch sees every (image,
-  rotation) pair once, as CE over the rotation classes does; f_Psi predicts r'. (The
-  labelling is written for inputs of any rotation class (c, r): class (c, r + r' mod 4),
-  f_Psi the absolute orientation r + r' mod 4.)
+  (rotation) class. ``rotation_classes: relabel`` (default) trains over the unrotated base
+  images and labels the view rotated by r' of an image of class c with rotation class
+  (c, r'), so an epoch sees every (image, rotation) pair once, as CE over the rotation
+  classes does, at the same forward passes; f_Psi predicts r'. (The labelling is written
+  for inputs of any rotation class (c, r): class (c, r + r' mod 4), f_Psi the absolute
+  orientation r + r' mod 4.) ``drop`` trains the class head on the unrotated classes only,
+  rotation-invariant as in the paper's natural-image setting; on Omniglot it loses the
+  rotation classes' 4x label information (val accuracy 94.6% against relabel's 97.6% at
+  the preset's 12 epochs, so relabel is the default).
 * The contrastive loss uses a log-sum-exp instead of the official ``+ 1e-6`` in the
   denominator; memory-bank rows are not renormalised after the update (as official).
 * Batch indices (for the memory bank) are recomputed from the training loop's seeded
