@@ -10,7 +10,7 @@ from fewgen.cli import main
 from fewgen.config import load_config
 
 TINY = [
-    "pipeline=[pretrain,gan-source,gan-adapt]", "data.dataset=digits", "pretrain.epochs=1",
+    "pipeline=[pretrain,gan-source,gan-adapt,report]", "data.dataset=digits", "pretrain.epochs=1",
     "pretrain.max_steps_per_epoch=2", "pretrain.val_episodes=5", "pretrain.rotation_classes=false",
     "eval.n_ways=[2]", "eval.n_shots=[1]", "gan.setup=class-range", "gan.target_range=[8,10]", "gan.image_size=16",
     "gan.width=4", "gan.z_dim=8", "gan.pretrain_iters=3", "gan.adapt_iters=2", "gan.track_every=1",
@@ -37,6 +37,12 @@ def test_gan_pipeline_end_to_end(tmp_path, monkeypatch):
         assert (out / "gan" / f).exists(), f
     tracking = json.loads((out / "gan" / "tracking.json").read_text())["tracking"]
     assert [p["iter"] for p in tracking["dcl"]["1"]] == [0, 1, 2]
+    # the report shows the GAN table, the tracked curves and each method's samples
+    page = (out / "report" / "index.html").read_text()
+    assert "Few-shot image generation" in page and "intra-diversity" in page
+    assert page.count("<tr>") >= 3  # source, tgan, dcl
+    for f in ("gan_curves.png", "gan_tgan_samples_seed0.png", "gan_dcl_samples_seed0.png"):
+        assert (out / "report" / f).exists() and f in page, f
     # a second run reuses the cached source and adapted GANs and gives the same numbers
     out2 = tmp_path / "run2"
     assert main(["run", "demo", *TINY, "--out", str(out2), "--no-progress", "--quiet"]) == 0
@@ -47,7 +53,7 @@ def test_gan_pipeline_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.parametrize("preset", ["dcl-omniglot", "dcl-pacs"])
 def test_presets_load(preset):
     cfg = load_config(preset)
-    assert cfg.pipeline == ["pretrain", "gan-source", "gan-adapt"]
+    assert cfg.pipeline == ["pretrain", "gan-source", "gan-adapt", "report"]
     assert cfg.gan.methods == ["tgan", "freezed", "cdc", "dcl"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -57,6 +58,48 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+GAN_METRICS = [("fid", "FID"), ("kid", "KID x 1000"), ("intra_diversity", "intra-diversity"), ("realism", "realism"),
+               ("precision", "precision"), ("recall", "recall"), ("nearest_shot_distance", "nearest-shot distance")]
+
+
+def gan_table(rows: list[dict]) -> str:
+    """Few-shot image generation rows (the ``gan-adapt`` step): each metric's mean +- std over seeds."""
+    head = ["method", "iterations", *[label for _, label in GAN_METRICS], "seeds"]
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = [html.escape(str(r.get("method", ""))), html.escape(_fmt(r.get("iters")))]
+        for key, _ in GAN_METRICS:
+            mean, std = r.get(key), r.get(f"{key}_std")
+            cells.append("" if mean is None else f"{mean:.3f}" + ("" if std is None else f" &plusmn; {std:.3f}"))
+        cells.append(html.escape(_fmt(r.get("seeds"))))
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _gan_section(run_dir: Path, out: Path, rows: list[dict]) -> list[str]:
+    """Table, tracked curves and sample grids of a GAN adaptation run (copied into the report folder)."""
+    parts = ["<h2>Few-shot image generation</h2>", gan_table(rows),
+             "<p class='meta'>Mean &plusmn; standard deviation over seeds (few-shot draws), at the end of "
+             "adaptation; every method adapts the same source GAN for the same iterations. FID / KID against "
+             "held-out real target images; intra-diversity: mean pairwise perceptual distance within the "
+             "clusters of samples around each training shot; realism: probability of the target class from a "
+             "classifier of real target vs real source images; nearest-shot distance: memorisation check.</p>"]
+    gan_dir = run_dir / "gan"
+    figs = [("curves.png", "Realism, intra-diversity and FID tracked during adaptation, per method (the paper's "
+                           "analysis).")]
+    figs.append(("shots_seed0.png", "The 10 training shots (seed 0)."))
+    figs.append(("source_samples.png", "Samples of the source GAN."))
+    methods = [r["method"] for r in rows if r.get("method") != "source"]
+    figs += [(f"{m}_samples_seed0.png", f"{m}: samples after adaptation (seed 0).") for m in methods]
+    for name, caption in figs:
+        if (gan_dir / name).exists():
+            shutil.copyfile(gan_dir / name, out / f"gan_{name}")
+            parts.append(f"<figure><img src='gan_{html.escape(name)}' alt='{html.escape(name)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return parts
+
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
@@ -84,6 +127,8 @@ def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[
     rows = metrics.get("rows", [])
     pretrain = (_read(run_dir / "pretrain_history.json") or {}).get("history")
     learn = _read(run_dir / "learn_history.json")
+    gan_rows = [r for r in rows if "fid" in r and "accuracy" not in r]
+    rows = [r for r in rows if r not in gan_rows]
     made = {
         "results": figures.results_figure(rows, out / "results.png"),
         "sweep": figures.sweep_figure(rows, out / "sweep.png"),
@@ -110,6 +155,8 @@ def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[
     ]
     for line in notes or []:
         parts.append(f"<p class='meta'>{html.escape(line)}</p>")
+    if gan_rows:
+        parts += _gan_section(run_dir, out, gan_rows)
     parts += ["<h2>Results</h2>", results_table(main_rows)]
     if made["results"]:
         parts.append(f"<figure><img src='results.png' alt='results'><figcaption>{captions['results']}</figcaption></figure>")
