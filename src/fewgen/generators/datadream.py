@@ -37,7 +37,12 @@ import torch
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
-from fewgen.generators.diffusion import DiffusionGenerator, cosine_with_warmup, to_model_space
+from fewgen.generators.diffusion import (
+    DiffusionGenerator,
+    clipped_step,
+    cosine_with_warmup,
+    to_model_space,
+)
 from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.utils import make_generator, read_json, stable_hash, write_json
 
@@ -239,12 +244,7 @@ def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.
         g = make_generator("datadream", *seed_parts, step)
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
         loss = gen.diffusion_loss(x_all[idx].to(gen.device), labels[idx], g, p_uncond=cfg.p_uncond, p_drop_class=0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(clipped_step(loss, opt, sched, params))
     gen.unet.eval()
     for p in params:
         p.requires_grad_(False)

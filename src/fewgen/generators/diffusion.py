@@ -350,12 +350,7 @@ class DiffusionGenerator:
             g = make_generator("diffusion-fit", seed, step)
             idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
             loss = self.diffusion_loss(x_all[idx].to(self.device), y_all[idx], g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(clipped_step(loss, opt, sched, params))
             if log and (step + 1) % log_every == 0:
                 recent = losses[-log_every:]
                 log(f"[diffusion] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
@@ -490,6 +485,17 @@ class DiffusionGenerator:
             m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
             m.eval()
         return gen
+
+
+def clipped_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, max_norm: float = 1.0) -> float:
+    """One optimiser step of the generators' training loops: backward, clip the gradient norm,
+    step the optimiser and the schedule; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
+from fewgen.generators.diffusion import clipped_step
 from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.utils import make_generator, read_json, write_json
 
@@ -256,12 +257,7 @@ class StableDiffusionGenerator:
             target = noise_sched.get_velocity(z0, noise, t) if noise_sched.config.prediction_type == "v_prediction" \
                 else noise
             loss = F.mse_loss(pred.float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(clipped_step(loss, opt, sched, params))
         self.pipe.unet.eval()
         self.pipe.text_encoder.eval()
         return losses
