@@ -26,11 +26,11 @@ def tiny_generator(n_classes: int = 3) -> DiffusionGenerator:
 
 
 def spec_for(gen: DiffusionGenerator, sampler: str = "ddim", prompt_suffix: str = "", adapter_key=None,
-             per_class: int = 6, chunk: int = 2) -> SynthesisSpec:
+             per_class: int = 6, chunk: int = 2, precision: str = "float32") -> SynthesisSpec:
     return SynthesisSpec(generator_key="tiny-test", class_names=list(gen.class_names),
                          prompts=[n + prompt_suffix for n in gen.class_names], per_class=per_class,
                          image_shape=(1, 8, 8), adapter_key=adapter_key, sampler=sampler, steps=2, guidance=2.0,
-                         seed=0, chunk=chunk)
+                         seed=0, chunk=chunk, precision=precision)
 
 
 def sample_fn_for(gen: DiffusionGenerator, spec: SynthesisSpec, slow: float = 0.0):

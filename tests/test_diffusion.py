@@ -64,6 +64,21 @@ def test_predict_noise_guidance_and_img2img():
     assert out.shape == real.shape and out.dtype == torch.uint8
 
 
+def test_bfloat16_sampling_is_close_to_float32_and_seeded():
+    gen = tiny_generator()
+    gen.fit(toy_data(), steps=10, batch_size=16, lr=3e-3, warmup=2, seed=0)
+    labels = torch.tensor([0, 1, 2])
+    exact = gen.sample(labels, seed=3, steps=4, output="float")
+    half = gen.sample(labels, seed=3, steps=4, output="float", precision="bfloat16")
+    assert torch.equal(half, gen.sample(labels, seed=3, steps=4, output="float", precision="bfloat16"))
+    assert not torch.equal(half, exact)  # it did run in bf16
+    assert (half - exact).abs().mean() < 0.05  # and stayed close (values in [-1, 1])
+    with pytest.raises(FewgenError, match="needs a GPU"):
+        gen.sample(labels, steps=2, precision="float16")
+    with pytest.raises(FewgenError, match="unknown precision"):
+        gen.sample(labels, steps=2, precision="int8")
+
+
 def test_bad_inputs_raise_clear_errors():
     gen = tiny_generator()
     with pytest.raises(FewgenError, match="labels must be in"):

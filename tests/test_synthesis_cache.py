@@ -78,7 +78,7 @@ def test_changed_prompt_adapter_or_sampler_never_reuses(reference, tmp_path):
     root, gen, spec, ds, _ = reference
     sc = SynthesisCache(root)
     for changed in (spec_for(gen, prompt_suffix=" v2"), spec_for(gen, adapter_key="lora-abc"),
-                    spec_for(gen, sampler="dpmsolver++")):
+                    spec_for(gen, sampler="dpmsolver++"), spec_for(gen, precision="bfloat16")):
         assert sc.key(changed) != sc.key(spec)
         assert not sc.path(changed).exists()
         with pytest.raises(FewgenError, match="incomplete"):

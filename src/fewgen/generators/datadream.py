@@ -219,11 +219,11 @@ class AdaptedDiffusion:
             self._active = i
 
     def sample_class(self, c: int, seeds, steps: int = 50, guidance: float = 2.0, sampler: str = "ddim",
-                     batch_size: int = 64) -> torch.Tensor:
+                     batch_size: int = 64, precision: str = "float32") -> torch.Tensor:
         """uint8 images of novel class ``c`` (index into adapter.class_names), one per seed."""
         self._use(c)
         return self.gen.sample([self.labels[c]] * len(seeds), seeds=list(seeds), steps=steps, guidance=guidance,
-                               sampler=sampler, batch_size=batch_size)
+                               sampler=sampler, batch_size=batch_size, precision=precision)
 
 
 def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, steps: int,

@@ -52,6 +52,7 @@ from fewgen.errors import FewgenError
 from fewgen.utils import make_generator, seed_hash, stable_hash
 
 SAMPLERS = ("ddim", "dpmsolver++")
+PRECISIONS = ("float32", "bfloat16", "float16")
 COND_MODES = ("class", "name", "class+name")
 
 
@@ -146,6 +147,22 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
     """Classifier-free guidance: eps_u + w (eps_c - eps_u); w = 1 is the plain conditional model."""
     return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the UNet runs in while sampling: ``float32`` (exact, the default), or
+    ``bfloat16`` / ``float16`` autocast (matmuls and convolutions in half precision; the sampler's
+    state stays float32). ``bfloat16`` is 1.5-1.9x faster on CPUs with native bf16 (AVX512-BF16,
+    AMX); ``float16`` needs a GPU."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise FewgenError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "float16" and device.type != "cuda":
+        raise FewgenError("precision float16 needs a GPU; use bfloat16 on CPU")
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 def per_image_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -369,20 +386,23 @@ class DiffusionGenerator:
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, labels: torch.Tensor, timesteps, scheduler, guidance: float,
-                use_class: bool = True) -> torch.Tensor:
+                use_class: bool = True, precision: str = "float32") -> torch.Tensor:
+        ctx = autocast(self.device, precision)
         for t in timesteps:
-            eps = self.predict_noise(scheduler.scale_model_input(x, t), t, labels, guidance, use_class)
-            x = scheduler.step(eps, t, x).prev_sample
+            with ctx:
+                eps = self.predict_noise(scheduler.scale_model_input(x, t), t, labels, guidance, use_class)
+            x = scheduler.step(eps.float(), t, x).prev_sample
         return x
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor | Sequence[int], seed: int = 0, steps: int = 50, guidance: float = 2.0,
                sampler: str = "ddim", seeds: Sequence[int] | None = None, batch_size: int = 64,
-               use_class: bool = True, output: str = "uint8") -> torch.Tensor:
+               use_class: bool = True, output: str = "uint8", precision: str = "float32") -> torch.Tensor:
         """Generate one image per label, shape (n, C, H, W): uint8, or float in [-1, 1] with
         ``output="float"``. Image i starts from noise seeded by ``seeds[i]`` (default: derived from
         ``seed`` and i); DDIM (eta 0) and DPM-Solver++ are deterministic after that.
-        ``use_class=False`` conditions on the name token only (zero-shot from the class name)."""
+        ``use_class=False`` conditions on the name token only (zero-shot from the class name).
+        ``precision``: the UNet's autocast dtype (see :func:`autocast`)."""
         labels = torch.as_tensor(labels, dtype=torch.long)
         self._check_labels(labels)
         if seeds is None:
@@ -397,7 +417,7 @@ class DiffusionGenerator:
             sch = build_sampler(self.noise_scheduler, sampler)
             sch.set_timesteps(steps)
             x = per_image_noise(seeds[i:i + batch_size], (c, s, s)).to(self.device) * sch.init_noise_sigma
-            x = self.denoise(x, labels[i:i + batch_size], sch.timesteps, sch, guidance, use_class)
+            x = self.denoise(x, labels[i:i + batch_size], sch.timesteps, sch, guidance, use_class, precision)
             out.append(x.cpu())
         x = torch.cat(out) if out else torch.zeros(0, c, s, s)
         return to_uint8(x) if output == "uint8" else x.clamp(-1, 1)
@@ -405,7 +425,8 @@ class DiffusionGenerator:
     @torch.no_grad()
     def img2img(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int], strength: float = 0.5,
                 steps: int = 50, seed: int = 0, guidance: float = 2.0, sampler: str = "ddim",
-                seeds: Sequence[int] | None = None, batch_size: int = 64, output: str = "uint8") -> torch.Tensor:
+                seeds: Sequence[int] | None = None, batch_size: int = 64, output: str = "uint8",
+                precision: str = "float32") -> torch.Tensor:
         """SDEdit-style img2img: noise real images (uint8 (n, C, H, W)) to the timestep at
         ``strength`` (0 = unchanged, 1 = pure noise) and denoise with the label's condition."""
         if not 0.0 <= strength <= 1.0:
@@ -431,7 +452,8 @@ class DiffusionGenerator:
                 sch.set_begin_index(steps - n_run)
             noise = per_image_noise(seeds[i:i + batch_size], tuple(x0.shape[1:])).to(self.device)
             x = self.noise_scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
-            out.append(self.denoise(x, labels[i:i + batch_size], timesteps, sch, guidance).cpu())
+            out.append(self.denoise(x, labels[i:i + batch_size], timesteps, sch, guidance,
+                                    precision=precision).cpu())
         x = torch.cat(out)
         return to_uint8(x) if output == "uint8" else x.clamp(-1, 1)
 

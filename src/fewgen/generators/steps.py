@@ -160,12 +160,16 @@ def synthesis_spec(run: Run, gen, adapter=None, zero_shot: bool = False):
     from fewgen.synthesis.cache import SynthesisSpec
 
     s, novel = run.cfg.synthesis, run.data.novel
-    template = run.cfg.generator.prompt if getattr(gen, "kind", "") == "stable-diffusion" else "{}"
+    sd = getattr(gen, "kind", "") == "stable-diffusion"
+    if sd and s.precision != "float32":
+        raise FewgenError("synthesis.precision applies to the pixel generator; for Stable Diffusion set "
+                          "generator.dtype instead")
+    template = run.cfg.generator.prompt if sd else "{}"
     return SynthesisSpec(generator_key=gen.state_key(), class_names=list(novel.class_names),
                          prompts=[template.format(n) for n in novel.class_names], per_class=s.synthetic_per_class,
                          image_shape=novel.image_shape, adapter_key=None if adapter is None else adapter.key,
                          sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=s.seed, chunk=s.chunk,
-                         extra={"zero_shot": zero_shot})
+                         precision=s.precision, extra={"zero_shot": zero_shot})
 
 
 def pixel_sample_fn(gen, spec, adapter=None):
@@ -176,7 +180,8 @@ def pixel_sample_fn(gen, spec, adapter=None):
         adapted = AdaptedDiffusion(gen, adapter)
 
         def fn(c, seeds):
-            return adapted.sample_class(c, seeds, spec.steps, spec.guidance, spec.sampler, batch_size=spec.chunk)
+            return adapted.sample_class(c, seeds, spec.steps, spec.guidance, spec.sampler, batch_size=spec.chunk,
+                                        precision=spec.precision)
         return fn
     import copy
 
@@ -188,7 +193,7 @@ def pixel_sample_fn(gen, spec, adapter=None):
 
     def fn(c, seeds):
         return zs.sample([labels[c]] * len(seeds), seeds=list(seeds), steps=spec.steps, guidance=spec.guidance,
-                         sampler=spec.sampler, batch_size=spec.chunk, use_class=False)
+                         sampler=spec.sampler, batch_size=spec.chunk, use_class=False, precision=spec.precision)
     return fn
 
 

@@ -54,6 +54,7 @@ class SynthesisSpec:
     guidance: float = 2.0
     seed: int = 0
     chunk: int = 16
+    precision: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class SynthesisSpec:
     def parts(self) -> dict[str, Any]:
         d = asdict(self)
         d["image_shape"] = list(self.image_shape)
+        if d["precision"] == "float32":  # the default leaves the keys of sets made before the field existed
+            del d["precision"]
         return {"kind": "synthetic-set", **d}
 
     def image_seed(self, class_index: int, i: int) -> int:
