@@ -14,10 +14,12 @@ same DPM-Solver++ set sampled with the UNet in bfloat16 (``synthesis.precision``
 
 Speed, against the reference way (DataDream's ``generate.py``: for each class, reload the
 generator from disk, load that class's LoRA file with diffusers' ``load_lora_adapter`` and
-generate its images in batches of ``--ref-batch``): fewgen loads once, switches per-class
-LoRA weights in memory, and generates fixed chunks through the synthesis cache, in float32
-and with the UNet in bfloat16 autocast. Same sampler, steps, guidance and batch size; images
-per second on this machine.
+generate its images in batches of ``--ref-batch``, 10 as in DataDream): fewgen loads once,
+switches per-class LoRA weights in memory, and generates chunks of ``--chunk`` images through
+the synthesis cache. Both run in float32 and with the UNet in bfloat16 autocast (DataDream
+itself samples in float16 on its GPUs); ``speedup`` is against the float32 reference,
+``speedup_same_precision`` against the reference at the same precision. Same sampler, steps
+and guidance; images per second on this machine.
 
     python benchmarks/bench_generators.py --generator /tmp/g4/omni_base --classes 20 --per-class 10
 """
@@ -76,13 +78,14 @@ def real_shot_accuracy(few, real_test, real_labels, feature_net):
 def get_adapter(cache: ArtifactCache, gen, few, dd: DataDreamConfig, log):
     parts = {"kind": "datadream", "generator": gen.state_key(), "datadream": dd.__dict__, "few_shot": dataset_digest(few)}
     entry = cache.entry("adapters", parts)
-    if cache.is_done(entry):
-        return DataDreamAdapter.load(entry), 0.0
+    if cache.is_done(entry):  # the training time recorded when it was made
+        return DataDreamAdapter.load(entry), json.loads((entry / "done").read_text()).get("train_s", 0.0)
     t = time.time()
     ad = train_datadream(gen, few, dd, log=log)
     ad.save(entry)
-    cache.mark_done(entry, {"mode": dd.mode})
-    return ad, time.time() - t
+    dt = time.time() - t
+    cache.mark_done(entry, {"mode": dd.mode, "train_s": round(dt, 1)})
+    return ad, dt
 
 
 def synth(store, gen, names, per_class, shape, sampler, steps, guidance, adapter=None, chunk=16,
@@ -97,7 +100,7 @@ def synth(store, gen, names, per_class, shape, sampler, steps, guidance, adapter
 
 
 def reference_generate(gen_dir: Path, adapter_dir: Path, n_classes: int, per_class: int, steps: int,
-                       guidance: float, sampler: str, batch: int, out_dir: Path) -> float:
+                       guidance: float, sampler: str, batch: int, out_dir: Path, precision: str = "float32") -> float:
     """DataDream generate.py's way: per class, reload the generator and that class's LoRA file."""
     info = json.loads((adapter_dir / "adapter_config.json").read_text())
     from fewgen.checkpoint import load_tensors
@@ -112,7 +115,8 @@ def reference_generate(gen_dir: Path, adapter_dir: Path, n_classes: int, per_cla
         for i in range(0, per_class, batch):
             n = min(batch, per_class - i)
             seeds = [hash((c, i + k)) % (2**31) for k in range(n)]
-            imgs = gen.sample([label] * n, seeds=seeds, steps=steps, guidance=guidance, sampler=sampler)
+            imgs = gen.sample([label] * n, seeds=seeds, steps=steps, guidance=guidance, sampler=sampler,
+                              precision=precision)
             for k in range(n):
                 write_png(out_dir / f"{c:04d}" / f"{i + k:05d}.png", imgs[k])
     return time.time() - t
@@ -135,8 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 on dset at the last K")
     p.add_argument("--speed", action="store_true", help="fewgen vs the reference way, cls adapters at the first K")
     p.add_argument("--speed-classes", type=int, default=5)
-    p.add_argument("--speed-per-class", type=int, default=10)
-    p.add_argument("--ref-batch", type=int, default=10)
+    p.add_argument("--speed-per-class", type=int, default=40, help="DataDream generates 100+ per class")
+    p.add_argument("--ref-batch", type=int, default=10, help="the reference's batch (DataDream generate.py: bs=10)")
+    p.add_argument("--chunk", type=int, default=40, help="fewgen's images per chunk (synthesis.chunk)")
     p.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=os.environ.get("FEWGEN_CACHE", "/tmp/fewgen_bench_cache"))
@@ -249,14 +254,17 @@ def main(argv=None) -> int:
         nc, npc = args.speed_classes, args.speed_per_class
         n_img = nc * npc
         ref_out = Path(tempfile.mkdtemp())
-        t_ref = reference_generate(Path(args.generator), adapter_dir, nc, npc, args.steps, args.guidance,
-                                   "dpmsolver++", args.ref_batch, ref_out)
+        t_ref = {}
+        for prec in ("float32", "bfloat16"):
+            t_ref[prec] = reference_generate(Path(args.generator), adapter_dir, nc, npc, args.steps, args.guidance,
+                                             "dpmsolver++", args.ref_batch, ref_out, precision=prec)
+            emit({"setting": f"{k}-shot", "method": f"speed: reference (reload per class, diffusers LoRA loader, "
+                  f"batch {args.ref_batch}), {prec}", "sampler": f"dpmsolver++ {args.steps}", "images": n_img,
+                  "seconds": round(t_ref[prec], 2), "images_per_s": round(n_img / t_ref[prec], 3),
+                  "speedup": round(t_ref["float32"] / t_ref[prec], 2)})
         sub_ad = copy.copy(ad)
         sub_ad.class_names, sub_ad.lora = ad.class_names[:nc], ad.lora[:nc]
         sub_ad.class_embeddings = ad.class_embeddings[:nc]
-        emit({"setting": f"{k}-shot", "method": "speed: reference (reload per class, diffusers LoRA loader)",
-              "sampler": f"dpmsolver++ {args.steps}", "images": n_img, "seconds": round(t_ref, 2),
-              "images_per_s": round(n_img / t_ref, 3)})
         for prec in ("float32", "bfloat16"):
             tmp_store = SynthesisCache(Path(tempfile.mkdtemp()))
             t0 = time.time()
@@ -264,13 +272,14 @@ def main(argv=None) -> int:
             base.trained_key = gen.trained_key
             spec = SynthesisSpec(generator_key=base.state_key(), class_names=names[:nc], prompts=names[:nc],
                                  per_class=npc, image_shape=novel.image_shape, adapter_key=sub_ad.key,
-                                 sampler="dpmsolver++", steps=args.steps, guidance=args.guidance, chunk=args.ref_batch,
+                                 sampler="dpmsolver++", steps=args.steps, guidance=args.guidance, chunk=args.chunk,
                                  precision=prec)
             tmp_store.synthesize(spec, pixel_sample_fn(base, spec, sub_ad))
             t_ours = time.time() - t0
-            emit({"setting": f"{k}-shot", "method": f"speed: fewgen (load once, LoRA swap, cached chunks), {prec}",
+            emit({"setting": f"{k}-shot", "method": f"speed: fewgen (load once, LoRA swap, chunks of {args.chunk}), {prec}",
                   "sampler": f"dpmsolver++ {args.steps}", "images": n_img, "seconds": round(t_ours, 2),
-                  "images_per_s": round(n_img / t_ours, 3), "speedup": round(t_ref / t_ours, 2)})
+                  "images_per_s": round(n_img / t_ours, 3), "speedup": round(t_ref["float32"] / t_ours, 2),
+                  "speedup_same_precision": round(t_ref[prec] / t_ours, 2)})
             shutil.rmtree(tmp_store.cache.root, ignore_errors=True)
         for d in (adapter_dir, ref_out):
             shutil.rmtree(d, ignore_errors=True)
@@ -280,7 +289,7 @@ def main(argv=None) -> int:
 
 def print_table(rows):
     cols = ["setting", "method", "sampler", "fid", "kid", "synthetic_only_acc", "real_shot_acc", "adapt_s", "synth_s",
-            "images_per_s", "speedup"]
+            "images_per_s", "speedup", "speedup_same_precision"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols))

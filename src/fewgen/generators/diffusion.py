@@ -124,7 +124,9 @@ def build_sampler(noise_scheduler, sampler: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if sampler == "ddim":
-        return DDIMScheduler.from_config(noise_scheduler.config)
+        # no clip_sample: DDIM recomputes eps from the clipped x0, and with the cosine schedule the
+        # early (high-noise) clips saturate strokes (Omniglot FID 575 clipped vs 297 for DPM-Solver++)
+        return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
     if sampler == "dpmsolver++":
         # pixel space: clip the data prediction to [-1, 1] like DDIM's clip_sample, and clip lambda
         # near t = T where the cosine schedule's alpha_bar -> 0 (diffusers' advice for cosine schedules)

@@ -39,10 +39,16 @@ def dataset_digest(ds: ArrayDataset) -> str:
 # ----------------------------------------------------------------------------- generator
 
 
+# What base training depends on; adaptation (adapt_*, lora_rank) and Stable Diffusion settings stay out,
+# so changing DataDream's steps reuses the trained base generator.
+BASE_GENERATOR_FIELDS = ("kind", "cond_mode", "block_out_channels", "attention_levels", "cond_dim", "train_steps",
+                         "batch_size", "lr", "seed")
+
+
 def generator_parts(run: Run) -> dict:
-    g = run.cfg.generator
-    return {"kind": "generator", "generator": dataclasses.asdict(g), "base": dataset_digest(run.data.base),
-            "data": run.data.name}
+    g = dataclasses.asdict(run.cfg.generator)
+    return {"kind": "generator", "generator": {k: g[k] for k in BASE_GENERATOR_FIELDS},
+            "base": dataset_digest(run.data.base), "data": run.data.name}
 
 
 def diffusion_config(run: Run):
@@ -161,15 +167,13 @@ def synthesis_spec(run: Run, gen, adapter=None, zero_shot: bool = False):
 
     s, novel = run.cfg.synthesis, run.data.novel
     sd = getattr(gen, "kind", "") == "stable-diffusion"
-    if sd and s.precision != "float32":
-        raise FewgenError("synthesis.precision applies to the pixel generator; for Stable Diffusion set "
-                          "generator.dtype instead")
     template = run.cfg.generator.prompt if sd else "{}"
     return SynthesisSpec(generator_key=gen.state_key(), class_names=list(novel.class_names),
                          prompts=[template.format(n) for n in novel.class_names], per_class=s.synthetic_per_class,
                          image_shape=novel.image_shape, adapter_key=None if adapter is None else adapter.key,
                          sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=s.seed, chunk=s.chunk,
-                         precision=s.precision, extra={"zero_shot": zero_shot})
+                         precision="float32" if sd else s.precision,  # Stable Diffusion: generator.dtype
+                         extra={"zero_shot": zero_shot})
 
 
 def pixel_sample_fn(gen, spec, adapter=None):

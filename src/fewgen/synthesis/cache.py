@@ -69,6 +69,8 @@ class SynthesisSpec:
         d["image_shape"] = list(self.image_shape)
         if d["precision"] == "float32":  # the default leaves the keys of sets made before the field existed
             del d["precision"]
+        if SAMPLER_REVISIONS.get(self.sampler, 1) > 1:  # a fixed sampler never reuses the old one's images
+            d["sampler_revision"] = SAMPLER_REVISIONS[self.sampler]
         return {"kind": "synthetic-set", **d}
 
     def image_seed(self, class_index: int, i: int) -> int:
@@ -81,6 +83,10 @@ class SynthesisSpec:
 
     def chunk_images(self, j: int) -> range:
         return range(j * self.chunk, min(self.per_class, (j + 1) * self.chunk))
+
+
+#: bumped when a sampler's images change for the same name (ddim 2: no x0 clipping)
+SAMPLER_REVISIONS = {"ddim": 2}
 
 
 def image_file(c: int, i: int) -> str:
