@@ -214,6 +214,39 @@ def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
     assert "from cache" in (tmp_path / "run2" / "log.txt").read_text()
 
 
+def test_keep_consistent_keeps_each_class_most_likely_images_in_order():
+    from fewgen.data.base import ArrayDataset
+    from fewgen.errors import FewgenError
+    from fewgen.learners.steps import first_per_class, keep_consistent
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    syn = ArrayDataset(torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous(), labels,
+                       ["a", "b"], name="syn")
+    own = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.7, 0.05, 0.6, 0.3])
+    kept = keep_consistent(syn, own, 0.5)
+    assert kept.images[:, 0, 0, 0].tolist() == [1, 3, 4, 6]  # top half per class, original order
+    assert kept.labels.tolist() == [0, 0, 1, 1]
+    assert first_per_class(kept, 1).images[:, 0, 0, 0].tolist() == [1, 4]
+    assert keep_consistent(syn, own, 1.0) is syn
+    assert len(keep_consistent(syn, own, 0.01)) == 2  # never empties a class
+    with pytest.raises(FewgenError, match="synthetic_keep"):
+        keep_consistent(syn, own, 0)
+
+
+def test_learn_step_filters_synthetic_images_by_the_shot_classifier(tmp_path):
+    from fewgen.config import load_config
+    from fewgen.pipeline import run
+
+    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,augmented-copies,learn]", "learner.methods=[datadream]",
+                               "learner.synthetic_keep=0.5", "learner.frozen_synthetic=false",
+                               f"cache_dir={tmp_path / 'cache'}"])
+    r = run(cfg, tmp_path / "run", progress=False, quiet=True)
+    dd = next(row for row in r.rows if row["method"] == "datadream" and row["classifier"] == "head")
+    assert dd["synthetic_per_class"] == 6 and dd["n_synthetic"] == [30]  # half of 12 copies of 5 classes
+    diag = json.loads((tmp_path / "run" / "synthetic_diagnostics.json").read_text())
+    assert next(iter(diag.values()))["synthetic_per_class"] == 6
+
+
 def test_learn_step_errors_without_synthetic(tmp_path):
     from fewgen.config import load_config
     from fewgen.errors import FewgenError

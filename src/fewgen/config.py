@@ -134,6 +134,8 @@ class LearnerConfig:
     mmd_bandwidths: list[float] = opt([0.5, 1.0, 2.0], "Gaussian kernel bandwidths of the MMD (on L2-normalised features)")
     hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels")
     synthetic_per_class: int | None = opt(None, "use at most this many synthetic images per class (null: all)")
+    synthetic_keep: float = opt(1.0, "share of each class's synthetic images kept, those a logistic regression fitted "
+                                "on the few shots finds most likely their own class (1 = all; before the sweep)")
     sweep: list[int] = opt([], "synthetic images per class for the sweep (e.g. [0, 10, 50, 200]); empty: no sweep")
     sweep_method: str = opt("datadream", "method trained at each sweep point")
     sweep_shots: list[int] = opt([1], "shots (K) of the sweep")

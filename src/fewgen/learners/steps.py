@@ -343,6 +343,41 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
 
 
 @torch.no_grad()
+def shot_classifier(run: Run, real: ArrayDataset, syn: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised pretrained features of the real shots and the synthetic images, and the
+    probabilities over all novel classes that a logistic regression fitted on the shots gives
+    each synthetic image: (real feats, synthetic feats, (n_synthetic, n_classes))."""
+    import torch.nn.functional as F
+
+    from fewgen.evaluation.classifiers import LogisticRegression
+    from fewgen.evaluation.features import extract_features
+
+    pb = run.artifacts["backbone"]
+    fr = F.normalize(extract_features(pb.backbone, real, device=run.device), dim=-1)
+    fs = F.normalize(extract_features(pb.backbone, syn, device=run.device), dim=-1)
+    clf = LogisticRegression(c=run.cfg.eval.logreg_c, max_iter=run.cfg.eval.logreg_iters)
+    clf.fit(fr[None], real.labels[None], n_classes=run.data.novel.num_classes)
+    return fr, fs, clf.predict_proba(fs[None])[0]
+
+
+def keep_consistent(syn: ArrayDataset, own_prob: torch.Tensor, keep: float) -> ArrayDataset:
+    """The share ``keep`` of each class's synthetic images with the highest probability of their
+    own class under the shot classifier (at least one per class), in their original order, so
+    ``first_per_class`` and the sweep still take a prefix."""
+    if not 0 < keep <= 1:
+        raise FewgenError(f"learner.synthetic_keep must be in (0, 1], got {keep}")
+    if keep == 1:
+        return syn
+    chosen = []
+    for idx in syn.indices_by_class():
+        if len(idx):
+            m = max(1, int(round(keep * len(idx))))
+            chosen.append(idx[own_prob[idx].argsort(descending=True, stable=True)[:m]])
+    idx = torch.cat(chosen).sort().values
+    return syn.subset(idx, name=f"{syn.name}/keep{keep:g}")
+
+
+@torch.no_grad()
 def synthetic_diagnostics(run: Run, real: ArrayDataset, syn: ArrayDataset) -> dict:
     """How usable a synthetic set is, judged with the few shots only (never the test images).
 
@@ -354,19 +389,11 @@ def synthetic_diagnostics(run: Run, real: ArrayDataset, syn: ArrayDataset) -> di
     - the same among the real shots (needs K > 1); ``mmd_real_synthetic`` - the multi-kernel MMD
     between real shots and synthetic images (L2-normalised features).
     """
-    import torch.nn.functional as F
-
-    from fewgen.evaluation.classifiers import LogisticRegression
-    from fewgen.evaluation.features import extract_features
     from fewgen.learners.losses import mmd
 
-    pb = run.artifacts["backbone"]
-    fr = F.normalize(extract_features(pb.backbone, real, device=run.device), dim=-1)
-    fs = F.normalize(extract_features(pb.backbone, syn, device=run.device), dim=-1)
+    fr, fs, prob = shot_classifier(run, real, syn)
     n = run.data.novel.num_classes
-    clf = LogisticRegression(c=run.cfg.eval.logreg_c, max_iter=run.cfg.eval.logreg_iters)
-    clf.fit(fr[None], real.labels[None], n_classes=n)
-    fidelity = float((clf.predict(fs[None])[0] == syn.labels).double().mean())
+    fidelity = float((prob.argmax(1) == syn.labels).double().mean())
     nn_cos, intra, shots_intra = [], [], []
     for c in range(n):
         r, s_ = fr[real.labels == c], fs[syn.labels == c]
@@ -416,6 +443,13 @@ def step_learn(run: Run) -> None:
     for n_shot in cfg.eval.n_shots:
         for seed in cfg.seeds:
             syn_all = synthetic_set(run, seed, n_shot, required=needs_syn)
+            real = few_shot_set(novel, n_shot, seed)
+            if syn_all is not None and len(syn_all) and lc.synthetic_keep < 1:
+                if lc.model != "backbone":
+                    raise FewgenError("learner.synthetic_keep < 1 needs learner.model=backbone (it ranks the "
+                                      "synthetic images with the pretrained backbone)")
+                own = shot_classifier(run, real, syn_all)[2].gather(1, syn_all.labels[:, None])[:, 0]
+                syn_all = keep_consistent(syn_all, own, lc.synthetic_keep)
             syn = first_per_class(syn_all, lc.synthetic_per_class) if syn_all is not None else None
             if syn is not None:
                 used_sets[(seed, n_shot)] = syn
