@@ -300,3 +300,70 @@ PRESET_TINY = ["generator.train_steps=10", "generator.block_out_channels=[16,32]
                "generator.cond_dim=32", "generator.batch_size=16", "generator.adapt_steps_per_class=1",
                "generator.adapt_batch_size=4", "synthesis.synthetic_per_class=4", "synthesis.steps=2",
                "synthesis.chunk=4", "synthesis.grid_classes=0", "learner.sweep=[0,2]"]
+
+
+def _write_class_folders(root, counts: dict[str, int], size: int = 12) -> None:
+    from PIL import Image
+
+    for ci, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (size, size), color=10 * ci + i).save(root / name / f"{i:03d}.png")
+
+
+def test_import_synthetic_reads_a_folder_in_novel_class_order(tmp_path):
+    from fewgen.data.base import ArrayDataset
+    from fewgen.errors import FewgenError
+    from fewgen.learners.steps import import_synthetic
+
+    novel = ArrayDataset(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["7", "5"], name="n")
+    _write_class_folders(tmp_path / "syn", {"5": 4, "7": 3, "other": 2})
+    syn = import_synthetic(str(tmp_path / "syn"), novel, 2)
+    assert syn.class_names == ["7", "5"] and syn.image_shape == (1, 8, 8)
+    assert syn.labels.tolist() == [0, 0, 1, 1]
+    # class "7" was written second (colours 10, 11), "5" first (0, 1): first files by name, per class
+    assert syn.images[:, 0, 0, 0].tolist() == [10, 11, 0, 1]
+    with pytest.raises(FewgenError, match="has 3 images but synthesis.synthetic_per_class=4"):
+        import_synthetic(str(tmp_path / "syn"), novel, 4)
+    _write_class_folders(tmp_path / "partial", {"5": 2})
+    with pytest.raises(FewgenError, match="no folder for novel class.*'7'"):
+        import_synthetic(str(tmp_path / "partial"), novel, 1)
+    with pytest.raises(FewgenError, match="is not a folder"):
+        import_synthetic(str(tmp_path / "nowhere"), novel, 1)
+    (tmp_path / "syn" / "5" / "000.png").write_bytes(b"not a png")
+    with pytest.raises(FewgenError, match="cannot read image .*000.png"):
+        import_synthetic(str(tmp_path / "syn"), novel, 2)
+
+
+def test_import_synthetic_step_feeds_the_learner(tmp_path):
+    from fewgen.config import load_config
+    from fewgen.pipeline import run
+
+    _write_class_folders(tmp_path / "syn", {str(d): 6 for d in range(5, 10)}, size=16)
+    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,import-synthetic,learn]", "learner.methods=[datadream]",
+                               f"synthesis.import_dir={tmp_path / 'syn'}", "synthesis.synthetic_per_class=4",
+                               "learner.frozen_synthetic=false", f"cache_dir={tmp_path / 'cache'}"])
+    r = run(cfg, tmp_path / "run", progress=False, quiet=True)
+    dd = next(row for row in r.rows if row["method"] == "datadream" and row["classifier"] == "head")
+    assert dd["synthetic_per_class"] == 4 and dd["n_synthetic"] == [20]
+    assert "imported from" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_mnist_as_digits_makes_optdigits_counts():
+    """The oracle script's conversion: 4x4 block counts of a 32x32 bitmap, full height."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "mnist_as_digits.py"
+    spec = importlib.util.spec_from_file_location("mnist_as_digits", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    img = np.zeros((28, 28), np.uint8)
+    img[4:24, 12:16] = 255  # a thin vertical bar: a "1"
+    out = mod.optdigits_8x8(img)
+    assert out.shape == (8, 8) and out.min() >= 0 and out.max() == 16
+    assert (out.sum(1) > 0).all()  # stretched to the full height, as optdigits bitmaps are
+    assert (out.sum(0) > 0).sum() == 4  # widened to the 16-pixel minimum width: 4 blocks
+    assert out.sum() == 16 * 32  # a 16 x 32 block of on pixels

@@ -258,6 +258,8 @@ class SynthesisConfig:
                          "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.dtype")
     zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
     grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none")
+    import_dir: str | None = opt(None, "folder <dir>/<class>/*.png|jpg of images made elsewhere, read by the "
+                                 "import-synthetic step as the synthetic set (first synthetic_per_class per class)")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Pipeline steps of learning with synthetic data: ``learn`` (and ``augmented-copies``).
+"""Pipeline steps of learning with synthetic data: ``learn`` (and the steps that fill the
+synthetic slot without fewgen's generator: ``augmented-copies``, ``import-synthetic``).
 
 ``learn``, per few-shot seed and shot count K, fine-tunes one classifier per method on that
 seed's few-shot set (all novel classes) plus the synthetic set of ``synthesize``
@@ -528,4 +529,52 @@ def step_augmented_copies(run: Run) -> None:
         for seed in run.cfg.seeds:
             store[(seed, n_shot)] = augmented_copies(few_shot_set(run.data.novel, n_shot, seed), m, seed)
     run.artifacts["synthetic_source"] = f"augmented copies of the real shots ({m} per class, random affine)"
+    run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
+
+
+def import_synthetic(folder: str, novel: ArrayDataset, per_class: int) -> ArrayDataset:
+    """The first ``per_class`` images (by sorted file name) of each novel class from
+    ``folder/<class name>/*.png|jpg``, at the novel data's size and channels, labelled in the
+    novel classes' order. Only those files are read; other class folders are ignored."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from fewgen.data.datasets import IMAGE_EXTENSIONS, _read_image
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FewgenError(f"synthesis.import_dir={folder!r} is not a folder; give a folder with one subfolder "
+                          "per novel class (<dir>/<class>/*.png)")
+    missing = [c for c in novel.class_names if not (root / c).is_dir()]
+    if missing:
+        raise FewgenError(f"{root} has no folder for novel class(es) {', '.join(map(repr, missing[:5]))}; "
+                          f"its subfolders must be named as the novel classes: {', '.join(novel.class_names[:10])}")
+    c, h, _ = novel.image_shape
+    files = []
+    for name in novel.class_names:
+        found = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(found) < per_class:
+            raise FewgenError(f"{root / name} has {len(found)} images but synthesis.synthetic_per_class={per_class}; "
+                              "add images or lower synthesis.synthetic_per_class")
+        files += found[:per_class]
+    images = torch.from_numpy(np.stack([_read_image(f, str(f), h, c) for f in files]))
+    labels = torch.arange(len(novel.class_names)).repeat_interleave(per_class)
+    return ArrayDataset(images, labels, list(novel.class_names), name=f"imported:{root.name}/{per_class}")
+
+
+@STEPS.register("import-synthetic")
+def step_import_synthetic(run: Run) -> None:
+    """Fill ``run.artifacts["synthetic"]`` with images made elsewhere (``synthesis.import_dir``),
+    the same set for every seed and K: e.g. a GPU's Stable Diffusion output, or real images of
+    the classes from another source as an upper bound on what a generator could give."""
+    sc = run.cfg.synthesis
+    if not sc.import_dir:
+        raise FewgenError("the import-synthetic step needs synthesis.import_dir=<folder>/<class>/*.png")
+    syn = import_synthetic(sc.import_dir, run.data.novel, sc.synthetic_per_class)
+    store = run.artifacts.setdefault("synthetic", {})
+    for n_shot in run.cfg.eval.n_shots:
+        for seed in run.cfg.seeds:
+            store[(seed, n_shot)] = syn
+    run.artifacts["synthetic_source"] = f"imported from {sc.import_dir} ({sc.synthetic_per_class} per class)"
     run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
