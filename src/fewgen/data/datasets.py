@@ -123,7 +123,13 @@ def _resize_float(x: torch.Tensor, size: int) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _read_image(data: bytes | Path, where: str, size: int, channels: int) -> np.ndarray:
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_image(data: bytes | Path, where: str, size: int, channels: int) -> np.ndarray:
+    """One image file (or its bytes) as uint8 (C, size, size); an unreadable one is a FewgenError."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -253,7 +259,7 @@ def _omniglot_from_pngs(entries: list[tuple[str, str, bytes | Path]], size: int,
         if key not in index:
             index[key] = len(names)
             names.append(f"{alphabet}/{char}")
-        arr = _read_image(src, f"{where}:{alphabet}/{char}", 105, 1)[0]
+        arr = read_image(src, f"{where}:{alphabet}/{char}", 105, 1)[0]
         imgs.append(arr < 128)  # black strokes -> foreground True
         labels.append(index[key])
     fg = torch.from_numpy(np.stack(imgs)).float().unsqueeze(1)
@@ -361,14 +367,10 @@ def _scan_folder(folder: Path, with_domains: bool) -> list[tuple[str | None, str
     if with_domains:
         for dom in sorted(p for p in folder.iterdir() if p.is_dir()):
             for cls in sorted(p for p in dom.iterdir() if p.is_dir()):
-                for f in sorted(cls.iterdir()):
-                    if f.suffix.lower() in IMAGE_EXTENSIONS:
-                        items.append((dom.name, cls.name, f))
+                items += [(dom.name, cls.name, f) for f in image_files(cls)]
     else:
         for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
-            for f in sorted(cls.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    items.append((None, cls.name, f))
+            items += [(None, cls.name, f) for f in image_files(cls)]
     return items
 
 
@@ -378,7 +380,7 @@ def _load_folder(folder: Path, size: int, channels: int, name: str, with_domains
         raise FewgenError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     class_names = sorted({c for _, c, _ in items})
     domain_names = sorted({d for d, _, _ in items if d is not None})
-    imgs = np.stack([_read_image(f, str(f), size, channels) for _, _, f in items])
+    imgs = np.stack([read_image(f, str(f), size, channels) for _, _, f in items])
     labels = torch.tensor([class_names.index(c) for _, c, _ in items])
     domains = torch.tensor([domain_names.index(d) for d, _, _ in items]) if with_domains else None
     return ArrayDataset(torch.from_numpy(imgs), labels, class_names, domains, domain_names, name=name)

@@ -424,6 +424,9 @@ def step_learn(run: Run) -> None:
     needs_syn = any(s.uses_synthetic for s in specs) or bool([m for m in lc.sweep if m > 0]) or lc.frozen_synthetic
     if lc.frozen_synthetic and lc.model != "backbone":
         raise FewgenError("learner.frozen_synthetic needs learner.model=backbone (it uses the pretrained backbone)")
+    if lc.synthetic_keep < 1 and lc.model != "backbone":
+        raise FewgenError("learner.synthetic_keep < 1 needs learner.model=backbone (it ranks the "
+                          "synthetic images with the pretrained backbone)")
     torch.set_grad_enabled(True)
     results = Results()
     histories: dict[str, dict] = {}
@@ -443,18 +446,14 @@ def step_learn(run: Run) -> None:
     sweep_sets: dict[int, dict[tuple, ArrayDataset]] = {}
     for n_shot in cfg.eval.n_shots:
         for seed in cfg.seeds:
+            ctx = SeedContext(run, seed, n_shot, None)
             syn_all = synthetic_set(run, seed, n_shot, required=needs_syn)
-            real = few_shot_set(novel, n_shot, seed)
             if syn_all is not None and len(syn_all) and lc.synthetic_keep < 1:
-                if lc.model != "backbone":
-                    raise FewgenError("learner.synthetic_keep < 1 needs learner.model=backbone (it ranks the "
-                                      "synthetic images with the pretrained backbone)")
-                own = shot_classifier(run, real, syn_all)[2].gather(1, syn_all.labels[:, None])[:, 0]
+                own = shot_classifier(run, ctx.real, syn_all)[2].gather(1, syn_all.labels[:, None])[:, 0]
                 syn_all = keep_consistent(syn_all, own, lc.synthetic_keep)
-            syn = first_per_class(syn_all, lc.synthetic_per_class) if syn_all is not None else None
+            syn = ctx.synthetic = first_per_class(syn_all, lc.synthetic_per_class) if syn_all is not None else None
             if syn is not None:
                 used_sets[(seed, n_shot)] = syn
-            ctx = SeedContext(run, seed, n_shot, syn)
             if syn is not None and len(syn) and lc.model == "backbone":
                 diagnostics[f"seed{seed}_{n_shot}shot"] = d = synthetic_diagnostics(run, ctx.real, syn)
                 run.log(f"synthetic set seed {seed} {n_shot}-shot: " + ", ".join(f"{k} {v}" for k, v in d.items()))
@@ -540,7 +539,7 @@ def import_synthetic(folder: str, novel: ArrayDataset, per_class: int) -> ArrayD
 
     import numpy as np
 
-    from fewgen.data.datasets import IMAGE_EXTENSIONS, _read_image
+    from fewgen.data.datasets import image_files, read_image
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -553,12 +552,12 @@ def import_synthetic(folder: str, novel: ArrayDataset, per_class: int) -> ArrayD
     c, h, _ = novel.image_shape
     files = []
     for name in novel.class_names:
-        found = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        found = image_files(root / name)
         if len(found) < per_class:
             raise FewgenError(f"{root / name} has {len(found)} images but synthesis.synthetic_per_class={per_class}; "
                               "add images or lower synthesis.synthetic_per_class")
         files += found[:per_class]
-    images = torch.from_numpy(np.stack([_read_image(f, str(f), h, c) for f in files]))
+    images = torch.from_numpy(np.stack([read_image(f, str(f), h, c) for f in files]))
     labels = torch.arange(len(novel.class_names)).repeat_interleave(per_class)
     return ArrayDataset(images, labels, list(novel.class_names), name=f"imported:{root.name}/{per_class}")
 
