@@ -144,7 +144,8 @@ def test_two_processes_write_the_same_bytes_as_one(reference, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER),
            str(tmp_path), "--adapt"]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ranks = "\n".join(line for line in out.stderr.splitlines() if line.startswith("[rank"))  # the workers' tracebacks
+    assert out.returncode == 0, out.stdout[-2000:] + ranks[-4000:] + out.stderr[-1000:]
     assert "world=2" in out.stdout
     (entry,) = (tmp_path / "synthetic").iterdir()
     assert set_files(tmp_path) == set_files(ref_root, entry.name)
@@ -168,3 +169,30 @@ def test_shard_covers_every_item_once():
 def test_spec_rejects_mismatched_prompts():
     with pytest.raises(FewgenError, match="one per class"):
         SynthesisSpec("g", ["a", "b"], ["a"], per_class=2, image_shape=(1, 8, 8))
+
+
+def test_cache_entry_created_by_many_workers_at_once(tmp_path):
+    """Several processes open the same new entry at the same moment (the 2-process launch does)."""
+    import threading
+
+    from fewgen.cache import ArtifactCache
+
+    cache, errors, n = ArtifactCache(tmp_path), [], 4
+    start = threading.Barrier(n)
+
+    def worker():
+        for i in range(40):
+            start.wait()
+            try:
+                cache.entry("synthetic", {"item": i})
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    entries = list((tmp_path / "synthetic").iterdir())
+    assert len(entries) == 40 and all(sorted(p.name for p in e.iterdir()) == ["key.json"] for e in entries)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fewgen.utils import canonical_json, stable_hash, write_json
+from fewgen.utils import atomic_path, canonical_json, stable_hash, write_json
 
 
 def default_cache_dir() -> Path:
@@ -36,9 +36,8 @@ class ArtifactCache:
         path.mkdir(parents=True, exist_ok=True)
         key_file = path / "key.json"
         if not key_file.exists() or key_file.read_text().strip() != canonical_json(parts):
-            with open(path / ".key.json.tmp", "w") as f:
-                f.write(canonical_json(parts))
-            os.replace(path / ".key.json.tmp", key_file)
+            with atomic_path(key_file) as tmp:  # a unique temporary name: several processes may get here at once
+                tmp.write_text(canonical_json(parts))
         return path
 
     @staticmethod
