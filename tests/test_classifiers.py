@@ -33,9 +33,9 @@ def test_batched_logreg_agrees_with_sklearn():
         acc_sk.append((pred == yq[e].numpy()).mean())
         acc_ours.append((ours[e] == yq[e]).float().mean().item())
         # same optimum: weights agree up to the softmax's shift invariance
-        w_sk = sk.coef_.T - sk.coef_.T.mean(1, keepdims=True)
+        w_sk = sk.coef_ - sk.coef_.mean(0, keepdims=True)  # (N, D), as clf.weight[e]
         w = clf.weight[e].numpy()
-        np.testing.assert_allclose(w - w.mean(1, keepdims=True), w_sk, atol=5e-3)
+        np.testing.assert_allclose(w - w.mean(0, keepdims=True), w_sk, atol=5e-3)
     assert np.mean(agree) > 0.99
     assert abs(np.mean(acc_ours) - np.mean(acc_sk)) < 0.005
     assert np.mean(acc_ours) > 0.4  # well above chance (0.2): the task is not trivial or broken
@@ -60,6 +60,21 @@ def test_kernel_and_primal_forms_reach_the_same_classifier():
         fits = [LogisticRegression(form=f, tol=1e-6).fit(sup, ys, 4, sample_weight=w) for f in ("kernel", "primal")]
         torch.testing.assert_close(fits[0].weight, fits[1].weight, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(fits[0].decision_function(qry), fits[1].decision_function(qry), atol=1e-4, rtol=1e-4)
+
+
+def test_bb_fista_and_the_fista_fallback_reach_the_same_classifier():
+    # 5-shot in 16 dims runs the primal form, 1-shot the kernel form; bb_iters=2 leaves nearly every
+    # episode unconverged, so FISTA finishes them from where BB stopped
+    for k, d in ((5, 16), (1, 32)):
+        sup, ys, qry, _ = _episodes(e=12, n=5, k=k, q=4, d=d, seed=k)
+        w = torch.rand(ys.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+        fits = {name: LogisticRegression(tol=1e-6, **kw).fit(sup, ys, 5, sample_weight=w)
+                for name, kw in {"bb": {}, "fista": {"solver": "fista"}, "fallback": {"bb_iters": 2}}.items()}
+        assert fits["fallback"].n_iter > 2  # the fallback ran
+        for name in ("fista", "fallback"):
+            torch.testing.assert_close(fits[name].weight, fits["bb"].weight, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fits[name].decision_function(qry), fits["bb"].decision_function(qry),
+                                       atol=1e-4, rtol=1e-4)
 
 
 def test_an_episode_answer_does_not_depend_on_the_rest_of_the_batch():

@@ -46,12 +46,17 @@ def episode_accuracies(
     """
     accs = []
     n_way, n_shot = episodes.n_way, episodes.n_shot
+    # gathered into buffers reused across chunks: a fresh (chunk, N*Q, D) tensor per chunk is tens
+    # of MB that the allocator maps and faults in anew every time
+    d = features.shape[1]
+    sup_buf = features.new_empty(min(chunk, episodes.n_episodes) * n_way * n_shot, d)
+    q_buf = features.new_empty(min(chunk, episodes.n_episodes) * n_way * episodes.n_query, d)
     for start in range(0, episodes.n_episodes, chunk):
         sl = slice(start, start + chunk)
         sup_idx, q_idx = episodes.support[sl], episodes.query[sl]
         e = sup_idx.shape[0]
-        support = features[sup_idx.reshape(e, -1)]  # (e, N*K, D)
-        query = features[q_idx.reshape(e, -1)]
+        support = torch.index_select(features, 0, sup_idx.reshape(-1), out=sup_buf[:sup_idx.numel()]).view(e, -1, d)
+        query = torch.index_select(features, 0, q_idx.reshape(-1), out=q_buf[:q_idx.numel()]).view(e, -1, d)
         y_sup = torch.arange(n_way).repeat_interleave(n_shot).expand(e, -1)
         y_q = torch.arange(n_way).repeat_interleave(episodes.n_query).expand(e, -1)
         if extra_support is not None:
