@@ -223,6 +223,31 @@ def test_preset_runs_on_tiny_real_pacs_subset(tmp_path):
     check_metrics(tmp_path / "run", ["sketch"], OnlineAugmenter.planned_images(2, 1, 4, 2))
 
 
+def test_preset_runs_with_a_stable_diffusion_folder(tmp_path):
+    """domainfusion.generator: the frozen latent model serves every target; nothing is trained for it."""
+    from fewgen.config import load_config
+    from fewgen.errors import FewgenError
+    from fewgen.pipeline import run
+    from tests.tiny_sd import build_tiny_pipeline
+
+    root = tmp_path / "domains"
+    write_tiny_domains(root)
+    pipe = build_tiny_pipeline(tmp_path / "sd")
+    base = [*TINY, "data.dataset=imagefolder", f"data.root={root}", "data.base_classes=[cat]",
+            "data.val_classes=[dog]", "data.novel_classes=[fox, owl]", "eval.n_ways=[2]", "eval.n_query=1",
+            "domainfusion.targets=[photo, sketch]", f"cache_dir={tmp_path / 'cache'}", "domainfusion.gen_guidance=2.0"]
+    run(load_config("domainfusion", [*base, f"domainfusion.generator={pipe}"]), tmp_path / "run", progress=False,
+        quiet=True)
+    check_metrics(tmp_path / "run", ["photo", "sketch"], OnlineAugmenter.planned_images(2, 1, 4, 2))
+    assert not (tmp_path / "cache" / "dg-diffusion").exists()  # no pixel model was trained
+    with pytest.raises(FewgenError, match="cannot load Stable Diffusion"):
+        run(load_config("domainfusion", [*base, f"domainfusion.generator={tmp_path / 'missing'}"]), tmp_path / "r2",
+            quiet=True)
+    with pytest.raises(FewgenError, match="no {} for the class name"):
+        run(load_config("domainfusion", [*base, f"domainfusion.generator={pipe}", "domainfusion.prompt=a photo"]),
+            tmp_path / "r3", quiet=True)
+
+
 def test_bad_config_is_one_clear_error(tmp_path):
     from fewgen.config import load_config
     from fewgen.errors import FewgenError

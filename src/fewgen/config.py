@@ -159,6 +159,9 @@ class DomainFusionConfig:
     weight_decay: float = opt(5e-4, "weight decay")
     augment: list[str] = opt(["crop", "flip"], "kornia augmentations of every training image")
     pretrained: str | None = opt(None, "local safetensors backbone checkpoint to start from (null: from scratch)")
+    generator: str | None = opt(None, "a Stable Diffusion model (local diffusers folder or hub id) used frozen in "
+                                "its latent space for every target; null: train the pixel model below per target")
+    prompt: str = opt("a photo of a {}", "Stable Diffusion: the class condition, {} = the class name")
     gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)")
     gen_channels: list[int] = opt([32, 64], "UNet block_out_channels of the diffusion model")
     gen_steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)")

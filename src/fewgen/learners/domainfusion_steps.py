@@ -3,7 +3,8 @@ augmentation and DomainFusion (latent distillation, online augmentation, both).
 
 Per target domain, one class-conditional diffusion model (``fewgen.generators.diffusion``) is
 trained on the images of the SOURCE domains only, cached, and shared frozen by every method and
-seed. Per (target, seed, method), the classifier's per-image test correctness is cached, so an
+seed; or, with ``domainfusion.generator`` set, a Stable Diffusion model (a local diffusers folder
+or hub id) serves every target in its latent space, conditioned on one prompt per class. Per (target, seed, method), the classifier's per-image test correctness is cached, so an
 interrupted comparison resumes where it stopped.
 """
 
@@ -56,13 +57,30 @@ def check_config(d: DomainFusionConfig, image_size: int, domain_names: list[str]
     bad = [t for t in d.targets or [] if t not in domain_names]
     if bad:
         raise FewgenError(f"unknown target domain(s) {bad}; the dataset has {domain_names}")
-    if d.gen_image_size > image_size:
+    if not d.generator and d.gen_image_size > image_size:
         raise FewgenError(f"domainfusion.gen_image_size {d.gen_image_size} is larger than the images ({image_size}); "
                           f"use at most {image_size}")
     if not 0 <= d.ld_t_min <= d.ld_t_max < 1000:
         raise FewgenError(f"domainfusion.ld_t_min/ld_t_max must satisfy 0 <= {d.ld_t_min} <= {d.ld_t_max} < 1000")
     if d.epochs < 1 or d.aug_every < 1 or d.aug_candidates < 1 or d.aug_synthetic < 1:
         raise FewgenError("domainfusion.epochs, aug_every, aug_candidates and aug_synthetic must be at least 1")
+
+
+def stable_diffusion_generator(run: Run):
+    """``domainfusion.generator`` (Stable Diffusion) as a frozen latent denoiser, with its cache key.
+    Never trained here, so the same model serves every target (DomainFusion's setting)."""
+    from fewgen.learners.domainfusion import LatentDiffusionAdapter
+
+    d = run.cfg.domainfusion
+    if "{}" not in d.prompt:
+        raise FewgenError(f"domainfusion.prompt {d.prompt!r} has no {{}} for the class name; e.g. 'a photo of a {{}}'")
+    adapter = LatentDiffusionAdapter.from_pretrained(d.generator, run.data.full.class_names, d.prompt,
+                                                     device=run.device, guidance=d.gen_guidance)
+    freeze(adapter)
+    with torch.no_grad():  # a fingerprint of the weights and prompts: cached results follow the model, not its path
+        sums = [float(p.double().sum()) for p in adapter.parameters()] + [float(adapter.prompt_embeds.double().sum())]
+    return adapter, stable_hash({"kind": "stable-diffusion", "prompt": d.prompt, "guidance": d.gen_guidance,
+                                 "weights": stable_hash(sums)}), 0.0
 
 
 def source_generator(run: Run, target: str):
@@ -198,10 +216,12 @@ def step_domainfusion(run: Run) -> None:
     correct = {m: {t: [] for t in targets} for m in d.methods}
     info = {m: {t: [] for t in targets} for m in d.methods}
     gen_seconds = {}
+    needs_generator = any(m in USES_GENERATOR for m in d.methods)
+    shared = stable_diffusion_generator(run) if needs_generator and d.generator else None
     for target in targets:
         gen_state = None
-        if any(m in USES_GENERATOR for m in d.methods):
-            gen_state = source_generator(run, target)
+        if needs_generator:
+            gen_state = shared or source_generator(run, target)
             gen_seconds[target] = round(gen_state[2], 1)
         for seed in seeds:
             split = leave_one_domain_out(full, target, d.val_fraction, seed)
