@@ -9,8 +9,9 @@ against held-out real images of the same classes (the images outside the 5-shot 
 * accuracy on the held-out real images of a logistic regression trained on features of the
   synthetic images only (all-way over the chosen classes; chance = 1 / classes).
 
-Sampler check: DPM-Solver++ with 20 steps against DDIM with 50 on the same adapter; and the
-same DPM-Solver++ set sampled with the UNet in bfloat16 (``synthesis.precision``).
+Sampler check: DPM-Solver++ with 20 steps, on time-uniform steps (``dpmsolver++``) and on steps
+uniform in log-SNR (``dpmsolver++-logsnr``), against DDIM with 50 on the same
+adapter; each also sampled with the UNet in bfloat16 (``synthesis.precision``).
 
 Speed, against the reference way (DataDream's ``generate.py``: for each class, reload the
 generator from disk, load that class's LoRA file with diffusers' ``load_lora_adapter`` and
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps for the quality sets")
     p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 on dset at the last K")
+    p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 (both step spacings) on dset "
+                   "at the last K")
     p.add_argument("--sampler-per-class", type=int, help="synthetic images per class in the sampler check "
                    "(default --per-class; FID of 10 per class moves ~5%% between seeds)")
     p.add_argument("--speed", action="store_true", help="fewgen vs the reference way, cls adapters at the first K")
@@ -236,7 +238,8 @@ def main(argv=None) -> int:
                                                                  steps_per_class=args.steps_per_class,
                                                                  batch_size=args.adapt_batch, lr=args.adapt_lr), log)
         for sampler, steps, prec in (("ddim", 50, "float32"), ("dpmsolver++", 20, "float32"),
-                                     ("dpmsolver++", 20, "bfloat16")):
+                                     ("dpmsolver++", 20, "bfloat16"), ("dpmsolver++-logsnr", 20, "float32"),
+                                     ("dpmsolver++-logsnr", 20, "bfloat16")):
             n_pc = args.sampler_per_class or args.per_class
             ds, dt = synth(store, gen, names, n_pc, novel.image_shape, sampler, steps, args.guidance, ad,
                            precision=prec)

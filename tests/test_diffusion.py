@@ -38,10 +38,13 @@ def test_fit_lowers_loss_and_sampling_is_seeded():
     res = gen.fit(toy_data(), steps=30, batch_size=16, lr=3e-3, warmup=5, seed=0)
     assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
     labels = torch.tensor([0, 1, 2, -1])
-    for sampler in ("ddim", "dpmsolver++"):
+    out = {}
+    for sampler in ("ddim", "dpmsolver++", "dpmsolver++-logsnr"):
         a = gen.sample(labels, seed=3, steps=3, guidance=2.0, sampler=sampler)
         b = gen.sample(labels, seed=3, steps=3, guidance=2.0, sampler=sampler)
         assert a.dtype == torch.uint8 and a.shape == (4, 1, 8, 8) and torch.equal(a, b)
+        out[sampler] = a
+    assert not torch.equal(out["dpmsolver++"], out["dpmsolver++-logsnr"])  # the step spacing differs
     c = gen.sample(labels, seed=4, steps=3)
     assert not torch.equal(c, gen.sample(labels, seed=3, steps=3))
     f = gen.sample(labels, seed=3, steps=3, output="float")
@@ -89,6 +92,9 @@ def test_ddim_does_not_clip_x0_and_its_sets_get_a_new_key():
     spec = dict(generator_key="g", class_names=["a"], prompts=["a"], per_class=2, image_shape=(1, 8, 8))
     assert SynthesisSpec(sampler="ddim", **spec).parts()["sampler_revision"] == 2
     assert "sampler_revision" not in SynthesisSpec(sampler="dpmsolver++", **spec).parts()
+    # the two DPM-Solver++ step spacings are different samplers, so different sets
+    assert SynthesisSpec(sampler="dpmsolver++", **spec).parts() != SynthesisSpec(sampler="dpmsolver++-logsnr",
+                                                                                 **spec).parts()
 
 
 def test_base_generator_key_ignores_adaptation_settings():

@@ -51,7 +51,9 @@ from torch import nn
 from fewgen.errors import FewgenError
 from fewgen.utils import make_generator, seed_hash, stable_hash
 
-SAMPLERS = ("ddim", "dpmsolver++")
+#: ``dpmsolver++``: DPM-Solver++ (2M) on time-uniform steps, the default; ``dpmsolver++-logsnr``:
+#: the same on steps uniform in log-SNR (Lu et al. 2022's choice for pixel-space models)
+SAMPLERS = ("ddim", "dpmsolver++", "dpmsolver++-logsnr")
 PRECISIONS = ("float32", "bfloat16", "float16")
 COND_MODES = ("class", "name", "class+name")
 
@@ -127,12 +129,16 @@ def build_sampler(noise_scheduler, sampler: str):
         # no clip_sample: DDIM recomputes eps from the clipped x0, and with the cosine schedule the
         # early (high-noise) clips saturate strokes (Omniglot FID 575 clipped vs 297 for DPM-Solver++)
         return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
-    if sampler == "dpmsolver++":
+    if sampler in ("dpmsolver++", "dpmsolver++-logsnr"):
         # pixel space: clip the data prediction to [-1, 1] like DDIM's clip_sample, and clip lambda
-        # near t = T where the cosine schedule's alpha_bar -> 0 (diffusers' advice for cosine schedules)
+        # near t = T where the cosine schedule's alpha_bar -> 0 (diffusers' advice for cosine schedules).
+        # Steps uniform in log-SNR (use_lu_lambdas): on Omniglot base classes FID +1.8% over DDIM 50
+        # instead of +8.8%, but with DataDream adapters on novel classes +6.3% / +6.6% (float32 /
+        # bfloat16) against +7.6% / +4.3%, so it is an option, not the default
         return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
                                                        solver_order=2, thresholding=True, sample_max_value=1.0,
-                                                       lambda_min_clipped=-5.1)
+                                                       lambda_min_clipped=-5.1,
+                                                       use_lu_lambdas=sampler == "dpmsolver++-logsnr")
     raise FewgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 

@@ -129,10 +129,11 @@ class StableDiffusionGenerator:
         cfg = self._train_scheduler.config
         if sampler == "ddim":
             self.pipe.scheduler = DDIMScheduler.from_config(cfg)
-        elif sampler == "dpmsolver++":
-            self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
+        elif sampler in ("dpmsolver++", "dpmsolver++-logsnr"):
+            self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+                cfg, algorithm_type="dpmsolver++", use_lu_lambdas=sampler == "dpmsolver++-logsnr")
         else:
-            raise FewgenError(f"unknown sampler {sampler!r}; choose ddim or dpmsolver++")
+            raise FewgenError(f"unknown sampler {sampler!r}; choose ddim, dpmsolver++ or dpmsolver++-logsnr")
 
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         return [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
