@@ -114,14 +114,24 @@ def test_pacs_has_domains():
     assert sketch.image_shape == (3, 32, 32) and len(sketch) == 3929
 
 
-def _write_folder(root, domains=None, classes=("a", "b", "c", "d"), n=3, size=20):
+def _write_folder(root, domains=None, classes=("a", "b", "c", "d"), n=3, size=20, suffix=".png"):
     rng = np.random.default_rng(0)
     for dom in domains or [None]:
         for c in classes:
             folder = root / c if dom is None else root / dom / c
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}{suffix}")
+
+
+def test_pacs_full_size_official_layout(tmp_path):
+    """The original download: PACS/kfold/<domain>/<class>/*.jpg at 227 x 227, resized on load."""
+    domains = ["art_painting", "cartoon", "photo", "sketch"]
+    _write_folder(tmp_path / "PACS" / "kfold", domains, classes=("dog", "elephant", "giraffe", "guitar"), n=2,
+                  size=227, suffix=".jpg")
+    d = load_dataset("pacs", tmp_path, image_size=64)
+    assert d.full.domain_names == domains and d.full.image_shape == (3, 64, 64) and len(d.full) == 4 * 4 * 2
+    assert d.novel.class_names == ["guitar"]
 
 
 def test_imagefolder_classes_and_domains(tmp_path):

@@ -395,7 +395,10 @@ PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "perso
     "few-shot split base dog/elephant, val giraffe, novel guitar/horse/house/person",
 )
 def _load_pacs(root: Path, size: int, download: bool = False) -> LoadedData:
-    candidates = [root / "pacs64" / "PACS", root / "pacs" / "PACS", root / "PACS", root / "pacs"]
+    # the 64 px copy; DomainBed's layout (<root>/PACS/<domain>/...); the official download's kfold/
+    # folder of full-size 227 px images (resized to data.image_size on load, like any folder)
+    candidates = [root / "pacs64" / "PACS", root / "pacs" / "PACS", root / "PACS", root / "pacs",
+                  root / "PACS" / "kfold", root / "pacs" / "kfold", root / "kfold"]
     folder = next((c for c in candidates if c.is_dir() and (c / "sketch").is_dir()), None)
     if folder is None:
         raise FewgenError(
