@@ -179,17 +179,8 @@ class LogisticRegression:
         else:
             c["xct"] = xc.transpose(1, 2).contiguous()
         m = s if kernel else xc.shape[2]
-
-        def grad(c, p, b, lg):
-            logits = lg + b if kernel else torch.baddbmm(b, p, c["xct"])
-            r = torch.softmax(logits, 1).sub_(c["y"])  # residual (E, N, S)
-            if weighted:
-                r.mul_(c["sw"])
-            gp = torch.add(r, p, alpha=inv_c) if kernel else torch.baddbmm(p, r, c["xc"], beta=inv_c)
-            return gp, r.sum(2, keepdim=True)
-
         p, b = y.new_zeros(e, n, m), y.new_zeros(e, n, 1)
-        gp, gb = grad(c, p, b, p)
+        gp, gb = _gradient(kernel, c, p, b, p, inv_c, weighted)
         # first step: the exact minimiser along the gradient of the quadratic model at zero, where
         # the softmax is uniform and the Hessian is known in closed form,
         # H = (I - 11^T/N)/N (x) Xc^T diag(w) Xc + I/C for W and (I - 11^T/N) sum(w)/N for b
@@ -200,7 +191,7 @@ class LogisticRegression:
         num = gw2 + bscale * _batch_dot(gb, gb)
         den = (_batch_dot(gk * sw, gk) / n + gw2 * inv_c
                + total_w / n * bscale * bscale * _batch_dot(gbc, gbc))
-        alpha0 = torch.minimum(torch.maximum(num / den.clamp_min(1e-30), eta_w.view(-1)), 1000.0 * eta_w.view(-1))
+        alpha0 = _bb_bounds(num / den.clamp_min(1e-30), eta_w.view(-1))
         st = {"p": p, "b": b, "lg": p if kernel else None, "alpha": alpha0.view(e, 1, 1), "gp": gp, "gb": gb}
         out_p, out_b = torch.zeros_like(p), torch.zeros_like(b)
         converged = torch.zeros(e, dtype=torch.bool)
@@ -213,7 +204,7 @@ class LogisticRegression:
             new_p = torch.addcmul(st["p"], a, st["gp"], value=-1.0)
             new_b = torch.addcmul(st["b"], a * c["bscale"], st["gb"], value=-1.0)
             new_lg = torch.addcmul(st["lg"], a, st["gp"] @ c["gram"], value=-1.0) if kernel else None
-            gp, gb = grad(c, new_p, new_b, new_lg)
+            gp, gb = _gradient(kernel, c, new_p, new_b, new_lg, inv_c, weighted)
             g_w = gp @ c["xc"] if kernel else gp
             worst = torch.maximum(g_w.abs().amax((1, 2)), gb.abs().amax((1, 2))) / c["total"]
             ok = (worst < self.tol) & ~finished
@@ -230,14 +221,11 @@ class LogisticRegression:
             ss = _batch_dot(dp, sp) + _batch_dot(sb, sb) / c["bscale"].view(-1)
             sy = _batch_dot(dp, gp - st["gp"]) + _batch_dot(sb, gb - st["gb"])
             eta = c["eta"].view(-1)
-            alpha = torch.where(sy > 0, ss / sy.clamp_min(1e-30), eta)
-            alpha = torch.minimum(torch.maximum(alpha, eta), 1000.0 * eta).view(-1, 1, 1)
+            alpha = _bb_bounds(torch.where(sy > 0, ss / sy.clamp_min(1e-30), eta), eta).view(-1, 1, 1)
             st = {"p": new_p, "b": new_b, "lg": new_lg, "alpha": alpha, "gp": gp, "gb": gb}
             if finished.sum() * 4 >= len(finished):  # finished episodes leave the batch once they are many
                 keep = ~finished
-                active, finished = active[keep], finished[keep]
-                c = {k: v[keep] for k, v in c.items()}
-                st = {k: (v[keep] if v is not None else None) for k, v in st.items()}
+                active, finished, c, st = active[keep], finished[keep], _rows(c, keep), _rows(st, keep)
         if not converged.all():  # the last iterate of the unconverged ones, as a warm start
             rows = ~finished
             out_p[active[rows]], out_b[active[rows]] = st["p"][rows], st["b"][rows]
@@ -249,7 +237,7 @@ class LogisticRegression:
 
         Written for memory traffic: at few-shot sizes a step costs more in passes over the
         (E, N, S) tensors than in matmuls, so each elementwise stage is one fused op (softmax,
-        ``addcmul``, ``baddbmm``) and the per-episode inner products are batched matmuls."""
+        ``addcmul``, ``baddbmm``) and the per-episode inner products are batched (``_batch_dot``)."""
         e, n, s = y.shape
         total_w = sw.sum((1, 2))
         weighted = not bool((sw == 1).all())
@@ -275,12 +263,7 @@ class LogisticRegression:
         it = 0
         for it in range(1, self.max_iter + 1):
             c, st = const, state
-            logits = st["zlg"] + st["zb"] if kernel else torch.baddbmm(st["zb"], st["zp"], c["xct"])
-            r = torch.softmax(logits, 1).sub_(c["y"])  # residual (E, N, S)
-            if weighted:
-                r.mul_(c["sw"])
-            g = torch.add(r, st["zp"], alpha=inv_c) if kernel else torch.baddbmm(st["zp"], r, c["xc"], beta=inv_c)
-            g_b = r.sum(2, keepdim=True)
+            g, g_b = _gradient(kernel, c, st["zp"], st["zb"], st.get("zlg"), inv_c, weighted)
             if it % self.check_every == 0 or it == self.max_iter:
                 g_w = g @ c["xc"] if kernel else g
                 worst = torch.maximum(g_w.abs().amax((1, 2)), g_b.abs().amax((1, 2))) / c["total"]
@@ -293,8 +276,8 @@ class LogisticRegression:
                     if finished.sum() * 4 >= len(finished):  # drop finished rows once they are many
                         keep = ~finished
                         active, finished = active[keep], finished[keep]
-                        const = c = {k: v[keep] for k, v in c.items()}
-                        state = st = {k: v[keep] for k, v in st.items()}
+                        const = c = _rows(c, keep)
+                        state = st = _rows(st, keep)
                         g, g_b = g[keep], g_b[keep]
             new_p = torch.addcmul(st["zp"], c["eta_w"], g, value=-1.0)
             new_b = torch.addcmul(st["zb"], c["eta_b"], g_b, value=-1.0)
@@ -339,6 +322,30 @@ class LogisticRegression:
 
     def predict(self, query: torch.Tensor) -> torch.Tensor:
         return self._logits_class_major(query).max(1).indices
+
+
+def _gradient(kernel: bool, c: dict, p: torch.Tensor, b: torch.Tensor, lg: torch.Tensor | None, inv_c: float,
+              weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed objective at (p, b): (coefficients (E, N, S or D), bias (E, N, 1)).
+
+    In the kernel form ``p`` are the coefficients A with the logits ``lg = A K`` carried along;
+    in the primal form ``p`` is W. ``c`` holds the episodes' ``xc``, ``xct`` (primal), ``y``, ``sw``."""
+    logits = lg + b if kernel else torch.baddbmm(b, p, c["xct"])
+    r = torch.softmax(logits, 1).sub_(c["y"])  # residual (E, N, S)
+    if weighted:
+        r.mul_(c["sw"])
+    g = torch.add(r, p, alpha=inv_c) if kernel else torch.baddbmm(p, r, c["xc"], beta=inv_c)
+    return g, r.sum(2, keepdim=True)
+
+
+def _bb_bounds(alpha: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """BB step sizes kept in [1/L, 1000/L] (``eta`` = 1/L per episode)."""
+    return torch.clamp(alpha, min=eta, max=1000.0 * eta)
+
+
+def _rows(d: dict, keep: torch.Tensor) -> dict:
+    """The kept batch rows of every per-episode tensor in ``d`` (None stays None)."""
+    return {k: (v[keep] if v is not None else None) for k, v in d.items()}
 
 
 def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -48,9 +48,9 @@ def episode_accuracies(
     n_way, n_shot = episodes.n_way, episodes.n_shot
     # gathered into buffers reused across chunks: a fresh (chunk, N*Q, D) tensor per chunk is tens
     # of MB that the allocator maps and faults in anew every time
-    d = features.shape[1]
-    sup_buf = features.new_empty(min(chunk, episodes.n_episodes) * n_way * n_shot, d)
-    q_buf = features.new_empty(min(chunk, episodes.n_episodes) * n_way * episodes.n_query, d)
+    d, rows = features.shape[1], min(chunk, episodes.n_episodes)
+    sup_buf = features.new_empty(rows * n_way * n_shot, d)
+    q_buf = features.new_empty(rows * n_way * episodes.n_query, d)
     for start in range(0, episodes.n_episodes, chunk):
         sl = slice(start, start + chunk)
         sup_idx, q_idx = episodes.support[sl], episodes.query[sl]

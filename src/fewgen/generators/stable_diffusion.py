@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
-from fewgen.generators.diffusion import clipped_step
+from fewgen.generators.diffusion import SAMPLERS, clipped_step
 from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.utils import make_generator, read_json, write_json
 
@@ -133,7 +133,7 @@ class StableDiffusionGenerator:
             self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
                 cfg, algorithm_type="dpmsolver++", use_lu_lambdas=sampler == "dpmsolver++-logsnr")
         else:
-            raise FewgenError(f"unknown sampler {sampler!r}; choose ddim, dpmsolver++ or dpmsolver++-logsnr")
+            raise FewgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         return [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]

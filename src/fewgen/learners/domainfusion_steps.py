@@ -4,7 +4,8 @@ augmentation and DomainFusion (latent distillation, online augmentation, both).
 Per target domain, one class-conditional diffusion model (``fewgen.generators.diffusion``) is
 trained on the images of the SOURCE domains only, cached, and shared frozen by every method and
 seed; or, with ``domainfusion.generator`` set, a Stable Diffusion model (a local diffusers folder
-or hub id) serves every target in its latent space, conditioned on one prompt per class. Per (target, seed, method), the classifier's per-image test correctness is cached, so an
+or hub id) serves every target in its latent space, conditioned on one prompt per class. Per
+(target, seed, method), the classifier's per-image test correctness is cached, so an
 interrupted comparison resumes where it stopped.
 """
 
