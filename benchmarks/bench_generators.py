@@ -17,10 +17,13 @@ Speed, against the reference way (DataDream's ``generate.py``: for each class, r
 generator from disk, load that class's LoRA file with diffusers' ``load_lora_adapter`` and
 generate its images in batches of ``--ref-batch``, 10 as in DataDream): fewgen loads once,
 switches per-class LoRA weights in memory, and generates chunks of ``--chunk`` images through
-the synthesis cache. Both run in float32 and with the UNet in bfloat16 autocast (DataDream
+the synthesis cache, in one stream and in ``--streams`` parallel streams (``synthesis.streams``,
+default one per thread, each with its own copy of the generator; the bytes must not change). Both run in float32 and with the UNet in bfloat16 autocast (DataDream
 itself samples in float16 on its GPUs); ``speedup`` is against the float32 reference,
 ``speedup_same_precision`` against the reference at the same precision. Same sampler, steps
-and guidance; images per second on this machine.
+and guidance; images per second on this machine. Every way runs ``--speed-repeats`` times,
+interleaved (reference, fewgen, reference, ...), and the table gives medians: the per-repeat
+speed-ups compare runs made under the same machine load.
 
     python benchmarks/bench_generators.py --generator /tmp/g4/omni_base --classes 20 --per-class 10
 """
@@ -49,7 +52,7 @@ from fewgen.generators.datadream import (
     train_datadream,
 )
 from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
-from fewgen.generators.steps import dataset_digest, pixel_sample_fn
+from fewgen.generators.steps import dataset_digest, pixel_sample_fn, sampling_streams
 from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec, write_png
 
 
@@ -90,13 +93,13 @@ def get_adapter(cache: ArtifactCache, gen, few, dd: DataDreamConfig, log):
 
 
 def synth(store, gen, names, per_class, shape, sampler, steps, guidance, adapter=None, chunk=16,
-          precision="float32"):
+          precision="float32", seed=0, streams=1):
     spec = SynthesisSpec(generator_key=gen.state_key(), class_names=names, prompts=list(names), per_class=per_class,
                          image_shape=shape, adapter_key=None if adapter is None else adapter.key, sampler=sampler,
-                         steps=steps, guidance=guidance, seed=0, chunk=chunk, precision=precision,
+                         steps=steps, guidance=guidance, seed=seed, chunk=chunk, precision=precision,
                          extra={"zero_shot": adapter is None})
     t = time.time()
-    ds = store.synthesize(spec, pixel_sample_fn(gen, spec, adapter))
+    ds = store.synthesize(spec, [pixel_sample_fn(gen, spec, adapter) for _ in range(streams)])
     return ds, time.time() - t
 
 
@@ -139,15 +142,24 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 (both step spacings) on dset "
                    "at the last K")
+    p.add_argument("--sampler-seeds", type=int, nargs="+", default=[0],
+                   help="synthesis seeds of the sampler check (each a new set of initial noises); FID gaps are "
+                        "reported per seed and as mean and std over seeds")
+    p.add_argument("--sampler-converged", action="store_true",
+                   help="also DPM-Solver++ 50 on the first seed (is 20 steps converged?)")
     p.add_argument("--sampler-per-class", type=int, help="synthetic images per class in the sampler check "
                    "(default --per-class; FID of 10 per class moves ~5%% between seeds)")
     p.add_argument("--speed", action="store_true", help="fewgen vs the reference way, cls adapters at the first K")
     p.add_argument("--speed-classes", type=int, default=5)
     p.add_argument("--speed-per-class", type=int, default=40, help="DataDream generates 100+ per class")
+    p.add_argument("--speed-repeats", type=int, default=3,
+                   help="timed runs of every way, interleaved; medians are reported (timings here move 10-15%%)")
     p.add_argument("--ref-batch", type=int, default=10, help="the reference's batch (DataDream generate.py: bs=10)")
     p.add_argument("--chunk", type=int, default=40, help="fewgen's images per chunk (synthesis.chunk)")
     p.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--streams", type=int, default=None,
+                   help="fewgen's parallel sampling streams (synthesis.streams; default: one per thread)")
     p.add_argument("--cache", default=os.environ.get("FEWGEN_CACHE", "/tmp/fewgen_bench_cache"))
     p.add_argument("--out", default="benchmarks/results/bench_generators.json")
     p.add_argument("--merge", nargs="*", help="only print the table of these JSON results together")
@@ -237,15 +249,36 @@ def main(argv=None) -> int:
             ad, _ = get_adapter(cache, gen, few, DataDreamConfig(mode="dset", rank=args.rank, alpha=float(args.rank),
                                                                  steps_per_class=args.steps_per_class,
                                                                  batch_size=args.adapt_batch, lr=args.adapt_lr), log)
-        for sampler, steps, prec in (("ddim", 50, "float32"), ("dpmsolver++", 20, "float32"),
-                                     ("dpmsolver++", 20, "bfloat16"), ("dpmsolver++-logsnr", 20, "float32"),
-                                     ("dpmsolver++-logsnr", 20, "bfloat16")):
-            n_pc = args.sampler_per_class or args.per_class
-            ds, dt = synth(store, gen, names, n_pc, novel.image_shape, sampler, steps, args.guidance, ad,
-                           precision=prec)
-            scores = feature_scores(real_test, real_labels, ds.images, ds.labels, feature_net, args.classes)
-            emit({"setting": f"{k}-shot", "method": f"sampler check: DataDream dset, {sampler} {steps}, {prec}, "
-                  f"{n_pc}/class", "sampler": f"{sampler} {steps}", "synth_s": round(dt, 1), **scores})
+        combos = [("ddim", 50, "float32"), ("dpmsolver++", 20, "float32"), ("ddim", 50, "bfloat16"),
+                  ("dpmsolver++", 20, "bfloat16"), ("dpmsolver++-logsnr", 20, "float32"),
+                  ("dpmsolver++-logsnr", 20, "bfloat16")]
+        n_pc = args.sampler_per_class or args.per_class
+        fids: dict[tuple, list[float]] = {}
+        for seed in args.sampler_seeds:
+            extra = [("dpmsolver++", 50, "float32")] \
+                if args.sampler_converged and seed == args.sampler_seeds[0] else []
+            for sampler, steps, prec in combos + extra:
+                ds, dt = synth(store, gen, names, n_pc, novel.image_shape, sampler, steps, args.guidance, ad,
+                               precision=prec, seed=seed, streams=sampling_streams(args.streams, "cpu"))
+                scores = feature_scores(real_test, real_labels, ds.images, ds.labels, feature_net, args.classes)
+                fids.setdefault((sampler, steps, prec), []).append(scores["fid"])
+                emit({"setting": f"{k}-shot", "method": f"sampler check: DataDream dset, {sampler} {steps}, {prec}, "
+                      f"{n_pc}/class, seed {seed}", "sampler": f"{sampler} {steps}", "precision": prec, "seed": seed,
+                      "synth_s": round(dt, 1), **scores})
+        if len(args.sampler_seeds) > 1:
+            for ref_prec in ("float32", "bfloat16"):
+                ref = fids[("ddim", 50, ref_prec)]
+                for combo in combos:
+                    if combo[0] == "ddim":
+                        continue
+                    gaps = torch.tensor([100 * (f / r - 1) for f, r in zip(fids[combo], ref, strict=True)])
+                    emit({"setting": f"{k}-shot", "method": f"sampler check, {len(ref)} seeds: {combo[0]} {combo[1]} "
+                          f"{combo[2]} vs DDIM 50 {ref_prec}", "sampler": f"{combo[0]} {combo[1]}",
+                          "precision": combo[2], "fid": round(float(torch.tensor(fids[combo]).mean()), 2),
+                          "ref_fid": round(float(torch.tensor(ref).mean()), 2),
+                          "fid_gap_pct_mean": round(float(gaps.mean()), 2),
+                          "fid_gap_pct_std": round(float(gaps.std()), 2),
+                          "fid_gap_pct_per_seed": [round(float(g), 2) for g in gaps]})
 
     if args.speed:
         k = args.shots[0]
@@ -260,33 +293,66 @@ def main(argv=None) -> int:
         nc, npc = args.speed_classes, args.speed_per_class
         n_img = nc * npc
         ref_out = Path(tempfile.mkdtemp())
-        t_ref = {}
-        for prec in ("float32", "bfloat16"):
-            t_ref[prec] = reference_generate(Path(args.generator), adapter_dir, nc, npc, args.steps, args.guidance,
-                                             "dpmsolver++", args.ref_batch, ref_out, precision=prec)
-            emit({"setting": f"{k}-shot", "method": f"speed: reference (reload per class, diffusers LoRA loader, "
-                  f"batch {args.ref_batch}), {prec}", "sampler": f"dpmsolver++ {args.steps}", "images": n_img,
-                  "seconds": round(t_ref[prec], 2), "images_per_s": round(n_img / t_ref[prec], 3),
-                  "speedup": round(t_ref["float32"] / t_ref[prec], 2)})
         sub_ad = copy.copy(ad)
         sub_ad.class_names, sub_ad.lora = ad.class_names[:nc], ad.lora[:nc]
         sub_ad.class_embeddings = ad.class_embeddings[:nc]
-        for prec in ("float32", "bfloat16"):
+        streams = sampling_streams(args.streams, "cpu")
+
+        def ours(prec: str, n_streams: int) -> tuple[float, dict]:
             tmp_store = SynthesisCache(Path(tempfile.mkdtemp()))
             t0 = time.time()
             base = DiffusionGenerator.load(args.generator)  # loaded once, included in the time
             base.trained_key = gen.trained_key
             spec = SynthesisSpec(generator_key=base.state_key(), class_names=names[:nc], prompts=names[:nc],
                                  per_class=npc, image_shape=novel.image_shape, adapter_key=sub_ad.key,
-                                 sampler="dpmsolver++", steps=args.steps, guidance=args.guidance, chunk=args.chunk,
-                                 precision=prec)
-            tmp_store.synthesize(spec, pixel_sample_fn(base, spec, sub_ad))
-            t_ours = time.time() - t0
-            emit({"setting": f"{k}-shot", "method": f"speed: fewgen (load once, LoRA swap, chunks of {args.chunk}), {prec}",
-                  "sampler": f"dpmsolver++ {args.steps}", "images": n_img, "seconds": round(t_ours, 2),
-                  "images_per_s": round(n_img / t_ours, 3), "speedup": round(t_ref["float32"] / t_ours, 2),
-                  "speedup_same_precision": round(t_ref[prec] / t_ours, 2)})
+                                 sampler="dpmsolver++", steps=args.steps, guidance=args.guidance,
+                                 chunk=args.chunk, precision=prec)
+            tmp_store.synthesize(spec, [pixel_sample_fn(base, spec, sub_ad) for _ in range(n_streams)])
+            dt = time.time() - t0
+            entry = tmp_store.path(spec)
+            files = {str(f.relative_to(entry)): f.read_bytes() for f in sorted(entry.rglob("*.png"))}
             shutil.rmtree(tmp_store.cache.root, ignore_errors=True)
+            return dt, files
+
+        # repeats interleave every way, so each repeat's ratios compare runs made under the same load
+        ways = [("ref", p, 0) for p in ("float32", "bfloat16")] + \
+               [("ours", p, s) for p in ("float32", "bfloat16") for s in sorted({1, streams})]
+        times: dict[tuple, list[float]] = {w: [] for w in ways}
+        same_bytes: dict[tuple, bool] = {}
+        for rep in range(args.speed_repeats):
+            files1: dict[str, dict] = {}
+            for way in ways:
+                kind, prec, n_streams = way
+                if kind == "ref":
+                    dt = reference_generate(Path(args.generator), adapter_dir, nc, npc, args.steps, args.guidance,
+                                            "dpmsolver++", args.ref_batch, ref_out, precision=prec)
+                else:
+                    dt, files = ours(prec, n_streams)
+                    files1.setdefault(prec, files)
+                    same_bytes[way] = same_bytes.get(way, True) and files == files1[prec]
+                times[way].append(dt)
+                log(f"speed repeat {rep + 1}/{args.speed_repeats}: {kind} {prec} {n_streams or ''} {dt:.1f}s")
+
+        def median(xs: list[float]) -> float:
+            return float(torch.tensor(xs).median())  # the lower middle for an even count
+
+        for way in ways:
+            kind, prec, n_streams = way
+            t, ref32, ref_p = times[way], times[("ref", "float32", 0)], times[("ref", prec, 0)]
+            row = {"setting": f"{k}-shot", "sampler": f"dpmsolver++ {args.steps}", "images": n_img,
+                   "repeats": len(t), "seconds": round(median(t), 2), "seconds_runs": [round(x, 2) for x in t],
+                   "images_per_s": round(n_img / median(t), 3),
+                   "speedup": round(median([r / x for r, x in zip(ref32, t, strict=True)]), 2),
+                   "speedup_same_precision": round(median([r / x for r, x in zip(ref_p, t, strict=True)]), 2),
+                   "speedup_same_precision_runs": [round(r / x, 2) for r, x in zip(ref_p, t, strict=True)]}
+            if kind == "ref":
+                row["method"] = f"speed: reference (reload per class, diffusers LoRA loader, batch {args.ref_batch}), {prec}"
+            else:
+                th = max(1, args.threads // n_streams)
+                row["method"] = (f"speed: fewgen (load once, LoRA swap, chunks of {args.chunk}, {n_streams} "
+                                 f"stream{'s' if n_streams > 1 else ''} of {th} thread{'s' if th > 1 else ''}), {prec}")
+                row["same_bytes_as_1_stream"] = same_bytes[way]
+            emit(row)
         for d in (adapter_dir, ref_out):
             shutil.rmtree(d, ignore_errors=True)
     print_table(rows)
@@ -295,7 +361,7 @@ def main(argv=None) -> int:
 
 def print_table(rows):
     cols = ["setting", "method", "sampler", "fid", "kid", "synthetic_only_acc", "real_shot_acc", "adapt_s", "synth_s",
-            "images_per_s", "speedup", "speedup_same_precision"]
+            "fid_gap_pct_mean", "fid_gap_pct_std", "images_per_s", "speedup", "speedup_same_precision"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols))

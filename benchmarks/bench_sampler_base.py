@@ -28,6 +28,14 @@ VARIANTS = {  # name -> (sampler, steps, DPMSolverMultistepScheduler overrides)
     "dpm++ 20, trailing spacing": ("dpmsolver++", 20, {"timestep_spacing": "trailing"}),
     "dpm++ 20, third order": ("dpmsolver++", 20, {"solver_order": 3}),
     "dpm++ 20, no lambda clipping": ("dpmsolver++", 20, {"lambda_min_clipped": -float("inf")}),
+    # without clipping x0 (DDIM does not clip): from the lambda of DDIM 50's first step (t = 980, -3.5), or not
+    "dpm++ 20, no thresholding": ("dpmsolver++", 20, {"thresholding": False}),
+    "dpm++ 20, no thresholding, lambda clip -3.5": ("dpmsolver++", 20, {"thresholding": False,
+                                                                        "lambda_min_clipped": -3.5}),
+    "dpm++ 20, log-SNR, no thresholding, lambda clip -3.5": ("dpmsolver++", 20, {
+        "thresholding": False, "lambda_min_clipped": -3.5, "use_lu_lambdas": True}),
+    "dpm++ 20, leading spacing, no thresholding": ("dpmsolver++", 20, {"thresholding": False,
+                                                                       "timestep_spacing": "leading"}),
 }
 
 
@@ -37,7 +45,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/bench_sampler_base.json")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                   help="run only these (ddim 50 always runs); rows of the same generator and --per-class "
+                        "already in --out are kept")
     args = p.parse_args(argv)
+    run = ["ddim 50", *[v for v in args.variants if v != "ddim 50"]] if args.variants else list(VARIANTS)
     torch.set_num_threads(args.threads)
 
     from diffusers import DPMSolverMultistepScheduler
@@ -61,7 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     build = diffusion.build_sampler
     rows = []
     print(f"{len(classes)} base classes x {args.per_class} images; {len(real)} real images")
-    for name, (sampler, steps, overrides) in VARIANTS.items():
+    for name in run:
+        sampler, steps, overrides = VARIANTS[name]
         def variant(noise_scheduler, s, overrides=overrides):
             if s != "dpmsolver++" or not overrides:
                 return build(noise_scheduler, s)
@@ -82,12 +95,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "seconds": round(time.time() - t, 1)})
         print(f"{name:<50} FID {rows[-1]['fid']:>8.2f}  KID {rows[-1]['kid']:>10.2f}  {rows[-1]['seconds']:>6.1f}s",
               flush=True)
-    ref = rows[0]["fid"]
+    out = Path(args.out)
+    if args.variants and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("generator") == args.generator and old.get("per_class") == args.per_class:
+            ran = {r["variant"] for r in rows}
+            rows = [r for r in old["rows"] if r["variant"] not in ran] + rows
+            rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+    ref = next(r["fid"] for r in rows if r["variant"] == "ddim 50")
     for r in rows:
         if "fid" in r:
             r["fid_vs_ddim50_pct"] = round(100 * (r["fid"] / ref - 1), 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"generator": args.generator, "per_class": args.per_class,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"generator": args.generator, "per_class": args.per_class,
                                           "classes": [names[c] for c in classes], "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return rows

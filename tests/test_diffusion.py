@@ -211,3 +211,12 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache/synthetic").glob("*/images/*/*.png"))) == 5 * 2
     assert main(["generate", "generate", "generator.cond_mode=class", "--zero-shot", "--out",
                  str(tmp_path / "zs"), "--quiet"]) == 2  # zero-shot needs a name-conditioned model
+
+    def pngs(cache):
+        return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.glob("synthetic/*/images/*/*.png"))}
+
+    # one sampling stream writes the bytes the default (one per CPU thread) wrote
+    monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache1"))
+    assert main([*argv[:-3], "synthesis.streams=1", "--out", str(tmp_path / "run1"), "--quiet"]) == 0
+    assert pngs(tmp_path / "cache1") == pngs(tmp_path / "cache") and len(pngs(tmp_path / "cache")) == 10
+    assert main([*argv[:-3], "synthesis.streams=0", "--out", str(tmp_path / "run0"), "--quiet"]) == 2

@@ -17,7 +17,7 @@ from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec
 from fewgen.synthesis.sharding import shard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_worker import sample_fn_for, spec_for, tiny_generator  # noqa: E402
+from synth_worker import sample_fn_for, spec_for, tiny_generator, toy_few_shot  # noqa: E402
 
 WORKER = Path(__file__).parent / "synth_worker.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -136,8 +136,6 @@ def test_resume_after_kill_matches_uninterrupted_run(reference, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_write_the_same_bytes_as_one(reference, tmp_path):
-    from synth_worker import toy_few_shot
-
     from fewgen.generators.datadream import DataDreamConfig, train_datadream
 
     ref_root, gen = reference[0], reference[1]
@@ -196,3 +194,65 @@ def test_cache_entry_created_by_many_workers_at_once(tmp_path):
     assert errors == []
     entries = list((tmp_path / "synthetic").iterdir())
     assert len(entries) == 40 and all(sorted(p.name for p in e.iterdir()) == ["key.json"] for e in entries)
+
+
+def test_parallel_streams_write_the_same_bytes_as_one(tmp_path):
+    """Three in-process streams, each with its own copy of a generator whose ``cls`` adapter
+    switches LoRA weights per class, write the bytes one stream writes; torch's thread count is
+    split among the streams and restored."""
+    from fewgen.generators.datadream import DataDreamConfig, train_datadream
+    from fewgen.generators.steps import pixel_sample_fn
+
+    gen = tiny_generator()
+    adapter = train_datadream(gen, toy_few_shot(), DataDreamConfig(mode="cls", rank=2, alpha=2.0, steps_per_class=2,
+                                                                   batch_size=2))
+    spec = SynthesisSpec(generator_key="tiny-test", class_names=adapter.class_names, prompts=adapter.class_names,
+                         per_class=6, image_shape=(1, 8, 8), adapter_key=adapter.key, sampler="dpmsolver++", steps=3,
+                         guidance=2.0, chunk=2)
+    threads = torch.get_num_threads()
+    one = SynthesisCache(tmp_path / "one").synthesize(spec, pixel_sample_fn(gen, spec, adapter))
+    seen = []
+
+    def stream():
+        fn = pixel_sample_fn(gen, spec, adapter)
+        return lambda c, s: (seen.append(torch.get_num_threads()), fn(c, s))[1]
+
+    three = SynthesisCache(tmp_path / "three").synthesize(spec, [stream() for _ in range(3)])
+    assert torch.get_num_threads() == threads
+    assert set(seen) == {max(1, threads // 3)} and len(seen) == 9
+    assert set_files(tmp_path / "three") == set_files(tmp_path / "one")
+    assert torch.equal(three.images, one.images) and torch.equal(three.labels, one.labels)
+    assert len(set(one.labels.tolist())) == 3 and not torch.equal(one.images[:6], one.images[6:12])
+
+
+def test_a_failing_stream_stops_the_others_and_raises(tmp_path):
+    gen = tiny_generator()
+    spec = spec_for(gen, per_class=8)
+    calls = []
+    fn = sample_fn_for(gen, spec)
+
+    def bad(c, s):
+        calls.append(c)
+        raise FewgenError("stream broke")
+
+    def good(c, s):
+        calls.append(c)
+        time.sleep(0.05)
+        return fn(c, s)
+
+    with pytest.raises(FewgenError, match="stream broke"):
+        SynthesisCache(tmp_path).synthesize(spec, [good, bad])
+    assert len(calls) < 12  # 3 classes x 4 chunks: the good stream stopped early
+    sc = SynthesisCache(tmp_path)
+    assert sc.status(spec)["valid"] == len(calls) - 1  # every finished chunk kept for the resume
+    done = sc.synthesize(spec, fn)
+    assert len(done) == 24
+
+
+def test_sampling_streams_default_and_bad_value():
+    from fewgen.generators.steps import sampling_streams
+
+    assert sampling_streams(None, "cpu") == min(8, torch.get_num_threads())
+    assert sampling_streams(None, "cuda") == 1 and sampling_streams(3, "cpu") == 3
+    with pytest.raises(FewgenError, match="synthesis.streams must be >= 1"):
+        sampling_streams(0, "cpu")

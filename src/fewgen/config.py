@@ -260,6 +260,9 @@ class SynthesisConfig:
     chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch)")
     precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "
                          "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.dtype")
+    streams: int | None = opt(None, "parallel sampling streams in each process, each a copy of the pixel "
+                              "generator with an equal share of the CPU threads (bytes unchanged); default: one "
+                              "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion")
     zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
     grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none")
     import_dir: str | None = opt(None, "folder <dir>/<class>/*.png|jpg of images made elsewhere, read by the "

@@ -201,6 +201,16 @@ def pixel_sample_fn(gen, spec, adapter=None):
     return fn
 
 
+def sampling_streams(streams: int | None, device) -> int:
+    """Parallel sampling streams for the pixel generator: ``streams`` if given, else one per torch
+    CPU thread (at most 8) on CPU and 1 on GPU."""
+    if streams is not None:
+        if streams < 1:
+            raise FewgenError(f"synthesis.streams must be >= 1, got {streams}")
+        return streams
+    return 1 if torch.device(device).type != "cpu" else max(1, min(8, torch.get_num_threads()))
+
+
 @STEPS.register("synthesize")
 def step_synthesize(run: Run) -> None:
     from fewgen.synthesis.cache import SynthesisCache
@@ -221,7 +231,10 @@ def step_synthesize(run: Run) -> None:
             if hasattr(gen, "synthesis_sample_fn"):
                 fn = gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape)
             else:
-                fn = pixel_sample_fn(gen, spec, adapter)
+                streams = sampling_streams(s.streams, gen.device)
+                fn = [pixel_sample_fn(gen, spec, adapter) for _ in range(streams)]
+                if streams > 1 and not store.cache.is_done(store.path(spec)):
+                    run.log(f"sampling seed {seed}, {k}-shot in {streams} parallel streams (synthesis.streams)")
             ds = store.synthesize(spec, fn, ctx, run.log)
             ds.name = f"synthetic/{'zero-shot' if zero_shot else 'datadream-' + run.cfg.generator.adapt_mode}" \
                       f"/s{seed}-k{k}"

@@ -14,6 +14,8 @@ renamed into place a record ``chunks/<class>_<chunk>.json`` lists their sha256; 
 without a valid record (killed mid-way, file corrupted or deleted) is generated again. When
 every chunk is done, ``manifest.json`` lists file, class, per-image seed and sha256 and the
 entry is marked ``done``. Reading a finished set verifies every file against the manifest.
+Chunks can also run in parallel streams within a process (:func:`parallel_streams`), which
+changes neither a chunk's batch nor its bytes.
 """
 
 from __future__ import annotations
@@ -114,6 +116,54 @@ def read_png(path: Path, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def parallel_streams(items: Sequence[Any], workers: Sequence[Any], run: Callable[[Any, Any], None],
+                     progress: Callable[[int], None] | None = None) -> None:
+    """``run(worker, item)`` for every item, one thread per worker, each taking the next item.
+
+    With more than one worker, torch's CPU threads are split evenly among them for the duration
+    (on 2 cores, 2 streams of 1 thread sample the 1.5 M-parameter UNet 1.25x faster than one
+    stream of 2: its convolutions are too small to keep two threads busy). ``progress(n)`` is
+    called after each item with the number done. The first error stops the other workers after
+    their current item and is raised.
+    """
+    import threading
+
+    if len(workers) <= 1:
+        for n, item in enumerate(items):
+            run(workers[0], item)
+            if progress:
+                progress(n + 1)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    queue, lock, failed, done = iter(items), threading.Lock(), threading.Event(), [0]
+
+    def loop(worker) -> None:
+        while not failed.is_set():
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            try:
+                run(worker, item)
+            except BaseException:
+                failed.set()
+                raise
+            with lock:
+                done[0] += 1
+                if progress:
+                    progress(done[0])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // len(workers)))
+    try:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            for f in [pool.submit(loop, w) for w in workers]:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
 class SynthesisCache:
     """Synthetic sets in ``<root>/synthetic/<key>``: create, resume, verify, read."""
 
@@ -175,11 +225,15 @@ class SynthesisCache:
                 bad.append(f["file"])
         return bad
 
-    def synthesize(self, spec: SynthesisSpec, sample_fn: SampleFn | None, ctx: ProcessContext | None = None,
-                   log: Callable[[str], None] | None = None) -> ArrayDataset:
+    def synthesize(self, spec: SynthesisSpec, sample_fn: SampleFn | Sequence[SampleFn] | None,
+                   ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> ArrayDataset:
         """The set ``spec`` describes: read from the cache, or generated (resuming per chunk, each
         process doing its shard of chunks) and then read. ``sample_fn`` may be None only when the
-        set is complete on disk."""
+        set is complete on disk.
+
+        A list of sample functions (each with its own copy of the model) runs that many parallel
+        streams in this process, each taking the next chunk and using an equal share of torch's
+        CPU threads (see :func:`parallel_streams`); a chunk's bytes do not depend on the stream."""
         ctx = ctx or ProcessContext()
         entry = self.cache.entry(self.kind, spec.parts())
         if self.cache.is_done(entry):
@@ -193,14 +247,17 @@ class SynthesisCache:
                 (entry / "done").unlink(missing_ok=True)
             ctx.barrier()
         todo = [(c, j) for c, j in shard(spec.chunks(), ctx.rank, ctx.world) if not self._chunk_ok(entry, c, j)]
-        if todo and sample_fn is None:
+        fns = [] if sample_fn is None else list(sample_fn) if isinstance(sample_fn, (list, tuple)) else [sample_fn]
+        if todo and not fns:
             raise FewgenError(f"synthetic set {entry} is incomplete and no generator was given to finish it")
         t0 = time.time()
-        for n, (c, j) in enumerate(todo):
-            self._run_chunk(entry, spec, c, j, sample_fn)
-            if log and (n + 1) % max(1, len(todo) // 10) == 0:
-                log(f"synthetic set {entry.name}: {n + 1}/{len(todo)} chunks on rank {ctx.rank} "
-                    f"({time.time() - t0:.0f}s)")
+
+        def progress(n: int) -> None:
+            if log and n % max(1, len(todo) // 10) == 0:
+                log(f"synthetic set {entry.name}: {n}/{len(todo)} chunks on rank {ctx.rank} ({time.time() - t0:.0f}s)")
+
+        if todo:
+            parallel_streams(todo, fns[:len(todo)], lambda fn, cj: self._run_chunk(entry, spec, *cj, fn), progress)
         ctx.barrier()
         if ctx.is_main:
             self._finish(entry, spec)
