@@ -9,9 +9,10 @@ against held-out real images of the same classes (the images outside the 5-shot 
 * accuracy on the held-out real images of a logistic regression trained on features of the
   synthetic images only (all-way over the chosen classes; chance = 1 / classes).
 
-Sampler check: DPM-Solver++ with 20 steps, on time-uniform steps (``dpmsolver++``) and on steps
-uniform in log-SNR (``dpmsolver++-logsnr``), against DDIM with 50 on the same
-adapter; each also sampled with the UNet in bfloat16 (``synthesis.precision``).
+Sampler check: DPM-Solver++ with 20 steps (``--sampler-candidates``: time-uniform steps
+``dpmsolver++``, steps uniform in log-SNR ``dpmsolver++-logsnr``, or time-uniform without lambda
+clipping ``dpmsolver++-full``) against DDIM with 50 on the same adapter, per synthesis seed
+(``--sampler-seeds``); each also sampled with the UNet in bfloat16 (``synthesis.precision``).
 
 Speed, against the reference way (DataDream's ``generate.py``: for each class, reload the
 generator from disk, load that class's LoRA file with diffusers' ``load_lora_adapter`` and
@@ -51,7 +52,7 @@ from fewgen.generators.datadream import (
     DataDreamConfig,
     train_datadream,
 )
-from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
+from fewgen.generators.diffusion import SAMPLERS, DiffusionConfig, DiffusionGenerator
 from fewgen.generators.steps import dataset_digest, pixel_sample_fn, sampling_streams
 from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec, write_png
 
@@ -140,8 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps for the quality sets")
     p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 (both step spacings) on dset "
-                   "at the last K")
+    p.add_argument("--sampler-check", action="store_true", help="DDIM 50 vs DPM-Solver++ 20 on dset at the last K, "
+                   "float32 and bfloat16")
+    p.add_argument("--sampler-candidates", nargs="+", default=["dpmsolver++", "dpmsolver++-logsnr"],
+                   choices=[s for s in SAMPLERS if s != "ddim"], help="the 20-step samplers the check compares")
     p.add_argument("--sampler-seeds", type=int, nargs="+", default=[0],
                    help="synthesis seeds of the sampler check (each a new set of initial noises); FID gaps are "
                         "reported per seed and as mean and std over seeds")
@@ -249,9 +252,8 @@ def main(argv=None) -> int:
             ad, _ = get_adapter(cache, gen, few, DataDreamConfig(mode="dset", rank=args.rank, alpha=float(args.rank),
                                                                  steps_per_class=args.steps_per_class,
                                                                  batch_size=args.adapt_batch, lr=args.adapt_lr), log)
-        combos = [("ddim", 50, "float32"), ("dpmsolver++", 20, "float32"), ("ddim", 50, "bfloat16"),
-                  ("dpmsolver++", 20, "bfloat16"), ("dpmsolver++-logsnr", 20, "float32"),
-                  ("dpmsolver++-logsnr", 20, "bfloat16")]
+        combos = [("ddim", 50, "float32"), ("ddim", 50, "bfloat16"),
+                  *[(s, args.steps, prec) for s in args.sampler_candidates for prec in ("float32", "bfloat16")]]
         n_pc = args.sampler_per_class or args.per_class
         fids: dict[tuple, list[float]] = {}
         for seed in args.sampler_seeds:

@@ -4,8 +4,9 @@ The base generator samples 20 unrotated Omniglot base classes (every 33rd of the
 split's base characters), ``--per-class`` images each from fixed seeds, with DDIM 50 steps and
 with DPM-Solver++ 20 steps under several diffusers settings; each set's FID/KID is measured
 against the real images of those classes with the omniglot preset's Conv-4 as feature network.
-The variant closest to DDIM 50 became the sampler ``dpmsolver++-logsnr``; the novel-class check
-is ``bench_generators.py --sampler-check``. Prints a table and writes JSON:
+The two variants within 2.5% of DDIM 50 became the samplers ``dpmsolver++-logsnr`` and
+``dpmsolver++-full`` (no lambda clipping); the novel-class check is
+``bench_generators.py --sampler-check --sampler-candidates ...``. Prints a table and writes JSON:
 
     G=~/.cache/fewgen/generators/<key>   # fewgen run datadream 'pipeline=[generator]'
     FEWGEN_DATA=../shared/data python benchmarks/bench_sampler_base.py --generator $G
@@ -36,6 +37,11 @@ VARIANTS = {  # name -> (sampler, steps, DPMSolverMultistepScheduler overrides)
         "thresholding": False, "lambda_min_clipped": -3.5, "use_lu_lambdas": True}),
     "dpm++ 20, leading spacing, no thresholding": ("dpmsolver++", 20, {"thresholding": False,
                                                                        "timestep_spacing": "leading"}),
+    # over the full noise range: no lambda clipping, with the other step spacings
+    "dpm++ 20, karras sigmas, no lambda clipping": ("dpmsolver++", 20, {"use_karras_sigmas": True,
+                                                                        "lambda_min_clipped": -float("inf")}),
+    "dpm++ 20, log-SNR, no lambda clipping": ("dpmsolver++", 20, {"use_lu_lambdas": True,
+                                                                  "lambda_min_clipped": -float("inf")}),
 }
 
 
@@ -46,10 +52,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/bench_sampler_base.json")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
-                   help="run only these (ddim 50 always runs); rows of the same generator and --per-class "
-                        "already in --out are kept")
+                   help="run only these (and ddim 50 unless --out has it); rows of the same generator and "
+                        "--per-class already in --out are kept")
     args = p.parse_args(argv)
-    run = ["ddim 50", *[v for v in args.variants if v != "ddim 50"]] if args.variants else list(VARIANTS)
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if args.variants and out.exists() else {}
+    if old.get("generator") != args.generator or old.get("per_class") != args.per_class:
+        old = {}
+    have_ref = any(r["variant"] == "ddim 50" for r in old.get("rows", []))
+    run = [*([] if have_ref else ["ddim 50"]), *[v for v in args.variants if v != "ddim 50"]] \
+        if args.variants else list(VARIANTS)
     torch.set_num_threads(args.threads)
 
     from diffusers import DPMSolverMultistepScheduler
@@ -95,13 +107,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "seconds": round(time.time() - t, 1)})
         print(f"{name:<50} FID {rows[-1]['fid']:>8.2f}  KID {rows[-1]['kid']:>10.2f}  {rows[-1]['seconds']:>6.1f}s",
               flush=True)
-    out = Path(args.out)
-    if args.variants and out.exists():
-        old = json.loads(out.read_text())
-        if old.get("generator") == args.generator and old.get("per_class") == args.per_class:
-            ran = {r["variant"] for r in rows}
-            rows = [r for r in old["rows"] if r["variant"] not in ran] + rows
-            rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+    if old:
+        ran = {r["variant"] for r in rows}
+        rows = [r for r in old["rows"] if r["variant"] not in ran] + rows
+        rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
     ref = next(r["fid"] for r in rows if r["variant"] == "ddim 50")
     for r in rows:
         if "fid" in r:

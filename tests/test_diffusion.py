@@ -10,7 +10,7 @@ import torch
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
-from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
+from fewgen.generators.diffusion import SAMPLERS, DiffusionConfig, DiffusionGenerator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_worker import TINY, tiny_generator  # noqa: E402
@@ -39,12 +39,13 @@ def test_fit_lowers_loss_and_sampling_is_seeded():
     assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
     labels = torch.tensor([0, 1, 2, -1])
     out = {}
-    for sampler in ("ddim", "dpmsolver++", "dpmsolver++-logsnr"):
+    for sampler in SAMPLERS:
         a = gen.sample(labels, seed=3, steps=3, guidance=2.0, sampler=sampler)
         b = gen.sample(labels, seed=3, steps=3, guidance=2.0, sampler=sampler)
         assert a.dtype == torch.uint8 and a.shape == (4, 1, 8, 8) and torch.equal(a, b)
         out[sampler] = a
     assert not torch.equal(out["dpmsolver++"], out["dpmsolver++-logsnr"])  # the step spacing differs
+    assert not torch.equal(out["dpmsolver++"], out["dpmsolver++-full"])  # the first step starts from t = T
     c = gen.sample(labels, seed=4, steps=3)
     assert not torch.equal(c, gen.sample(labels, seed=3, steps=3))
     f = gen.sample(labels, seed=3, steps=3, output="float")
@@ -88,7 +89,10 @@ def test_ddim_does_not_clip_x0_and_its_sets_get_a_new_key():
     from fewgen.generators.diffusion import build_noise_scheduler, build_sampler
     from fewgen.synthesis.cache import SynthesisSpec
 
-    assert build_sampler(build_noise_scheduler(DiffusionConfig(**TINY)), "ddim").config.clip_sample is False
+    noise = build_noise_scheduler(DiffusionConfig(**TINY))
+    assert build_sampler(noise, "ddim").config.clip_sample is False
+    assert build_sampler(noise, "dpmsolver++").config.lambda_min_clipped == -5.1
+    assert build_sampler(noise, "dpmsolver++-full").config.lambda_min_clipped == -float("inf")
     spec = dict(generator_key="g", class_names=["a"], prompts=["a"], per_class=2, image_shape=(1, 8, 8))
     assert SynthesisSpec(sampler="ddim", **spec).parts()["sampler_revision"] == 2
     assert "sampler_revision" not in SynthesisSpec(sampler="dpmsolver++", **spec).parts()

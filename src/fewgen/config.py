@@ -252,8 +252,8 @@ class SynthesisConfig:
     """Synthetic images of the novel classes (fewgen.synthesis): sampler, count, cache."""
 
     synthetic_per_class: int = opt(20, "synthetic images per novel class")
-    sampler: str = opt("dpmsolver++", "ddim, dpmsolver++ (time-uniform steps) or dpmsolver++-logsnr "
-                       "(steps uniform in log-SNR)")
+    sampler: str = opt("dpmsolver++", "ddim, dpmsolver++ (time-uniform steps), dpmsolver++-logsnr "
+                       "(steps uniform in log-SNR) or dpmsolver++-full (no lambda clipping near t = T)")
     steps: int = opt(25, "sampling steps")
     guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)")
     seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")

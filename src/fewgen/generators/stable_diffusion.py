@@ -129,7 +129,7 @@ class StableDiffusionGenerator:
         cfg = self._train_scheduler.config
         if sampler == "ddim":
             self.pipe.scheduler = DDIMScheduler.from_config(cfg)
-        elif sampler in ("dpmsolver++", "dpmsolver++-logsnr"):
+        elif sampler in SAMPLERS[1:]:  # no lambda clipping to turn off ("-full"): SD's schedule keeps alpha_bar > 0
             self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(
                 cfg, algorithm_type="dpmsolver++", use_lu_lambdas=sampler == "dpmsolver++-logsnr")
         else:
