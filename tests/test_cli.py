@@ -84,6 +84,16 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "r").exists()  # nothing written
 
 
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    # `fewgen run demo --out r key=value`: the override is applied (here: rejected by name), not dropped
+    assert main(["run", "demo", "--out", str(tmp_path / "r"), "--quiet", "pretrain.epoch=3"]) == 2
+    assert "unknown config key 'pretrain.epoch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a stray word is still an argparse error
+        main(["run", "demo", "--out", str(tmp_path / "r"), "stray"])
+    assert e.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fewgen.cli", "run", "demo", "data.dataset=nosuch",
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
