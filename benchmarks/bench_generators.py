@@ -19,8 +19,9 @@ generator from disk, load that class's LoRA file with diffusers' ``load_lora_ada
 generate its images in batches of ``--ref-batch``, 10 as in DataDream): fewgen loads once,
 switches per-class LoRA weights in memory, and generates chunks of ``--chunk`` images through
 the synthesis cache, in one stream and in ``--streams`` parallel streams (``synthesis.streams``,
-default one per thread, each with its own copy of the generator; the bytes must not change). Both run in float32 and with the UNet in bfloat16 autocast (DataDream
-itself samples in float16 on its GPUs); ``speedup`` is against the float32 reference,
+default one per thread, each with its own copy of the generator; the bytes must not change).
+Both run in float32 and with the UNet in bfloat16 autocast (DataDream itself samples in float16
+on its GPUs); ``speedup`` is against the float32 reference,
 ``speedup_same_precision`` against the reference at the same precision. Same sampler, steps
 and guidance; images per second on this machine. Every way runs ``--speed-repeats`` times,
 interleaved (reference, fewgen, reference, ...), and the table gives medians: the per-repeat
@@ -100,6 +101,7 @@ def synth(store, gen, names, per_class, shape, sampler, steps, guidance, adapter
                          steps=steps, guidance=guidance, seed=seed, chunk=chunk, precision=precision,
                          extra={"zero_shot": adapter is None})
     t = time.time()
+    streams = 1 if store.cache.is_done(store.path(spec)) else streams  # a cached set needs no model copies
     ds = store.synthesize(spec, [pixel_sample_fn(gen, spec, adapter) for _ in range(streams)])
     return ds, time.time() - t
 
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-classes", type=int, default=5)
     p.add_argument("--speed-per-class", type=int, default=40, help="DataDream generates 100+ per class")
     p.add_argument("--speed-repeats", type=int, default=3,
-                   help="timed runs of every way, interleaved; medians are reported (timings here move 10-15%%)")
+                   help="timed runs of every way, interleaved; medians are reported (timings here move 10-20%%)")
     p.add_argument("--ref-batch", type=int, default=10, help="the reference's batch (DataDream generate.py: bs=10)")
     p.add_argument("--chunk", type=int, default=40, help="fewgen's images per chunk (synthesis.chunk)")
     p.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")

@@ -232,9 +232,11 @@ def step_synthesize(run: Run) -> None:
                 fn = gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape)
             else:
                 streams = sampling_streams(s.streams, gen.device)
-                fn = [pixel_sample_fn(gen, spec, adapter) for _ in range(streams)]
-                if streams > 1 and not store.cache.is_done(store.path(spec)):
+                if store.cache.is_done(store.path(spec)):
+                    streams = 1  # a cached set: no model copies; a corrupt file is regenerated in one stream
+                elif streams > 1:
                     run.log(f"sampling seed {seed}, {k}-shot in {streams} parallel streams (synthesis.streams)")
+                fn = [pixel_sample_fn(gen, spec, adapter) for _ in range(streams)]
             ds = store.synthesize(spec, fn, ctx, run.log)
             ds.name = f"synthetic/{'zero-shot' if zero_shot else 'datadream-' + run.cfg.generator.adapt_mode}" \
                       f"/s{seed}-k{k}"
