@@ -103,21 +103,23 @@ def generator_diagnostics(cache_dir: str, data_root: str | None, image_size: int
 def rows_from_cache(cache_dir: str, seeds: list[int], preset_overrides: list[str]) -> list[dict]:
     """Rows from the finished (target, seed, method) results in a cache, without training anything:
     only targets whose every method has every one of ``seeds`` done (a partial comparison)."""
-    import dataclasses
-
+    from fewgen.cache import ArtifactCache
     from fewgen.checkpoint import load_tensors
     from fewgen.config import load_config
+    from fewgen.keys import RULES
     from fewgen.learners.dg import dg_rows
 
     cfg = load_config("domainfusion", preset_overrides)
-    want = {k: v for k, v in dataclasses.asdict(cfg.domainfusion).items() if k not in ("methods", "targets")}
+    want = json.loads(json.dumps(RULES["dg-result"].fields(cfg)))
+    cache = ArtifactCache(cache_dir)
     found: dict = {}
     for key_file in Path(cache_dir, "dg-result").glob("*/key.json"):
         key = json.loads(key_file.read_text())
-        if key["settings"] != json.loads(json.dumps(want)) or not (key_file.parent / "done").exists():
+        if key.get("config") != want or not cache.ready(key_file.parent):
             continue
         tensors, meta = load_tensors(key_file.parent / "result.safetensors")
-        found[(key["method"], key["target"], key["seed"])] = (tensors["correct"].bool(), meta)
+        inputs = key["inputs"]
+        found[(inputs["method"], inputs["target"], inputs["seed"])] = (tensors["correct"].bool(), meta)
     methods = cfg.domainfusion.methods
     targets = [t for t in ("art_painting", "cartoon", "photo", "sketch")
                if all((m, t, s) in found for m in methods for s in seeds)]

@@ -54,7 +54,7 @@ from fewgen.generators.datadream import (
     train_datadream,
 )
 from fewgen.generators.diffusion import SAMPLERS, DiffusionConfig, DiffusionGenerator
-from fewgen.generators.steps import dataset_digest, pixel_sample_fn, sampling_streams
+from fewgen.generators.steps import pixel_sample_fn, sampling_streams
 from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec, write_png
 
 
@@ -82,10 +82,10 @@ def real_shot_accuracy(few, real_test, real_labels, feature_net):
 
 
 def get_adapter(cache: ArtifactCache, gen, few, dd: DataDreamConfig, log):
-    parts = {"kind": "datadream", "generator": gen.state_key(), "datadream": dd.__dict__, "few_shot": dataset_digest(few)}
+    parts = {"kind": "datadream", "generator": gen.state_key(), "datadream": dd.__dict__, "few_shot": few.digest()}
     entry = cache.entry("adapters", parts)
-    if cache.is_done(entry):  # the training time recorded when it was made
-        return DataDreamAdapter.load(entry), json.loads((entry / "done").read_text()).get("train_s", 0.0)
+    if cache.ready(entry, log):  # the training time recorded when it was made
+        return DataDreamAdapter.load(entry), cache.done_info(entry).get("train_s", 0.0)
     t = time.time()
     ad = train_datadream(gen, few, dd, log=log)
     ad.save(entry)

@@ -15,9 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def requires_data(*parts: str):
-    """Skip unless ``<data root>/<parts...>`` exists (CI has ../shared/data beside the clone)."""
+    """Mark a test ``data`` and skip it unless ``<data root>/<parts...>`` exists (CI has
+    ../shared/data beside the clone); ``pytest -m "not data"`` leaves them all out."""
     path = DATA_ROOT.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (set FEWGEN_DATA)")
+    skip = pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (set FEWGEN_DATA)")
+
+    def mark(test):
+        return pytest.mark.data(skip(test))
+
+    return mark
 
 
 @pytest.fixture

@@ -40,7 +40,10 @@ def test_run_demo_writes_a_complete_run(tmp_path, capsys):
         if not r.get("all_way"):
             assert r["episodes"] == 60 and r["accuracy"] > 20 + r["ci95"]  # above 5-way chance
     assert len(list((run / "episodes").glob("*.npz"))) == 4
-    assert "accuracy" in capsys.readouterr().out or True
+    assert capsys.readouterr().out == ""  # --quiet: nothing printed, everything in the log
+    log = (run / "log.txt").read_text()
+    assert "accuracy" in log and "run finished" in log and str(run) in log
+    assert not list(tmp_path.glob(".run.*"))  # the staging folder became the run
 
 
 def test_same_seed_same_metrics_with_fresh_caches(tmp_path):
@@ -60,28 +63,113 @@ def test_refuses_to_overwrite_then_overwrites(tmp_path, capsys):
     assert _run(tmp_path, extra=["--overwrite"]) == 0
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["run", "demo", "data.dataset=nosuch"], "unknown dataset 'nosuch'"),
-        (["run", "dmeo"], "unknown preset 'dmeo'. Did you mean 'demo'?"),
-        (["run", "demo", "pretrain.epoch=3"], "unknown config key 'pretrain.epoch'. Did you mean 'pretrain.epochs'?"),
-        (["run", "demo", "pretrain.epochs=many"], "config key 'pretrain.epochs' expects int"),
-        (["run", "demo", "eval.n_ways=[7]"], "n_way=7 is larger than the number of novel classes (5)"),
-        (["run", "demo", "eval.n_shots=[0]"], "n_shot must be at least 1"),
-        (["run", "demo", "eval.n_shots=[175]"], "fewer than n_shot + n_query"),
-        (["run", "demo", "pipeline=[pretrain,nosuchstep]"], "unknown pipeline step 'nosuchstep'"),
-        (["run", "missing.yaml"], "config file missing.yaml does not exist"),
-    ],
-)
-def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
-    code = main([*argv, "--out", str(tmp_path / "r")])
+NOT_UTF8 = "name: latin\npretrain:\n  epochs: 1\n# caf\xe9\n".encode("latin-1")
+
+
+def _bad_cases():
+    import torch
+
+    cases = [
+        (["data.dataset=nosuch"], "unknown dataset 'nosuch'"),
+        (["pretrain.epoch=3"], "unknown config key 'pretrain.epoch'. Did you mean 'pretrain.epochs'?"),
+        (["pretrain.epochs=many"], "config key 'pretrain.epochs' expects int"),
+        (["eval.n_ways=[7]"], "n_way=7 is larger than the number of novel classes (5)"),
+        (["eval.n_shots=[0]"], "config key 'eval.n_shots' must be at least 1, got 0"),
+        (["eval.n_shots=[175]"], "fewer than n_shot + n_query"),
+        (["pipeline=[pretrain,nosuchstep]"], "unknown pipeline step 'nosuchstep'"),
+        (["device=tpu"], "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+        (["eval.episodes=0"], "config key 'eval.episodes' must be at least 1, got 0"),
+        (["eval.episodes=-5"], "config key 'eval.episodes' must be at least 1, got -5"),
+        (["seeds=[]"], "config key 'seeds' must list at least one value, got []"),
+        (["pretrain.batch_size=0"], "config key 'pretrain.batch_size' must be at least 1, got 0"),
+        (["pretrain.epochs=0"], "config key 'pretrain.epochs' must be at least 1, got 0"),
+        (["num_threads=-2"], "config key 'num_threads' must be at least 1, got -2"),
+        (["data.channels=2"], "config key 'data.channels': unknown value 2"),
+        (["pretrain.recipe=cee"], "unknown recipe 'cee'. Did you mean 'ce'?"),
+        (["cache_dir=/sys/fewgen-cache"], "cache folder /sys/fewgen-cache is not writable"),
+        (["--out", "/sys/fewgen-run"], "the folder of --out /sys is not writable"),
+        (["--out", "{tmp}/a-file"], "is a file, not a folder"),
+        (["--config-file", "{tmp}/latin1.yaml"], "is not UTF-8 text"),
+        (["--config-file", "{tmp}/missing.yaml"], "config file {tmp}/missing.yaml does not exist"),
+        (["--preset", "dmeo"], "unknown preset 'dmeo'. Did you mean 'demo'?"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["device=cuda"], "device=cuda but no CUDA device is available"))
+    return cases
+
+
+@pytest.mark.parametrize("extra, message", _bad_cases(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
+    (tmp_path / "a-file").write_text("not a run")
+    (tmp_path / "latin1.yaml").write_bytes(NOT_UTF8)
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    preset = "demo"
+    if extra[0] == "--config-file":
+        preset, extra = extra[1], extra[2:]
+    elif extra[0] == "--preset":
+        preset, extra = extra[1], extra[2:]
+    out_dir = tmp_path / "r"
+    if "--out" not in extra:
+        extra = [*extra, "--out", str(out_dir)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["run", preset, f"cache_dir={tmp_path / 'cache'}", *extra] if "cache_dir=" not in " ".join(extra)
+                else ["run", preset, *extra])
     out = capsys.readouterr()
     assert code == 2
     lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in lines[0], \
+        out.err
     assert "Traceback" not in out.err
-    assert not (tmp_path / "r").exists()  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no run, staging or cache
+
+
+def test_a_failing_overwrite_keeps_the_finished_run(tmp_path, capsys):
+    assert _run(tmp_path) == 0
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    assert _run(tmp_path, extra=["pretrain.recipe=cee", "--overwrite"]) == 2
+    assert "unknown recipe 'cee'" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.json").read_text() == metrics and (tmp_path / "run" / "done").exists()
+
+
+def _break_step(monkeypatch, name, exc):
+    """Make pipeline step ``name`` raise ``exc`` (``monkeypatch.undo()`` restores it)."""
+    from fewgen import pipeline
+
+    def boom(run):
+        raise exc
+
+    monkeypatch.setitem(pipeline.STEPS._items, name, boom)
+
+
+def test_interrupted_run_resumes_with_the_printed_command(tmp_path, capsys, monkeypatch):
+    """Ctrl-C mid-run: the old run is intact, the CLI prints the command, and that command works."""
+    assert _run(tmp_path) == 0
+    old = (tmp_path / "run" / "metrics.json").read_text()
+    _break_step(monkeypatch, "evaluate", KeyboardInterrupt())
+    argv = ["run", "demo", f"cache_dir={tmp_path / 'cache'}", *TINY, "pretrain.seed=1", "--out", str(tmp_path / "run"),
+            "--overwrite"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted; run the same command again to resume") and "--overwrite" in err
+    assert (tmp_path / "run" / "metrics.json").read_text() == old  # the finished run is untouched
+    monkeypatch.undo()
+    import shlex
+
+    assert main(shlex.split(err.split(": ", 1)[1])[1:]) == 0  # the printed command, as typed
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["pretrain"]["seed"] == 1 and (tmp_path / "run" / "done").exists()
+    assert "pretrained backbone from cache" in (tmp_path / "run" / "log.txt").read_text()  # resumed, not redone
+
+
+def test_a_failed_run_leaves_no_folder_and_does_not_block_a_rerun(tmp_path, capsys, monkeypatch):
+    from fewgen.errors import FewgenError
+
+    _break_step(monkeypatch, "evaluate", FewgenError("something the user must fix"))
+    assert _run(tmp_path) == 2
+    assert "error: something the user must fix" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    assert _run(tmp_path) == 0 and (tmp_path / "run" / "done").exists()
 
 
 def test_overrides_may_follow_the_options(tmp_path, capsys):
@@ -98,7 +186,8 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fewgen.cli", "run", "demo", "data.dataset=nosuch",
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: unknown dataset") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: config key 'data.dataset': unknown dataset")
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 

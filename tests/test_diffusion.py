@@ -106,13 +106,13 @@ def test_base_generator_key_ignores_adaptation_settings():
     import dataclasses
     from types import SimpleNamespace
 
-    from fewgen.config import GeneratorConfig
+    from fewgen.config import GeneratorConfig, RunConfig
     from fewgen.generators.steps import generator_parts
 
     def parts(**kw):
-        run = SimpleNamespace(cfg=SimpleNamespace(generator=dataclasses.replace(GeneratorConfig(), **kw)),
-                              data=SimpleNamespace(base=toy_data(), name="toy"))
-        return generator_parts(run)
+        cfg = RunConfig()
+        cfg.generator = dataclasses.replace(GeneratorConfig(), **kw)
+        return generator_parts(SimpleNamespace(cfg=cfg, data=SimpleNamespace(base=toy_data(), name="toy")))
 
     assert parts() == parts(adapt_steps_per_class=10, lora_rank=4, adapt_mode="cls", prompt="{}")
     assert parts() != parts(train_steps=7)

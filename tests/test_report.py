@@ -56,6 +56,22 @@ def test_report_writes_html_and_figures(tmp_path):
     assert "20-way 1-shot" in text
 
 
+@pytest.mark.parametrize("field", ["method", "domain", "classifier"])
+def test_every_cell_is_escaped(tmp_path, field):
+    """Names come from folder names (a domain folder, a class): markup in them is shown, never run."""
+    from fewgen.reports.html import write_report
+
+    run = fake_run_dir(tmp_path)
+    evil = "&<img src=x onerror=alert(1)>"
+    rows = json.loads((run / "metrics.json").read_text())["rows"]
+    rows[0][field] = evil
+    (run / "metrics.json").write_text(json.dumps({"rows": rows}))
+    (run / "synthetic_diagnostics.json").write_text(json.dumps({"seed0_1shot": {"label_fidelity": evil}}))
+    text = write_report(run).read_text()
+    assert "<img src=x" not in text and "onerror=alert(1)>" not in text
+    assert "&amp;&lt;img src=x onerror=alert(1)&gt;" in text
+
+
 def test_report_of_a_foundation_only_run(tmp_path):
     """A run with frozen-feature rows only (e.g. demo) still gets a page: table, results, curves."""
     from fewgen.reports.html import write_report

@@ -120,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     except FewgenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not fewgen: a full disk, a folder that became unwritable
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; free space or fix the permissions, then run the same command "
+              "again (finished steps are cached)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the cache", file=sys.stderr)
+        import shlex
+
+        command = shlex.join(["fewgen", *(argv if argv is not None else sys.argv[1:])])
+        print(f"interrupted; run the same command again to resume from the cache: {command}", file=sys.stderr)
         return 130
 
 

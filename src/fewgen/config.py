@@ -21,19 +21,27 @@ import yaml
 from fewgen.errors import FewgenError
 
 
-def opt(default: Any, help: str) -> Any:  # noqa: A002
-    """A dataclass field with a default (copied if mutable) and help text."""
+def opt(default: Any, help: str, *, min: float | None = None, gt: float | None = None,  # noqa: A002
+        max: float | None = None, choices: tuple | str | None = None, nonempty: bool = False) -> Any:
+    """A dataclass field with a default (copied if mutable), help text and the values it admits.
+
+    ``min`` / ``gt`` / ``max`` bound a number (each element of a list); ``choices`` is a tuple of
+    values or the name of a vocabulary the runner resolves (a registry: ``"dataset"``, ...);
+    ``nonempty`` asks a list for at least one element. ``None`` always passes where the type allows
+    it. :func:`check_values` enforces them before a run writes anything.
+    """
+    meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "nonempty": nonempty}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("digits", "registered dataset (fewgen datasets lists them)")
+    dataset: str = opt("digits", "registered dataset (fewgen datasets lists them)", choices="dataset")
     root: str | None = opt(None, "data root with one folder per dataset (default $FEWGEN_DATA, else ./data); for imagefolder the folder itself")
-    image_size: int | None = opt(None, "square image side; the dataset's default when null")
-    channels: int | None = opt(None, "1 or 3 (imagefolder only)")
+    image_size: int | None = opt(None, "square image side; the dataset's default when null", min=4)
+    channels: int | None = opt(None, "1 or 3 (imagefolder only)", choices=(1, 3))
     download: bool = opt(False, "download official files when missing (omniglot)")
     base_classes: list[str] | None = opt(None, "override the base classes by name")
     val_classes: list[str] | None = opt(None, "override the validation classes by name")
@@ -42,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = opt("conv4", "registered backbone: conv4, conv4-wide, resnet12, resnet12-small")
+    name: str = opt("conv4", "registered backbone: conv4, conv4-wide, resnet12, resnet12-small", choices="backbone")
     kwargs: dict[str, Any] = opt({}, "extra constructor arguments")
 
 
@@ -55,49 +63,49 @@ class IERConfig:
     invariant_weight: float = opt(1.0, "weight of the memory-bank contrastive loss (head f_Omega)")
     distill_weight: float = opt(1.0, "weight of the teacher terms (KL on class/transformation heads, L2 on f_Omega) in generations >= 1")
     distill_feature_weight: float = opt(0.0, "extra L2 between student and teacher backbone features (the official code uses it; not in the paper's equations)")
-    transforms: list[str] = opt(["rotate"], "transformation families whose product is the equivariance set: rotate (4), flip (2), crop (4), affine (4)")
-    num_views: int | None = opt(None, "views per image per step, the identity included (default: every transformation); bounds memory")
-    temperature: float = opt(1.0, "temperature of the contrastive loss (official code: 1.0)")
-    bank_negatives: int = opt(6400, "negatives drawn from the memory bank per step (official: 6400)")
-    feature_dim: int = opt(64, "output size of the contrastive head f_Omega")
-    bank_momentum: float = opt(0.99, "momentum of the memory-bank update")
-    head_hidden: int | None = opt(None, "hidden width of the f_Psi / f_Omega MLPs (default: backbone feature size)")
-    rotation_classes: str = opt("relabel", "with pretrain.rotation_classes and rotate in transforms: relabel (each rotated view of an unrotated base image is labelled with its rotation class, as CE sees them) or drop (train on the unrotated base classes only; rotations are just the transformations)")
-    generations: int = opt(1, "distillation generations after the first model (ier-distill)")
-    distill_temperature: float = opt(4.0, "temperature of the distillation KL terms")
+    transforms: list[str] = opt(["rotate"], "transformation families whose product is the equivariance set: rotate (4), flip (2), crop (4), affine (4)", choices=("rotate", "flip", "crop", "affine"), nonempty=True)
+    num_views: int | None = opt(None, "views per image per step, the identity included (default: every transformation); bounds memory", min=1)
+    temperature: float = opt(1.0, "temperature of the contrastive loss (official code: 1.0)", gt=0)
+    bank_negatives: int = opt(6400, "negatives drawn from the memory bank per step (official: 6400)", min=1)
+    feature_dim: int = opt(64, "output size of the contrastive head f_Omega", min=1)
+    bank_momentum: float = opt(0.99, "momentum of the memory-bank update", min=0, max=1)
+    head_hidden: int | None = opt(None, "hidden width of the f_Psi / f_Omega MLPs (default: backbone feature size)", min=1)
+    rotation_classes: str = opt("relabel", "with pretrain.rotation_classes and rotate in transforms: relabel (each rotated view of an unrotated base image is labelled with its rotation class, as CE sees them) or drop (train on the unrotated base classes only; rotations are just the transformations)", choices=("relabel", "drop"))
+    generations: int = opt(1, "distillation generations after the first model (ier-distill)", min=0)
+    distill_temperature: float = opt(4.0, "temperature of the distillation KL terms", gt=0)
 
 
 @dataclass
 class PretrainConfig:
-    recipe: str = opt("ce", "base-class pretraining recipe")
-    epochs: int = opt(10, "training epochs over the base classes")
-    batch_size: int = opt(128, "images per step")
-    optimizer: str = opt("sgd", "sgd or adam")
-    lr: float = opt(0.05, "peak learning rate (cosine schedule)")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "weight decay")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
-    augment: list[str] = opt(["crop"], "kornia augmentations: crop, resized_crop, flip, affine, color")
+    recipe: str = opt("ce", "base-class pretraining recipe", choices="recipe")
+    epochs: int = opt(10, "training epochs over the base classes", min=1)
+    batch_size: int = opt(128, "images per step", min=1)
+    optimizer: str = opt("sgd", "sgd or adam", choices=("sgd", "adam"))
+    lr: float = opt(0.05, "peak learning rate (cosine schedule)", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", min=0)
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", min=0, max=0.99)
+    augment: list[str] = opt(["crop"], "kornia augmentations: crop, resized_crop, flip, affine, color", choices="augmentation")
     rotation_classes: bool = opt(True, "add the 90-degree rotations of base classes as new classes (Vinyals et al.)")
-    val_every: int = opt(1, "epochs between validation few-shot evaluations (model selection)")
-    val_episodes: int = opt(300, "validation episodes (on val classes only)")
-    val_n_way: int = opt(5, "validation episode ways (capped at the number of val classes)")
-    val_n_shot: int = opt(1, "validation episode shots")
+    val_every: int = opt(1, "epochs between validation few-shot evaluations (model selection)", min=1)
+    val_episodes: int = opt(300, "validation episodes (on val classes only)", min=1)
+    val_n_way: int = opt(5, "validation episode ways (capped at the number of val classes)", min=2)
+    val_n_shot: int = opt(1, "validation episode shots", min=1)
     seed: int = opt(0, "seed of the pretraining run")
-    max_steps_per_epoch: int | None = opt(None, "cap steps per epoch (quick tests)")
+    max_steps_per_epoch: int | None = opt(None, "cap steps per epoch (quick tests)", min=1)
     ier: IERConfig = field(default_factory=IERConfig)
 
 
 @dataclass
 class EvalConfig:
-    n_ways: list[int] = opt([5], "episode ways")
-    n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K)")
-    n_query: int = opt(15, "queries per class per episode")
-    episodes: int = opt(600, "episodes per (seed, N, K)")
-    classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto")
+    n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True)
+    n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K)", min=1, nonempty=True)
+    n_query: int = opt(15, "queries per class per episode", min=1)
+    episodes: int = opt(600, "episodes per (seed, N, K)", min=1)
+    classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto", choices="classifier", nonempty=True)
     all_way: bool = opt(True, "also classify all remaining novel images among all novel classes")
-    logreg_c: float = opt(1.0, "inverse L2 strength of the logistic regression (scikit-learn's C)")
-    logreg_iters: int = opt(1000, "maximum iterations of the batched logistic regression")
+    logreg_c: float = opt(1.0, "inverse L2 strength of the logistic regression (scikit-learn's C)", gt=0)
+    logreg_iters: int = opt(1000, "maximum iterations of the batched logistic regression", min=1)
 
 
 @dataclass
@@ -105,42 +113,42 @@ class LearnerConfig:
     """Learning with synthetic data (fewgen.learners): DataDream and DiffAlign fine-tuning."""
 
     methods: list[str] = opt(["real-only", "synthetic-only", "datadream", "diffalign"],
-                             "fine-tuning methods: real-only, synthetic-only, datadream (real+synthetic), diffalign")
+                             "fine-tuning methods: real-only, synthetic-only, datadream (real+synthetic), diffalign", choices="learner method")
     ablations: list[str] = opt(["synthetic", "hallucination", "mmd"],
-                               "DiffAlign terms switched off one at a time (real, synthetic, hallucination, mmd)")
-    model: str = opt("backbone", "backbone (the pretrained backbone + cosine head) or clip (CLIP + LoRA)")
+                               "DiffAlign terms switched off one at a time (real, synthetic, hallucination, mmd)", choices=("real", "synthetic", "hallucination", "mmd"))
+    model: str = opt("backbone", "backbone (the pretrained backbone + cosine head) or clip (CLIP + LoRA)", choices=("backbone", "clip"))
     clip_path: str | None = opt(None, "local CLIP model folder or hub id (model=clip)")
-    clip_lora_rank: int = opt(16, "LoRA rank on both CLIP towers")
+    clip_lora_rank: int = opt(16, "LoRA rank on both CLIP towers", min=1)
     clip_prompt: str = opt("a photo of a {}.", "class prompt template for the CLIP head")
     eval_with: list[str] = opt(["head", "logreg"],
                                "head (the fine-tuned head restricted to the episode classes) and/or a frozen "
-                               "classifier (logreg, proto) on the fine-tuned features")
-    steps: int = opt(150, "optimizer steps per fine-tuning run")
-    batch_size: int = opt(64, "real (or DataDream mixed) images per step")
-    synthetic_batch_size: int = opt(64, "synthetic images per step (DiffAlign)")
-    base_batch_size: int = opt(64, "base images per step for the hallucination term (DiffAlign)")
-    lr_backbone: float = opt(0.025, "SGD learning rate of the backbone (DiffAlign: 0.025)")
-    lr_head: float = opt(0.05, "SGD learning rate of the head (DiffAlign: 0.05)")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "weight decay")
-    augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)")
-    head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random")
-    datadream_lambda: float = opt(0.8, "DataDream weight of the real-image CE (1 - lambda on synthetic)")
-    w_real: float = opt(1.0, "DiffAlign weight: CE on the real shots")
-    w_synthetic: float = opt(1.0, "DiffAlign weight: label-smoothed CE on synthetic images")
-    w_hallucination: float = opt(1.0, "DiffAlign weight: KL to the hallucinated soft labels of base images")
-    w_mmd: float = opt(1.0, "DiffAlign weight: multi-kernel MMD between real and synthetic features")
-    label_smoothing: float = opt(0.1, "label smoothing of the synthetic CE")
-    mmd_bandwidths: list[float] = opt([0.5, 1.0, 2.0], "Gaussian kernel bandwidths of the MMD (on L2-normalised features)")
-    hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels")
-    synthetic_per_class: int | None = opt(None, "use at most this many synthetic images per class (null: all)")
+                               "classifier (logreg, proto) on the fine-tuned features", choices="learner evaluation")
+    steps: int = opt(150, "optimizer steps per fine-tuning run", min=1)
+    batch_size: int = opt(64, "real (or DataDream mixed) images per step", min=1)
+    synthetic_batch_size: int = opt(64, "synthetic images per step (DiffAlign)", min=1)
+    base_batch_size: int = opt(64, "base images per step for the hallucination term (DiffAlign)", min=1)
+    lr_backbone: float = opt(0.025, "SGD learning rate of the backbone (DiffAlign: 0.025)", min=0)
+    lr_head: float = opt(0.05, "SGD learning rate of the head (DiffAlign: 0.05)", min=0)
+    momentum: float = opt(0.9, "SGD momentum", min=0)
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)", choices="augmentation")
+    head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random", choices=("prototypes", "random"))
+    datadream_lambda: float = opt(0.8, "DataDream weight of the real-image CE (1 - lambda on synthetic)", min=0, max=1)
+    w_real: float = opt(1.0, "DiffAlign weight: CE on the real shots", min=0)
+    w_synthetic: float = opt(1.0, "DiffAlign weight: label-smoothed CE on synthetic images", min=0)
+    w_hallucination: float = opt(1.0, "DiffAlign weight: KL to the hallucinated soft labels of base images", min=0)
+    w_mmd: float = opt(1.0, "DiffAlign weight: multi-kernel MMD between real and synthetic features", min=0)
+    label_smoothing: float = opt(0.1, "label smoothing of the synthetic CE", min=0, max=0.99)
+    mmd_bandwidths: list[float] = opt([0.5, 1.0, 2.0], "Gaussian kernel bandwidths of the MMD (on L2-normalised features)", gt=0, nonempty=True)
+    hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels", gt=0)
+    synthetic_per_class: int | None = opt(None, "use at most this many synthetic images per class (null: all)", min=1)
     synthetic_keep: float = opt(1.0, "share of each class's synthetic images kept, those a logistic regression fitted "
-                                "on the few shots finds most likely their own class (1 = all; before the sweep)")
-    sweep: list[int] = opt([], "synthetic images per class for the sweep (e.g. [0, 10, 50, 200]); empty: no sweep")
-    sweep_method: str = opt("datadream", "method trained at each sweep point")
-    sweep_shots: list[int] = opt([1], "shots (K) of the sweep")
+                                "on the few shots finds most likely their own class (1 = all; before the sweep)", gt=0, max=1)
+    sweep: list[int] = opt([], "synthetic images per class for the sweep (e.g. [0, 10, 50, 200]); empty: no sweep", min=0)
+    sweep_method: str = opt("datadream", "method trained at each sweep point", choices="learner method")
+    sweep_shots: list[int] = opt([1], "shots (K) of the sweep", min=1)
     frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the support")
-    augmented_copies_per_class: int = opt(50, "images per class made by the augmented-copies step (generator-free control)")
+    augmented_copies_per_class: int = opt(50, "images per class made by the augmented-copies step (generator-free control)", min=1)
 
 
 @dataclass
@@ -149,37 +157,37 @@ class DomainFusionConfig:
 
     methods: list[str] = opt(["erm", "erm+offline", "df-ld", "df-aug", "df"],
                              "erm, erm+offline (offline img2img images), df-ld (latent distillation), "
-                             "df-aug (online augmentation), df (both)")
+                             "df-aug (online augmentation), df (both)", choices="domainfusion method", nonempty=True)
     targets: list[str] | None = opt(None, "target domains (null: every domain in turn)")
-    val_fraction: float = opt(0.2, "share of each SOURCE domain held out for model selection")
-    epochs: int = opt(8, "classifier training epochs")
-    batch_size: int = opt(64, "images per step")
-    lr: float = opt(1e-3, "peak learning rate (cosine schedule)")
-    optimizer: str = opt("adam", "adam or sgd")
-    weight_decay: float = opt(5e-4, "weight decay")
-    augment: list[str] = opt(["crop", "flip"], "kornia augmentations of every training image")
+    val_fraction: float = opt(0.2, "share of each SOURCE domain held out for model selection", gt=0, max=0.9)
+    epochs: int = opt(8, "classifier training epochs", min=1)
+    batch_size: int = opt(64, "images per step", min=1)
+    lr: float = opt(1e-3, "peak learning rate (cosine schedule)", gt=0)
+    optimizer: str = opt("adam", "adam or sgd", choices=("adam", "sgd"))
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    augment: list[str] = opt(["crop", "flip"], "kornia augmentations of every training image", choices="augmentation")
     pretrained: str | None = opt(None, "local safetensors backbone checkpoint to start from (null: from scratch)")
     generator: str | None = opt(None, "a Stable Diffusion model (local diffusers folder or hub id) used frozen in "
                                 "its latent space for every target; null: train the pixel model below per target")
     prompt: str = opt("a photo of a {}", "Stable Diffusion: the class condition, {} = the class name")
-    gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)")
-    gen_channels: list[int] = opt([32, 64], "UNet block_out_channels of the diffusion model")
-    gen_steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)")
-    gen_batch_size: int = opt(64, "diffusion training batch size")
-    gen_lr: float = opt(1e-3, "diffusion learning rate")
+    gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)", min=4)
+    gen_channels: list[int] = opt([32, 64], "UNet block_out_channels of the diffusion model", min=1, nonempty=True)
+    gen_steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)", min=1)
+    gen_batch_size: int = opt(64, "diffusion training batch size", min=1)
+    gen_lr: float = opt(1e-3, "diffusion learning rate", gt=0)
     gen_guidance: float = opt(1.0, "classifier-free guidance of img2img (1: plain conditional model)")
-    sample_steps: int = opt(10, "DDIM steps of img2img (strength s runs round(s * steps) of them)")
-    ld_weight: float = opt(1.0, "lambda of the latent distillation loss")
-    ld_t_min: int = opt(50, "smallest timestep of latent distillation")
-    ld_t_max: int = opt(400, "largest timestep of latent distillation")
-    ld_batch: int = opt(16, "images of each batch that get the latent distillation term (cost control)")
-    aug_synthetic: int = opt(200, "size M of the online synthetic set (random source training images)")
-    aug_every: int = opt(3, "refresh the synthetic set every T epochs")
-    aug_candidates: int = opt(3, "img2img candidates N per synthetic image per refresh")
-    aug_strength: float = opt(0.5, "img2img strength s (0: unchanged, 1: pure noise)")
-    aug_feature_level: int = opt(1, "backbone block whose maps give style and content")
+    sample_steps: int = opt(10, "DDIM steps of img2img (strength s runs round(s * steps) of them)", min=1)
+    ld_weight: float = opt(1.0, "lambda of the latent distillation loss", min=0)
+    ld_t_min: int = opt(50, "smallest timestep of latent distillation", min=0, max=999)
+    ld_t_max: int = opt(400, "largest timestep of latent distillation", min=0, max=999)
+    ld_batch: int = opt(16, "images of each batch that get the latent distillation term (cost control)", min=1)
+    aug_synthetic: int = opt(200, "size M of the online synthetic set (random source training images)", min=1)
+    aug_every: int = opt(3, "refresh the synthetic set every T epochs", min=1)
+    aug_candidates: int = opt(3, "img2img candidates N per synthetic image per refresh", min=1)
+    aug_strength: float = opt(0.5, "img2img strength s (0: unchanged, 1: pure noise)", min=0, max=1)
+    aug_feature_level: int = opt(1, "backbone block whose maps give style and content", min=0)
     aug_content_weight: float = opt(1.0, "weight of content closeness against style difference")
-    offline_factor: float = opt(2.0, "offline baseline images = factor x the images df-aug generates per run")
+    offline_factor: float = opt(2.0, "offline baseline images = factor x the images df-aug generates per run", min=0)
 
 
 @dataclass
@@ -189,35 +197,35 @@ class GANConfig:
     setup: str = opt("class-range", "how source and target come from the run's data: class-range (target = classes "
                      "[target_range[0], target_range[1]) of the whole dataset, source = every other class), domains "
                      "(source = source_domains, target = target_domain), folder (source = the run's dataset, target = "
-                     "the imagefolder at target_root)")
+                     "the imagefolder at target_root)", choices=("class-range", "domains", "folder"))
     target_range: list[int] = opt([827, 869], "class-range: first and one-past-last class id of the target (a contiguous "
                                   "Omniglot range follows one alphabet)")
     source_domains: list[str] = opt([], "domains: the source domains (e.g. photo, art_painting, cartoon)")
     target_domain: str | None = opt(None, "domains: the target domain (e.g. sketch)")
     target_root: str | None = opt(None, "folder: an image folder (one subfolder per class) holding the target images")
     n_shots: int = opt(10, "training images of the target (one per class when the target has that many classes); "
-                       "each of the run's seeds draws its own shots and adapts with that seed")
+                       "each of the run's seeds draws its own shots and adapts with that seed", min=1)
     pretrain_seed: int = opt(0, "seed of the source GAN pretraining (one source GAN serves every shot draw)")
-    image_size: int = opt(32, "GAN resolution: 8, 16, 32 or 64 (images are resized)")
-    z_dim: int = opt(64, "latent size")
-    width: int = opt(16, "channel width (4 x width at 4x4, halving per resolution)")
-    mapping_layers: int = opt(0, "layers of the optional mapping network")
-    pretrain_iters: int = opt(2000, "source GAN iterations")
-    pretrain_batch_size: int = opt(32, "source GAN batch size")
-    lr: float = opt(0.002, "Adam learning rate (source pretraining and adaptation)")
-    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every 4 iterations)")
-    adapt_iters: int = opt(500, "adaptation iterations (the same for every method)")
-    adapt_batch_size: int = opt(16, "latents per adaptation iteration")
-    methods: list[str] = opt(["tgan", "freezed", "cdc", "dcl"], "adaptation methods, each from the same source GAN")
-    freezed_layers: int = opt(2, "FreezeD: discriminator blocks frozen from the input side")
-    cdc_weight: float = opt(1000.0, "CDC: weight of the distance-consistency loss")
-    dcl_lambda1: float = opt(2.0, "DCL: weight of the generator-side contrastive loss")
-    dcl_lambda2: float = opt(0.5, "DCL: weight of the discriminator-side contrastive loss")
-    dcl_temperature: float = opt(0.07, "DCL: contrastive temperature")
-    track_every: int = opt(50, "adaptation iterations between tracked realism / intra-diversity / FID")
-    track_samples: int = opt(500, "samples per tracking point")
-    eval_samples: int = opt(1000, "samples for the final metrics (intra-LPIPS protocol: 1000)")
-    kid_subset_size: int = opt(100, "KID subset size (capped at the sample counts)")
+    image_size: int = opt(32, "GAN resolution: 8, 16, 32 or 64 (images are resized)", choices=(8, 16, 32, 64))
+    z_dim: int = opt(64, "latent size", min=1)
+    width: int = opt(16, "channel width (4 x width at 4x4, halving per resolution)", min=1)
+    mapping_layers: int = opt(0, "layers of the optional mapping network", min=0)
+    pretrain_iters: int = opt(2000, "source GAN iterations", min=1)
+    pretrain_batch_size: int = opt(32, "source GAN batch size", min=1)
+    lr: float = opt(0.002, "Adam learning rate (source pretraining and adaptation)", gt=0)
+    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every 4 iterations)", min=0)
+    adapt_iters: int = opt(500, "adaptation iterations (the same for every method)", min=1)
+    adapt_batch_size: int = opt(16, "latents per adaptation iteration", min=1)
+    methods: list[str] = opt(["tgan", "freezed", "cdc", "dcl"], "adaptation methods, each from the same source GAN", choices="GAN adaptation method", nonempty=True)
+    freezed_layers: int = opt(2, "FreezeD: discriminator blocks frozen from the input side", min=0)
+    cdc_weight: float = opt(1000.0, "CDC: weight of the distance-consistency loss", min=0)
+    dcl_lambda1: float = opt(2.0, "DCL: weight of the generator-side contrastive loss", min=0)
+    dcl_lambda2: float = opt(0.5, "DCL: weight of the discriminator-side contrastive loss", min=0)
+    dcl_temperature: float = opt(0.07, "DCL: contrastive temperature", gt=0)
+    track_every: int = opt(50, "adaptation iterations between tracked realism / intra-diversity / FID", min=1)
+    track_samples: int = opt(500, "samples per tracking point", min=2)
+    eval_samples: int = opt(1000, "samples for the final metrics (intra-LPIPS protocol: 1000)", min=2)
+    kid_subset_size: int = opt(100, "KID subset size (capped at the sample counts)", min=2)
     feature_net: str | None = opt(None, "metrics network: null = the run's pretrained backbone; else a backbone "
                                   "checkpoint (.safetensors, architecture backbone.name) or clip:<local folder>")
     lpips_weights: str | None = opt(None, "LPIPS-AlexNet safetensors for intra-diversity (default: the metrics backbone's maps)")
@@ -227,44 +235,44 @@ class GANConfig:
 class GeneratorConfig:
     """The base generator (fewgen.generators) and its DataDream adaptation to the few shots."""
 
-    kind: str = opt("diffusion", "diffusion (pixel UNet trained on the base classes) or stable-diffusion")
-    cond_mode: str = opt("class+name", "condition tokens: class, name (MiniLM of the class name) or class+name")
-    block_out_channels: list[int] = opt([32, 64, 64], "UNet channels per level (each level after the first halves the size)")
+    kind: str = opt("diffusion", "diffusion (pixel UNet trained on the base classes) or stable-diffusion", choices="generator kind")
+    cond_mode: str = opt("class+name", "condition tokens: class, name (MiniLM of the class name) or class+name", choices=("class", "name", "class+name"))
+    block_out_channels: list[int] = opt([32, 64, 64], "UNet channels per level (each level after the first halves the size)", min=1, nonempty=True)
     attention_levels: list[bool] = opt([False, False, True], "cross-attention blocks per UNet level")
-    cond_dim: int = opt(64, "condition token width (cross-attention dim)")
-    train_steps: int = opt(1500, "DDPM training steps on the base classes")
-    batch_size: int = opt(48, "base training batch size")
-    lr: float = opt(1e-3, "base training peak learning rate (AdamW, warmup + cosine)")
+    cond_dim: int = opt(64, "condition token width (cross-attention dim)", min=1)
+    train_steps: int = opt(1500, "DDPM training steps on the base classes", min=1)
+    batch_size: int = opt(48, "base training batch size", min=1)
+    lr: float = opt(1e-3, "base training peak learning rate (AdamW, warmup + cosine)", gt=0)
     seed: int = opt(0, "seed of base training and of the adapters' initialisation")
     model: str | None = opt(None, "Stable Diffusion pipeline: local folder or hub id (kind=stable-diffusion)")
     prompt: str = opt("a photo of a {}", "prompt template for text-to-image backends ({} = class name)")
-    resolution: int | None = opt(None, "Stable Diffusion generation size (default: the pipeline's)")
-    dtype: str = opt("auto", "Stable Diffusion dtype: auto (fp16 on cuda), float32, float16, bfloat16")
-    adapt_mode: str = opt("dset", "DataDream mode: cls (one LoRA per class) or dset (one LoRA for all classes)")
-    lora_rank: int = opt(16, "DataDream LoRA rank")
-    adapt_steps_per_class: int = opt(40, "DataDream steps per class (dset trains classes x this, equal total)")
-    adapt_batch_size: int = opt(16, "DataDream batch size")
-    adapt_lr: float = opt(1e-3, "DataDream learning rate (AdamW, cosine; the paper's 1e-4 for Stable Diffusion)")
+    resolution: int | None = opt(None, "Stable Diffusion generation size (default: the pipeline's)", min=8)
+    dtype: str = opt("auto", "Stable Diffusion dtype: auto (fp16 on cuda), float32, float16, bfloat16", choices=("auto", "float32", "float16", "bfloat16"))
+    adapt_mode: str = opt("dset", "DataDream mode: cls (one LoRA per class) or dset (one LoRA for all classes)", choices=("cls", "dset"))
+    lora_rank: int = opt(16, "DataDream LoRA rank", min=1)
+    adapt_steps_per_class: int = opt(40, "DataDream steps per class (dset trains classes x this, equal total)", min=1)
+    adapt_batch_size: int = opt(16, "DataDream batch size", min=1)
+    adapt_lr: float = opt(1e-3, "DataDream learning rate (AdamW, cosine; the paper's 1e-4 for Stable Diffusion)", gt=0)
 
 
 @dataclass
 class SynthesisConfig:
     """Synthetic images of the novel classes (fewgen.synthesis): sampler, count, cache."""
 
-    synthetic_per_class: int = opt(20, "synthetic images per novel class")
+    synthetic_per_class: int = opt(20, "synthetic images per novel class", min=1)
     sampler: str = opt("dpmsolver++", "ddim, dpmsolver++ (time-uniform steps), dpmsolver++-logsnr "
-                       "(steps uniform in log-SNR) or dpmsolver++-full (no lambda clipping near t = T)")
-    steps: int = opt(25, "sampling steps")
-    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)")
+                       "(steps uniform in log-SNR) or dpmsolver++-full (no lambda clipping near t = T)", choices="sampler")
+    steps: int = opt(25, "sampling steps", min=1)
+    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)", min=0)
     seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")
-    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch)")
+    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch)", min=1)
     precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "
-                         "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.dtype")
+                         "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.dtype", choices=("float32", "bfloat16", "float16"))
     streams: int | None = opt(None, "parallel sampling streams in each process, each a copy of the pixel "
                               "generator with an equal share of the CPU threads (bytes unchanged); default: one "
-                              "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion")
+                              "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion", min=1)
     zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
-    grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none")
+    grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none", min=0)
     import_dir: str | None = opt(None, "folder <dir>/<class>/*.png|jpg of images made elsewhere, read by the "
                                  "import-synthetic step as the synthetic set (first synthetic_per_class per class)")
 
@@ -272,10 +280,10 @@ class SynthesisConfig:
 @dataclass
 class RunConfig:
     name: str = opt("run", "run name (default output folder runs/<name>)")
-    seeds: list[int] = opt([0, 1, 2], "few-shot seeds: each draws its own few-shot set")
-    pipeline: list[str] = opt(["pretrain", "evaluate"], "steps to run, in order")
+    seeds: list[int] = opt([0, 1, 2], "few-shot seeds: each draws its own few-shot set", nonempty=True)
+    pipeline: list[str] = opt(["pretrain", "evaluate"], "steps to run, in order", choices="pipeline step", nonempty=True)
     device: str = opt("auto", "auto, cpu or cuda")
-    num_threads: int | None = opt(None, "torch CPU threads (default: torch's)")
+    num_threads: int | None = opt(None, "torch CPU threads (default: torch's)", min=1)
     cache_dir: str | None = opt(None, "artifact cache (default $FEWGEN_CACHE, else ~/.cache/fewgen)")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -344,6 +352,43 @@ def update_dataclass(obj: Any, updates: dict[str, Any], path: str = "") -> None:
         setattr(obj, key, _coerce(value, tp))
 
 
+def check_values(cfg: Any, vocabularies: dict[str, Any] | None = None, path: str = "") -> None:
+    """Raise one clear :class:`FewgenError` for the first value outside what its field admits
+    (``opt``'s bounds and choices). ``vocabularies`` maps a named choice (``"dataset"``) to the
+    names it allows."""
+    vocabularies = vocabularies or {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_values(value, vocabularies, f"{key}.")
+            continue
+        m = f.metadata
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if m.get("nonempty") and not items:
+            raise FewgenError(f"config key '{key}' must list at least one value, got []")
+        for v in items:
+            number = isinstance(v, int | float) and not isinstance(v, bool)
+            if number and m.get("min") is not None and v < m["min"]:
+                raise FewgenError(f"config key '{key}' must be at least {m['min']}, got {v}")
+            if number and m.get("gt") is not None and v <= m["gt"]:
+                raise FewgenError(f"config key '{key}' must be greater than {m['gt']}, got {v}")
+            if number and m.get("max") is not None and v > m["max"]:
+                raise FewgenError(f"config key '{key}' must be at most {m['max']}, got {v}")
+            choices = m.get("choices")
+            if choices is None:
+                continue
+            allowed = list(vocabularies[choices]) if isinstance(choices, str) else list(choices)
+            if v not in allowed:
+                close = difflib.get_close_matches(str(v), [str(a) for a in allowed], n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                what = f"{choices} " if isinstance(choices, str) else "value "
+                raise FewgenError(f"config key '{key}': unknown {what}{v!r}.{hint} "
+                                  f"Available: {', '.join(str(a) for a in allowed)}.")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -378,7 +423,13 @@ def read_yaml_config(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[dic
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise FewgenError(f"config file {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FewgenError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "save it as UTF-8") from None
+        except OSError as e:
+            raise FewgenError(f"cannot read config file {path} ({e.strerror or e})") from None
     else:
         res = resources.files("fewgen.presets") / f"{name_or_path}.yaml"
         if not res.is_file():

@@ -27,7 +27,8 @@ from fewgen.runs import (
     check_run_dir,
     environment,
     format_table,
-    prepare_run_dir,
+    prepare_staging,
+    publish_run,
     write_config,
     write_metrics,
 )
@@ -115,8 +116,7 @@ def novel_features(run: Run) -> torch.Tensor:
     from fewgen.evaluation.features import cached_features
 
     pb = run.artifacts["backbone"]
-    data = run.data
-    return cached_features(run.cache, pb.key, f"{data.name}/novel/{data.protocol}", pb.backbone, data.novel, run.device)
+    return cached_features(run.cache, pb.key, pb.backbone, run.data.novel, run.device, run.log)
 
 
 def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra_support=None, extra_fields=None) -> list[dict]:
@@ -169,28 +169,91 @@ def step_evaluate(run: Run) -> None:
     run.add_rows(rows)
 
 
-def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-        quiet: bool = False) -> Run:
-    """Run ``cfg.pipeline`` and return the finished :class:`Run` (rows in ``run.rows``)."""
+def vocabularies() -> dict[str, list[str]]:
+    """The names each registry-valued config key admits (``fewgen.config.opt(choices=...)``)."""
+    from fewgen.backbones.registry import BACKBONES
+    from fewgen.data.augment import AUGMENTATIONS
+    from fewgen.data.datasets import DATASETS
+    from fewgen.evaluation.classifiers import CLASSIFIERS
+    from fewgen.generators import cdc, dcl, freezed  # noqa: F401  (registration)
+    from fewgen.generators.diffusion import SAMPLERS
+    from fewgen.generators.gan import ADAPTERS
+    from fewgen.generators.steps import GENERATOR_KINDS
+    from fewgen.learners.domainfusion_steps import METHODS as DG_METHODS
+    from fewgen.learners.steps import KNOWN_METHODS
+    from fewgen.pretrain import RECIPES
+
+    return {"dataset": DATASETS.names(), "backbone": BACKBONES.names(), "recipe": RECIPES.names(),
+            "augmentation": list(AUGMENTATIONS), "classifier": CLASSIFIERS.names(),
+            "learner method": list(KNOWN_METHODS), "learner evaluation": ["head", *CLASSIFIERS.names()],
+            "GAN adaptation method": ADAPTERS.names(), "generator kind": list(GENERATOR_KINDS),
+            "sampler": list(SAMPLERS), "pipeline step": STEPS.names(), "domainfusion method": list(DG_METHODS)}
+
+
+def check_device(name: str) -> None:
+    """``device`` is auto, cpu, cuda or cuda:N, and a CUDA device is there when asked for."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise FewgenError(f"config key 'device': unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise FewgenError(f"device={name} but no CUDA device is available (torch {torch.__version__} is {build}); "
+                          "use device=cpu or device=auto, or install a CUDA build of torch")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise FewgenError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Every name and range in ``cfg`` (registries, devices, counts, threads), before anything runs."""
+    from fewgen.config import check_values
+
     for module in STEP_MODULES:
         importlib.import_module(module)
+    check_values(cfg, vocabularies())
+    check_device(cfg.device)
+    from fewgen.deps import check_generative_stack
+
     for step in cfg.pipeline:
-        STEPS.get(step)
+        if STEPS.meta(step).get("generative") or (step == "learn" and cfg.learner.model == "clip"):
+            check_generative_stack(step)
+    if cfg.data.channels is not None and cfg.data.dataset != "imagefolder":
+        from fewgen.data.datasets import DATASETS
+
+        native = DATASETS.meta(cfg.data.dataset)["channels"]
+        if cfg.data.channels != native:
+            raise FewgenError(f"config key 'data.channels': {cfg.data.dataset} images have {native} channel(s); "
+                              f"data.channels={cfg.data.channels} applies to imagefolder only (leave it null)")
+
+
+def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+        quiet: bool = False) -> Run:
+    """Run ``cfg.pipeline`` and return the finished :class:`Run` (rows in ``run.rows``).
+
+    Everything the config names is checked first; then the run is built in a hidden folder beside
+    ``out_dir`` and renamed into place only when every step has finished, so an earlier run there
+    survives a failed or interrupted one, and the same call again resumes from the cache.
+    """
+    check_config(cfg)
+    out_dir = Path(out_dir or Path("runs") / cfg.name)
+    check_run_dir(out_dir, overwrite)
+    cache = ArtifactCache(cfg.cache_dir)
+    cache.check_writable()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    out_dir = Path(out_dir or Path("runs") / cfg.name)
-    check_run_dir(out_dir, overwrite)
     seed_everything(cfg.pretrain.seed)
     t0 = time.time()
     data = load_data(cfg)  # bad data or impossible settings fail before anything is written
     if EPISODE_STEPS & set(cfg.pipeline):
         check_eval_settings(cfg, data)
-    run_dir = prepare_run_dir(out_dir, overwrite)
+    run_dir = prepare_staging(out_dir)
     write_config(run_dir, cfg)
     log = RunLog(run_dir / "log.txt", quiet=quiet)
     write_json(run_dir / "env.json", environment(str(device)))
-    cache = ArtifactCache(cfg.cache_dir)
     r = Run(cfg, run_dir, cache, device, log, progress, data=data)
     write_json(run_dir / "splits.json", r.data.summary())
     log(f"data: {r.data.protocol}; base {len(r.data.base)} images / {r.data.base.num_classes} classes, "
@@ -205,5 +268,7 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     write_metrics(run_dir, r.rows, {"timings_s": r.timings})
     write_json(run_dir / "done", {"timings_s": r.timings})
     log("\n" + format_table(r.rows))
-    log(f"run finished in {r.timings['total']:.0f}s: {run_dir}")
+    r.dir = publish_run(run_dir, out_dir)
+    log.path = r.dir / "log.txt"
+    log(f"run finished in {r.timings['total']:.0f}s: {r.dir}")
     return r

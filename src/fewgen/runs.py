@@ -22,27 +22,54 @@ TRACKED_PACKAGES = ("torch", "numpy", "scikit-learn", "kornia", "torchmetrics", 
                     "transformers", "peft", "accelerate", "sentence-transformers")
 
 
-def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Create the run folder; refuse to touch an existing non-empty one unless ``overwrite``.
-
-    Even with ``overwrite`` only a folder that holds a fewgen run (a config.yaml) is cleared.
-    """
+def staging_dir(path: str | os.PathLike) -> Path:
+    """Where a run into ``path`` is built: a hidden sibling, renamed into ``path`` when it finishes."""
     path = Path(path)
-    check_run_dir(path, overwrite)
-    if path.exists() and any(path.iterdir()):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "checkpoints").mkdir(exist_ok=True)
-    return path
+    return path.parent / f".{path.name}.incomplete"
 
 
 def check_run_dir(path: Path, overwrite: bool) -> None:
-    """Raise unless ``path`` is absent, empty, or (with ``overwrite``) an earlier fewgen run."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FewgenError(f"run directory {path} already exists; pass --overwrite to replace it or --out to choose another")
+    """Raise one clear error unless a run may be written to ``path``: absent or empty, an unfinished
+    fewgen run (no ``done``), or, with ``overwrite``, a finished one. Also checks that the folder
+    beside it can be written (the run is built there first)."""
+    from fewgen.cache import check_writable_dir
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FewgenError(f"--out {path} is a file, not a folder; give a folder path for the run")
+    if path.is_dir() and any(path.iterdir()):
         if not (path / "config.yaml").exists():
-            raise FewgenError(f"{path} is not empty and holds no fewgen run (no config.yaml); refusing to delete it")
+            raise FewgenError(f"{path} is not empty and holds no fewgen run (no config.yaml); refusing to replace it")
+        if (path / "done").exists() and not overwrite:
+            raise FewgenError(f"run directory {path} already exists; pass --overwrite to replace it or --out to choose another")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), "the folder of --out",
+                       "choose a writable place with --out")
+
+
+def prepare_staging(path: str | os.PathLike) -> Path:
+    """A fresh staging folder for a run into ``path`` (an earlier interrupted attempt is cleared:
+    what it computed lives in the cache)."""
+    staging = staging_dir(path)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    (staging / "checkpoints").mkdir()
+    return staging
+
+
+def publish_run(staging: Path, path: str | os.PathLike) -> Path:
+    """Move a finished staging folder to ``path``; an older run there is replaced only now."""
+    path = Path(path)
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.replaced"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def git_sha() -> str | None:

@@ -33,6 +33,29 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
+def content_digest(*parts: Any, length: int = 16) -> str:
+    """The content key of tensors, arrays and JSON-able values: sha256 over each part's type,
+    dtype, shape and bytes (tensors, arrays) or canonical JSON (anything else), in order.
+
+    The one content hash for data in cache keys: images and labels of a dataset, trained weights.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            if t.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: hash the raw bits
+                t = t.view(torch.int16)
+            h.update(f"tensor:{part.dtype}:{tuple(t.shape)}:".encode())
+            h.update(t.numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            a = np.ascontiguousarray(part)
+            h.update(f"array:{a.dtype}:{a.shape}:".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(f"json:{canonical_json(part)}:".encode())
+    return h.hexdigest()[:length]
+
+
 def seed_hash(*parts: Any) -> int:
     """A derived seed from names and numbers, never from global state (DomainBed ``seed_hash``)."""
     return int(hashlib.md5(canonical_json(parts).encode()).hexdigest()[:8], 16)
@@ -51,6 +74,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def path_digest(path: str | os.PathLike) -> str:
+    """Content key of a file, or of a folder (every file's relative name and sha256), for models a
+    user points to by path (Stable Diffusion folders, checkpoints): the key follows the bytes, so
+    other weights at the same path are never mistaken for the old ones. Each file's hash is
+    remembered for the process by (path, size, modification time)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        memo = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _FILE_DIGESTS:
+            _FILE_DIGESTS[memo] = sha256_file(f)
+        h.update(f"{f.relative_to(path).as_posix() if f != path else f.name}:{_FILE_DIGESTS[memo]}\n".encode())
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager

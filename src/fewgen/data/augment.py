@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: the names build_augmentation knows
+AUGMENTATIONS = ("crop", "resized_crop", "flip", "affine", "color")
+
 
 def build_augmentation(names: list[str], image_size: int, channels: int) -> nn.Module:
     """A kornia pipeline on float batches in [0, 1].

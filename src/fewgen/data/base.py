@@ -88,6 +88,14 @@ class ArrayDataset:
         keep = torch.isin(self.domains, ids).nonzero().squeeze(1)
         return self.subset(keep, name=name)
 
+    def digest(self) -> str:
+        """Content key of the images, labels, class names and domains (cache keys hold it, never
+        the folder the data came from, so changed files are never mistaken for the old ones)."""
+        from fewgen.utils import content_digest
+
+        return content_digest(self.images, self.labels, list(self.class_names),
+                              self.domains if self.domains is not None else None, list(self.domain_names))
+
     def counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
 

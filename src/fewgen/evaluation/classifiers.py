@@ -21,10 +21,13 @@ from fewgen.registry import Registry
 CLASSIFIERS: Registry = Registry("classifier")
 
 
-def _one_hot_means(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """x (E, S, D), y (E, S) -> class means (E, n_classes, D)."""
+def _one_hot_means(x: torch.Tensor, y: torch.Tensor, n_classes: int,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x (E, S, D), y (E, S), weight (E, S) or None -> (weighted) class means (E, n_classes, D)."""
     onehot = F.one_hot(y, n_classes).to(x.dtype)  # (E, S, N)
-    return onehot.transpose(1, 2) @ x / onehot.sum(1).clamp_min(1).unsqueeze(-1)
+    if weight is not None:
+        onehot = onehot * weight.to(x.dtype).unsqueeze(-1)
+    return onehot.transpose(1, 2) @ x / onehot.sum(1).clamp_min(1e-12).unsqueeze(-1)
 
 
 @CLASSIFIERS.register("proto")
@@ -34,10 +37,12 @@ class PrototypeClassifier:
     def __init__(self, **_: object):
         self.prototypes: torch.Tensor | None = None
 
-    def fit(self, support: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None) -> PrototypeClassifier:
-        """support: (E, S, D) features; labels: (E, S) in [0, N)."""
+    def fit(self, support: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None,
+            sample_weight: torch.Tensor | None = None) -> PrototypeClassifier:
+        """support: (E, S, D) features; labels: (E, S) in [0, N); sample_weight: (E, S) or None
+        (each prototype is the weighted mean of its normalised supports)."""
         n = int(n_classes or labels.max() + 1)
-        self.prototypes = F.normalize(_one_hot_means(F.normalize(support, dim=-1), labels, n), dim=-1)
+        self.prototypes = F.normalize(_one_hot_means(F.normalize(support, dim=-1), labels, n, sample_weight), dim=-1)
         return self
 
     def decision_function(self, query: torch.Tensor) -> torch.Tensor:

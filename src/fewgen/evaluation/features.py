@@ -1,4 +1,4 @@
-"""Feature extraction, cached once per (checkpoint, dataset split, image size)."""
+"""Feature extraction, cached once per (checkpoint, images)."""
 
 from __future__ import annotations
 
@@ -29,19 +29,22 @@ def extract_features(backbone: nn.Module, data: ArrayDataset | torch.Tensor, bat
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "num_features", 0))
 
 
-def cached_features(cache, checkpoint_key: str, split_key: str, backbone: nn.Module, data: ArrayDataset,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Extract once per (checkpoint, split) and keep the result in the artifact cache."""
-    from fewgen.checkpoint import load_tensors, save_tensors
+def cached_features(cache, checkpoint_key: str, backbone: nn.Module, data: ArrayDataset,
+                    device: torch.device | str = "cpu", log=None) -> torch.Tensor:
+    """Extract once per (checkpoint, images) and keep the result in the artifact cache.
 
-    key_parts = {"kind": "features", "checkpoint": checkpoint_key, "split": split_key,
-                 "n": len(data), "shape": list(data.image_shape)}
-    entry = cache.entry("features", key_parts)
+    The key holds the checkpoint's key and the content of the images (``fewgen.keys``), so other
+    or changed images are extracted afresh; a damaged cache file is detected and rebuilt.
+    """
+    from fewgen.checkpoint import load_tensors, save_tensors
+    from fewgen.keys import key_parts
+
+    parts = key_parts("features", None, checkpoint=checkpoint_key, images=data.digest())
+    entry = cache.entry("features", parts)
     path: Path = entry / "features.safetensors"
-    if path.exists():
-        tensors, _ = load_tensors(path)
-        if tensors["features"].shape[0] == len(data):
-            return tensors["features"]
+    if cache.ready(entry, log):
+        return load_tensors(path)[0]["features"]
     feats = extract_features(backbone, data, device=device)
-    save_tensors(path, {"features": feats}, {"key": key_parts})
+    save_tensors(path, {"features": feats}, {"images": len(data)})
+    cache.mark_done(entry, {"images": len(data)})
     return feats

@@ -109,7 +109,8 @@ class ClipImageFeatures(nn.Module):
         from transformers import CLIPVisionModelWithProjection
 
         try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
+            self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True,
+                                                                       use_safetensors=True).eval()
         except OSError as e:
             raise FewgenError(f"cannot load a CLIP vision model from {path} ({e}); give a local checkpoint folder") from None
         self.model.requires_grad_(False)

@@ -42,7 +42,8 @@ def episode_accuracies(
         episodes: indices into that dataset.
         classifier: ``logreg`` or ``proto``.
         extra_support: optional function of the episode classes (e, N) returning extra support
-            features (e, S', D) and their episode labels (e, S') - e.g. synthetic images.
+            features (e, S', D), their episode labels (e, S') and optionally their weights (e, S')
+            relative to the real supports' 1 - e.g. synthetic images.
     """
     accs = []
     n_way, n_shot = episodes.n_way, episodes.n_shot
@@ -59,12 +60,15 @@ def episode_accuracies(
         query = torch.index_select(features, 0, q_idx.reshape(-1), out=q_buf[:q_idx.numel()]).view(e, -1, d)
         y_sup = torch.arange(n_way).repeat_interleave(n_shot).expand(e, -1)
         y_q = torch.arange(n_way).repeat_interleave(episodes.n_query).expand(e, -1)
+        weight = None
         if extra_support is not None:
-            xs, ys = extra_support(episodes.classes[sl])
+            xs, ys, *ws = extra_support(episodes.classes[sl])
+            if ws and ws[0] is not None:
+                weight = torch.cat([torch.ones(y_sup.shape), ws[0].to(torch.float32)], 1)
             support = torch.cat([support, xs], 1)
             y_sup = torch.cat([y_sup, ys], 1)
         clf = create_classifier(classifier, **(classifier_kwargs or {}))
-        clf.fit(support, y_sup, n_classes=n_way)
+        clf.fit(support, y_sup, n_classes=n_way, sample_weight=weight)
         accs.append((clf.predict(query) == y_q).double().mean(1))
     return torch.cat(accs)
 

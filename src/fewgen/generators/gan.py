@@ -21,7 +21,6 @@ Images given to this module are uint8 (n, C, H, W); the networks see floats in [
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -176,11 +175,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def images_key(images: torch.Tensor) -> str:
-    """Content hash of a uint8 image tensor (cache keys)."""
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16] + f"-{tuple(images.shape)}"
-
-
 @torch.no_grad()
 def sample(generator: Generator, n: int, seed: int, batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
     """n uint8 images from seeded latents (the same seed gives the same z for every generator)."""
@@ -320,21 +314,34 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
     return SourceGAN(G_ema, D, key="", path=entry, history=history)
 
 
-def source_gan_key(images: torch.Tensor, arch: GANArch, settings: GANTrainSettings) -> dict[str, Any]:
-    return {"kind": "gan-source", "images": images_key(images), "arch": asdict(arch), "train": asdict(settings)}
+def gan_arch(gc, channels: int) -> GANArch:
+    """The GAN architecture of a ``GANConfig`` for images with ``channels`` channels."""
+    return GANArch(image_size=gc.image_size, channels=channels, z_dim=gc.z_dim, width=gc.width,
+                   mapping_layers=gc.mapping_layers)
+
+
+def gan_train_settings(gc) -> GANTrainSettings:
+    """Source pretraining settings of a ``GANConfig``."""
+    return GANTrainSettings(iters=gc.pretrain_iters, batch_size=gc.pretrain_batch_size, lr=gc.lr,
+                            r1_gamma=gc.r1_gamma, seed=gc.pretrain_seed)
+
+
+def source_gan_key(images: str, arch: GANArch, settings: GANTrainSettings) -> dict[str, Any]:
+    """Cache-key parts of a source GAN: the content digest of its images, its architecture and training."""
+    return {"kind": "gan-source", "images": images, "arch": asdict(arch), "train": asdict(settings)}
 
 
 def pretrained_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSettings, cache,
                           log: Callable[[str], None] = print, device: torch.device | str = "cpu") -> SourceGAN:
     """Train (or load from the cache, or resume) the source GAN for these images and settings."""
     from fewgen.checkpoint import load_model, save_model
-    from fewgen.utils import read_json, write_json
+    from fewgen.utils import content_digest, read_json, write_json
 
-    parts = source_gan_key(images, arch, settings)
+    parts = source_gan_key(content_digest(images), arch, settings)
     entry = cache.entry("gans", parts)
     key = cache.key(parts)
     G, D = Generator(arch).to(device), Discriminator(arch).to(device)
-    if cache.is_done(entry):
+    if cache.ready(entry, log):
         load_model(entry / "generator.safetensors", G)
         load_model(entry / "discriminator.safetensors", D)
         log(f"source GAN from cache {entry}")
@@ -368,6 +375,38 @@ class AdaptSettings:
     track_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
+
+
+def gan_adapt_settings(gc, seed: int) -> AdaptSettings:
+    """Adaptation settings of a ``GANConfig`` for one shot draw (``seed``)."""
+    return AdaptSettings(iters=gc.adapt_iters, batch_size=gc.adapt_batch_size, lr=gc.lr, r1_gamma=gc.r1_gamma,
+                         track_every=gc.track_every, checkpoint_every=gc.track_every, seed=seed)
+
+
+#: the ``GANConfig`` field behind each option of each adaptation method
+METHOD_OPTIONS: dict[str, dict[str, str]] = {
+    "freezed": {"layers": "freezed_layers"},
+    "cdc": {"weight": "cdc_weight"},
+    "dcl": {"lambda1": "dcl_lambda1", "lambda2": "dcl_lambda2", "temperature": "dcl_temperature"},
+    "dcl-g": {"lambda1": "dcl_lambda1", "lambda2": "dcl_lambda2", "temperature": "dcl_temperature"},
+    "dcl-cl1": {"lambda1": "dcl_lambda1", "temperature": "dcl_temperature"},
+}
+
+
+def method_kwargs(gc, name: str) -> dict[str, Any]:
+    """The constructor options of adaptation method ``name`` from a ``GANConfig``."""
+    return {kw: getattr(gc, f) for kw, f in METHOD_OPTIONS.get(name, {}).items()}
+
+
+def adapted_gan_key(gc, *, source: str, shots: str, target: str, method: str, seed: int, feature_net: str,
+                    lpips: str | None) -> dict[str, Any]:
+    """Cache-key parts of one adapted GAN: the source GAN's key, the content of the shots and of the
+    held-out target images (tracking), the method and its options, the adaptation settings and the
+    tracking network (content digests)."""
+    return {"kind": "gan-adapt", "source": source, "shots": shots, "method": method,
+            "method_config": create_adapter(method, **method_kwargs(gc, method)).config(),
+            "settings": asdict(gan_adapt_settings(gc, seed)),
+            "tracking": {"net": feature_net, "samples": gc.track_samples, "target": target, "lpips": lpips}}
 
 
 @dataclass

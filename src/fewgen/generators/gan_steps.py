@@ -17,7 +17,6 @@ with no ``accuracy`` / ``ci95`` keys (they are not classification results).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,17 +28,19 @@ from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.gan import (
     AdaptSettings,
-    GANArch,
-    GANTrainSettings,
     Generator,
     adapt_gan,
     create_adapter,
-    images_key,
+    gan_adapt_settings,
+    gan_arch,
+    gan_train_settings,
+    method_kwargs,
     pretrained_source_gan,
     sample,
 )
+from fewgen.keys import key_parts
 from fewgen.pipeline import STEPS, Run
-from fewgen.utils import write_json
+from fewgen.utils import content_digest, path_digest, write_json
 
 METRIC_KEYS = ("fid", "kid", "intra_diversity", "realism", "precision", "recall", "nearest_shot_distance")
 
@@ -122,12 +123,6 @@ def generation_setup(run: Run, seed: int) -> GenerationSetup:
                            f"{desc}; {gc.n_shots} shots (seed {seed}), {int(keep.sum())} held-out target images")
 
 
-def _arch(run: Run, channels: int) -> GANArch:
-    gc = run.cfg.gan
-    return GANArch(image_size=gc.image_size, channels=channels, z_dim=gc.z_dim, width=gc.width,
-                   mapping_layers=gc.mapping_layers)
-
-
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
     """uint8 (n, C, H, W) -> one PNG grid."""
     import numpy as np
@@ -153,10 +148,8 @@ def step_gan_source(run: Run) -> None:
     for setup in setups.values():
         run.log(f"generation setup: {setup.description}")
     setup = setups[run.cfg.seeds[0]]  # the source images are the same for every seed
-    arch = _arch(run, setup.source.shape[1])
-    settings = GANTrainSettings(iters=gc.pretrain_iters, batch_size=gc.pretrain_batch_size, lr=gc.lr,
-                                r1_gamma=gc.r1_gamma, seed=gc.pretrain_seed)
-    src = pretrained_source_gan(setup.source, arch, settings, run.cache, run.log, run.device)
+    arch = gan_arch(gc, setup.source.shape[1])
+    src = pretrained_source_gan(setup.source, arch, gan_train_settings(gc), run.cache, run.log, run.device)
     run.artifacts["gan_setups"] = setups
     run.artifacts["gan_source"] = src
     if run.dir is not None:
@@ -176,7 +169,7 @@ def _metric_tools(run: Run, setup: GenerationSetup):
     if gc.feature_net:
         net = load_feature_net(gc.feature_net, in_chans=setup.source.shape[1], backbone_name=run.cfg.backbone.name,
                                device=run.device, **run.cfg.backbone.kwargs)
-        net_key = gc.feature_net
+        net_key = path_digest(gc.feature_net.removeprefix("clip:"))  # the weights' content, not their path
         backbone = net.backbone
     elif "backbone" in run.artifacts:
         pb = run.artifacts["backbone"]
@@ -203,10 +196,7 @@ def step_gan_adapt(run: Run) -> None:
     src = run.artifacts["gan_source"]
     first = setups[run.cfg.seeds[0]]
     net, net_key, distance = _metric_tools(run, first)
-    method_kwargs = {"freezed": {"layers": gc.freezed_layers}, "cdc": {"weight": gc.cdc_weight},
-                     "dcl": {"lambda1": gc.dcl_lambda1, "lambda2": gc.dcl_lambda2, "temperature": gc.dcl_temperature},
-                     "dcl-g": {"lambda1": gc.dcl_lambda1, "lambda2": gc.dcl_lambda2, "temperature": gc.dcl_temperature},
-                     "dcl-cl1": {"lambda1": gc.dcl_lambda1, "temperature": gc.dcl_temperature}}
+    lpips_key = path_digest(gc.lpips_weights) if gc.lpips_weights else None
     out = run.dir / "gan" if run.dir is not None else None
     per_seed: dict[str, list[dict]] = {"source": [], **{m: [] for m in gc.methods}}
     tracking: dict[str, dict[int, list[dict]]] = {m: {} for m in gc.methods}
@@ -218,15 +208,12 @@ def step_gan_adapt(run: Run) -> None:
         real_feats = embed(net, setup.target_eval)
         track = _tracker(gc, setup, net, distance, realism, real_feats, seed, run.device)
         per_seed["source"].append(_final_metrics(gc, src.generator, setup, net, distance, realism, seed, run.device))
-        settings = AdaptSettings(iters=gc.adapt_iters, batch_size=gc.adapt_batch_size, lr=gc.lr,
-                                 r1_gamma=gc.r1_gamma, track_every=gc.track_every,
-                                 checkpoint_every=gc.track_every, seed=seed)
+        settings = gan_adapt_settings(gc, seed)
         for name in gc.methods:
-            method = create_adapter(name, **method_kwargs.get(name, {}))
-            parts = {"kind": "gan-adapt", "source": src.key, "shots": images_key(setup.shots), "method": name,
-                     "method_config": method.config(), "settings": dataclasses.asdict(settings),
-                     "tracking": {"net": net_key, "samples": gc.track_samples,
-                                  "target": images_key(setup.target_eval), "lpips": gc.lpips_weights}}
+            method = create_adapter(name, **method_kwargs(gc, name))
+            parts = key_parts("gan-adapted", run.cfg, source=src.key, shots=content_digest(setup.shots),
+                              target=content_digest(setup.target_eval), method=name, seed=seed,
+                              feature_net=net_key, lpips=lpips_key)
             entry = run.cache.entry("gan-adapted", parts)
             result = _adapt_cached(run, method, src, setup, settings, entry, track)
             metrics = _final_metrics(gc, result.generator, setup, net, distance, realism, seed, run.device)
@@ -283,7 +270,7 @@ def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: Adapt
     from fewgen.utils import read_json
 
     arch = src.generator.arch
-    if run.cache.is_done(entry):
+    if run.cache.ready(entry, run.log):
         G, D = Generator(arch), Discriminator(arch)
         load_model(entry / "generator.safetensors", G)
         load_model(entry / "discriminator.safetensors", D)

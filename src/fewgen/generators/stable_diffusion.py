@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.diffusion import SAMPLERS, clipped_step
 from fewgen.synthesis.sharding import ProcessContext, shard
-from fewgen.utils import make_generator, read_json, write_json
+from fewgen.utils import make_generator, path_digest, read_json, stable_hash, write_json
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -102,7 +101,7 @@ class StableDiffusionGenerator:
         self.prompt = prompt
         try:
             self.pipe = StableDiffusionPipeline.from_pretrained(self.model, torch_dtype=self.dtype, safety_checker=None,
-                                                                requires_safety_checker=False)
+                                                                requires_safety_checker=False, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise FewgenError(f"cannot load a Stable Diffusion pipeline from {self.model!r} ({str(e).splitlines()[0]}); "
                               "give a local folder saved with save_pretrained, or a hub id with HF access") from None
@@ -111,14 +110,15 @@ class StableDiffusionGenerator:
         self.resolution = resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self._train_scheduler = copy.deepcopy(self.pipe.scheduler)
         self._loaded_lora: str | None = None
+        self._key: str | None = None
 
     def state_key(self) -> str:
-        parts = {"model": self.model, "dtype": str(self.dtype), "resolution": self.resolution}
-        index = Path(self.model) / "model_index.json"
-        if index.exists():  # a local folder: key on its files' names and sizes too
-            parts["files"] = sorted((str(p.relative_to(self.model)), p.stat().st_size)
-                                    for p in Path(self.model).rglob("*") if p.is_file())
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        if self._key is None:
+            parts = {"model": self.model, "dtype": str(self.dtype), "resolution": self.resolution}
+            if (Path(self.model) / "model_index.json").exists():  # a local folder: key on its files' content
+                parts["files"] = path_digest(self.model)
+            self._key = stable_hash(parts)
+        return self._key
 
     def prompts_for(self, class_names: Sequence[str]) -> list[str]:
         return [self.prompt.format(n) for n in class_names]
@@ -277,9 +277,12 @@ class StableDiffusionGenerator:
     def adapt(self, few_shot: ArrayDataset, cfg: DataDreamConfig, entry: Path, cache=None,
               ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> SDAdapter:
         """DataDream on the few-shot set, written to ``entry`` (reused when ``entry/done`` exists)."""
+        from fewgen.cache import ArtifactCache
+
         ctx = ctx or ProcessContext()
         entry = Path(entry)
-        if (entry / "done").exists():
+        cache = cache or ArtifactCache(entry.parent.parent)
+        if cache.ready(entry, log):
             return SDAdapter.load(entry)
         names = list(few_shot.class_names)
         prompts_all = self.prompts_for(names)
@@ -309,7 +312,7 @@ class StableDiffusionGenerator:
                                                        "class_names": names, "generator_key": self.state_key(),
                                                        "lora": {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS},
                                                        "history": history})
-            write_json(entry / "done", {"mode": cfg.mode})
+            cache.mark_done(entry, {"mode": cfg.mode})
         ctx.barrier()
         return SDAdapter.load(entry)
 
@@ -321,7 +324,7 @@ class StableDiffusionGenerator:
         if self._loaded_lora is not None:
             self.pipe.unload_lora_weights()
         if folder is not None:
-            self.pipe.load_lora_weights(folder)
+            self.pipe.load_lora_weights(folder, use_safetensors=True)
         self._loaded_lora = folder
 
     def synthesis_sample_fn(self, spec, adapter: SDAdapter | None, image_shape: tuple[int, int, int]):

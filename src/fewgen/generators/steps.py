@@ -14,41 +14,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.keys import key_parts
 from fewgen.pipeline import STEPS, Run
 from fewgen.synthesis.sharding import process_context
-from fewgen.utils import stable_hash, write_json
+from fewgen.utils import write_json
 
-
-def dataset_digest(ds: ArrayDataset) -> str:
-    """Content key of a dataset's pixels, labels and class names."""
-    import hashlib
-
-    h = hashlib.sha256(ds.images.contiguous().numpy().tobytes())
-    h.update(ds.labels.numpy().tobytes())
-    h.update("\n".join(ds.class_names).encode())
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- generator
-
-
-# What base training depends on; adaptation (adapt_*, lora_rank) and Stable Diffusion settings stay out,
-# so changing DataDream's steps reuses the trained base generator.
-BASE_GENERATOR_FIELDS = ("kind", "cond_mode", "block_out_channels", "attention_levels", "cond_dim", "train_steps",
-                         "batch_size", "lr", "seed")
+#: values of generator.kind
+GENERATOR_KINDS = ("diffusion", "stable-diffusion")
 
 
 def generator_parts(run: Run) -> dict:
-    g = dataclasses.asdict(run.cfg.generator)
-    return {"kind": "generator", "generator": {k: g[k] for k in BASE_GENERATOR_FIELDS},
-            "base": dataset_digest(run.data.base), "data": run.data.name}
+    """Cache-key parts of the base generator: its config and the content of the base images."""
+    return key_parts("generators", run.cfg, base=run.data.base.digest())
 
 
 def diffusion_config(run: Run):
@@ -69,7 +52,7 @@ def train_or_load_generator(run: Run):
     parts = generator_parts(run)
     entry = run.cache.entry("generators", parts)
     key = run.cache.key(parts)
-    if run.cache.is_done(entry):
+    if run.cache.ready(entry, run.log):
         gen = DiffusionGenerator.load(entry, run.device)
         run.log(f"generator from cache {entry}")
     else:
@@ -89,7 +72,7 @@ def train_or_load_generator(run: Run):
     return gen
 
 
-@STEPS.register("generator")
+@STEPS.register("generator", generative=True)
 def step_generator(run: Run) -> None:
     g = run.cfg.generator
     if g.kind == "stable-diffusion":
@@ -123,7 +106,7 @@ def _need_generator(run: Run, step: str):
     return run.artifacts["generator"]
 
 
-@STEPS.register("adapt")
+@STEPS.register("adapt", generative=True)
 def step_adapt(run: Run) -> None:
     from fewgen.data.fewshot import few_shot_set
 
@@ -134,10 +117,7 @@ def step_adapt(run: Run) -> None:
     for seed in run.cfg.seeds:
         for k in run.cfg.eval.n_shots:
             few = few_shot_set(run.data.novel, k, seed)
-            parts = {"kind": "datadream", "generator": gen.state_key(), "datadream": dataclasses.asdict(dd),
-                     "few_shot": dataset_digest(few)}
-            if getattr(gen, "kind", "") == "stable-diffusion":
-                parts["prompt"] = run.cfg.generator.prompt
+            parts = key_parts("adapters", run.cfg, generator=gen.state_key(), few_shot=few.digest())
             entry = run.cache.entry("adapters", parts)
             adapters[(seed, k)] = gen.adapt(few, dd, entry, run.cache, ctx, run.log) \
                 if hasattr(gen, "adapt") else _adapt_pixel(run, gen, few, dd, entry, ctx)
@@ -146,7 +126,7 @@ def step_adapt(run: Run) -> None:
 def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
     from fewgen.generators.datadream import DataDreamAdapter, train_datadream
 
-    if run.cache.is_done(entry):
+    if run.cache.ready(entry, run.log):
         run.log(f"DataDream {dd.mode} adapter from cache {entry}")
         return DataDreamAdapter.load(entry)
     run.log(f"DataDream {dd.mode}: {few.num_classes} classes x {len(few) // few.num_classes} shots, "
@@ -162,18 +142,16 @@ def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
 # ----------------------------------------------------------------------------- synthesize
 
 
-def synthesis_spec(run: Run, gen, adapter=None, zero_shot: bool = False):
-    from fewgen.synthesis.cache import SynthesisSpec
+def run_synthesis_spec(run: Run, gen, adapter=None):
+    """The spec of one synthetic set of this run: the synthesis config, the generator and adapter
+    keys and the novel classes (``fewgen.keys``, kind ``synthetic``)."""
+    from fewgen.synthesis.cache import synthesis_spec
 
-    s, novel = run.cfg.synthesis, run.data.novel
-    sd = getattr(gen, "kind", "") == "stable-diffusion"
-    template = run.cfg.generator.prompt if sd else "{}"
-    return SynthesisSpec(generator_key=gen.state_key(), class_names=list(novel.class_names),
-                         prompts=[template.format(n) for n in novel.class_names], per_class=s.synthetic_per_class,
-                         image_shape=novel.image_shape, adapter_key=None if adapter is None else adapter.key,
-                         sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=s.seed, chunk=s.chunk,
-                         precision="float32" if sd else s.precision,  # Stable Diffusion: generator.dtype
-                         extra={"zero_shot": zero_shot})
+    novel = run.data.novel
+    return synthesis_spec(run.cfg.synthesis, run.cfg.generator, generator=gen.state_key(),
+                          adapter=None if adapter is None else adapter.key, class_names=list(novel.class_names),
+                          image_shape=list(novel.image_shape),
+                          stable_diffusion=getattr(gen, "kind", "") == "stable-diffusion")
 
 
 def pixel_sample_fn(gen, spec, adapter=None):
@@ -211,7 +189,7 @@ def sampling_streams(streams: int | None, device) -> int:
     return 1 if torch.device(device).type != "cpu" else max(1, min(8, torch.get_num_threads()))
 
 
-@STEPS.register("synthesize")
+@STEPS.register("synthesize", generative=True)
 def step_synthesize(run: Run) -> None:
     from fewgen.synthesis.cache import SynthesisCache
 
@@ -227,7 +205,7 @@ def step_synthesize(run: Run) -> None:
     for seed in run.cfg.seeds:
         for k in run.cfg.eval.n_shots:
             adapter = None if zero_shot else run.artifacts["adapters"][(seed, k)]
-            spec = synthesis_spec(run, gen, adapter, zero_shot)
+            spec = run_synthesis_spec(run, gen, adapter)
             if hasattr(gen, "synthesis_sample_fn"):
                 fn = gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape)
             else:
@@ -290,4 +268,4 @@ def write_grids(folder: Path, few_shot: ArrayDataset, synthetic: ArrayDataset, n
     return written
 
 
-__all__ = ["step_generator", "step_adapt", "step_synthesize", "write_grids", "stable_hash"]
+__all__ = ["step_generator", "step_adapt", "step_synthesize", "write_grids"]

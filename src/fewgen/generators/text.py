@@ -45,7 +45,7 @@ def _load(path: str):
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
     return tok, model
 
 

@@ -96,7 +96,7 @@ class CLIPClassifier(nn.Module):
         from fewgen.errors import FewgenError
 
         try:
-            model = CLIPModel.from_pretrained(str(path))
+            model = CLIPModel.from_pretrained(str(path), use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except OSError as e:
             raise FewgenError(f"cannot load a CLIP model from {path!r} ({str(e).splitlines()[0]}); give "

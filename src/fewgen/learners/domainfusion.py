@@ -322,7 +322,7 @@ class LatentDiffusionAdapter:
         from diffusers import StableDiffusionPipeline
 
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise FewgenError(f"cannot load Stable Diffusion from {path!r} ({e}); give a local diffusers folder") from None
         pipe.to(device)

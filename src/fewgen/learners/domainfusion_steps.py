@@ -20,6 +20,7 @@ from fewgen.backbones import create_backbone
 from fewgen.checkpoint import load_model, load_tensors, save_tensors
 from fewgen.config import DomainFusionConfig
 from fewgen.errors import FewgenError
+from fewgen.keys import key_parts
 from fewgen.learners.dg import (
     DGClassifier,
     DGSplit,
@@ -38,17 +39,17 @@ from fewgen.learners.domainfusion import (
     resize_images,
 )
 from fewgen.pipeline import STEPS, Run
-from fewgen.utils import make_generator, seed_everything, seed_hash, stable_hash, write_json
+from fewgen.utils import (
+    make_generator,
+    path_digest,
+    seed_everything,
+    seed_hash,
+    stable_hash,
+    write_json,
+)
 
 METHODS = ("erm", "erm+offline", "df-ld", "df-aug", "df")
 USES_GENERATOR = {"erm+offline", "df-ld", "df-aug", "df"}
-
-
-def data_key(run: Run) -> dict:
-    full = run.data.full
-    return {"dataset": run.data.name, "root": run.cfg.data.root, "shape": list(full.image_shape), "n": len(full),
-            "classes": full.class_names, "domains": full.domain_names,
-            "labels": stable_hash(full.labels.tolist()), "domain_ids": stable_hash(full.domains.tolist())}
 
 
 def check_config(d: DomainFusionConfig, image_size: int, domain_names: list[str]) -> None:
@@ -94,11 +95,10 @@ def source_generator(run: Run, target: str):
     channels = full.image_shape[0]
     gcfg = DiffusionConfig(image_size=d.gen_image_size, channels=channels, block_out_channels=list(d.gen_channels),
                            attention_levels=[False] * len(d.gen_channels), cond_mode="class")
-    parts = {"kind": "dg-diffusion", "data": data_key(run), "sources": sources, "config": dataclasses.asdict(gcfg),
-             "steps": d.gen_steps, "batch_size": d.gen_batch_size, "lr": d.gen_lr}
+    parts = key_parts("dg-diffusion", run.cfg, data=full.digest(), sources=sources)
     entry = run.cache.entry("dg-diffusion", parts)
     info_path = entry / "train.json"
-    if run.cache.is_done(entry):
+    if run.cache.ready(entry, run.log):
         gen = DiffusionGenerator.load(entry, device=run.device)
         from fewgen.utils import read_json
 
@@ -119,8 +119,8 @@ def source_generator(run: Run, target: str):
         seconds = time.time() - t0
         gen.save(entry, {"sources": sources})
         write_json(info_path, {"seconds": round(seconds, 1), "sources": sources})
-        run.cache.mark_done(entry, {"seconds": round(seconds, 1)})
         (entry / "state.safetensors").unlink(missing_ok=True)
+        run.cache.mark_done(entry, {"seconds": round(seconds, 1)})
     adapter = PixelDiffusionAdapter(gen, full.image_shape[-1], guidance=d.gen_guidance)
     freeze(adapter)
     return adapter, stable_hash(parts), seconds
@@ -187,13 +187,12 @@ def train_method(run: Run, method: str, split: DGSplit, seed: int, generator) ->
 
 def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -> dict:
     d = run.cfg.domainfusion
-    settings = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("methods", "targets")}
-    parts = {"kind": "dg-result", "data": data_key(run), "target": split.target, "seed": seed, "method": method,
-             "settings": settings, "backbone": dataclasses.asdict(run.cfg.backbone),
-             "generator": gen_state[1] if method in USES_GENERATOR else None}
+    parts = key_parts("dg-result", run.cfg, data=run.data.full.digest(), target=split.target, seed=seed,
+                      method=method, generator=gen_state[1] if method in USES_GENERATOR else None,
+                      pretrained=path_digest(d.pretrained) if d.pretrained else None)
     entry = run.cache.entry("dg-result", parts)
     path = entry / "result.safetensors"
-    if run.cache.is_done(entry):
+    if run.cache.ready(entry, run.log):
         tensors, meta = load_tensors(path)
         return {"correct": tensors["correct"].bool(), **meta}
     out = train_method(run, method, split, seed, gen_state[0] if method in USES_GENERATOR else None)
@@ -203,7 +202,7 @@ def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -
     return out
 
 
-@STEPS.register("domainfusion")
+@STEPS.register("domainfusion", generative=True)
 def step_domainfusion(run: Run) -> None:
     """Leave-one-domain-out: every method x target x seed; rows per method and target + average."""
     d = run.cfg.domainfusion

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import few_shot_set
 from fewgen.errors import FewgenError
+from fewgen.keys import key_parts
 from fewgen.learners.datadream import datadream_batches, datadream_loss_fn
 from fewgen.learners.diffalign import DiffAlignWeights, diffalign_batches, diffalign_loss_fn
 from fewgen.learners.finetune import (
@@ -97,16 +97,6 @@ def method_specs(lc) -> list[MethodSpec]:
         else:
             specs.append(MethodSpec(name, name))
     return specs
-
-
-def dataset_fingerprint(data: ArrayDataset | None) -> str | None:
-    """Content hash of images and labels (so a regenerated synthetic set gets new cache keys)."""
-    if data is None:
-        return None
-    h = hashlib.sha256(data.images.contiguous().numpy().tobytes())
-    h.update(data.labels.numpy().tobytes())
-    h.update("\n".join(data.class_names).encode())
-    return h.hexdigest()[:20]
 
 
 def first_per_class(data: ArrayDataset, m: int | None) -> ArrayDataset:
@@ -183,8 +173,7 @@ class SeedContext:
                 from fewgen.evaluation.features import cached_features
 
                 pb = run.artifacts["backbone"]
-                base = cached_features(run.cache, pb.key, f"{run.data.name}/base/{run.data.protocol}", pb.backbone,
-                                       run.data.base, run.device)
+                base = cached_features(run.cache, pb.key, pb.backbone, run.data.base, run.device, run.log)
             else:
                 base = model_features(t, run.data.base.images, device=run.device)
             self._soft = hallucinate_labels(support, self.real.labels, base, run.data.novel.num_classes,
@@ -205,19 +194,16 @@ def train_one(ctx: SeedContext, spec: MethodSpec, synthetic: ArrayDataset | None
     if spec.uses_synthetic and (syn is None or len(syn) == 0):
         raise FewgenError(f"method {spec.name} needs synthetic images but the synthetic set is empty")
     settings = finetune_settings(lc, ctx.seed)
-    parts = {
-        "kind": "learner", "method": spec.key(), "model": lc.model, "clip_path": lc.clip_path,
-        "backbone": run.artifacts["backbone"].key if "backbone" in run.artifacts else None,
-        "real": dataset_fingerprint(real), "synthetic": dataset_fingerprint(syn), "seed": ctx.seed,
-        "settings": dataclasses.asdict(settings), "head_init": lc.head_init,
-        "batch": [lc.batch_size, lc.synthetic_batch_size, lc.base_batch_size],
-        "hallucination": [lc.hallucination_temperature, run.cfg.eval.logreg_c, run.cfg.eval.logreg_iters]
-        if spec.kind == "diffalign" and spec.weights.hallucination > 0 else None,
-    }
+    hallucinates = spec.kind == "diffalign" and spec.weights.hallucination > 0
+    parts = key_parts("learners", run.cfg, method=spec.key(), seed=ctx.seed,
+                      backbone=run.artifacts["backbone"].key if "backbone" in run.artifacts else None,
+                      real=real.digest() if real is not None else None,
+                      synthetic=syn.digest() if syn is not None else None,
+                      base=run.data.base.digest() if hallucinates else None)
     model = new_model(run, n_classes)
     cacheable = lc.model == "backbone"
     entry = run.cache.entry("learners", parts) if cacheable else None
-    if entry is not None and run.cache.is_done(entry):
+    if entry is not None and run.cache.ready(entry, run.log):
         load_model(entry / "model.safetensors", model)
         info = read_json(entry / "history.json")
         run.log(f"[{spec.name} seed {ctx.seed} {ctx.n_shot}-shot] from cache {entry}")
@@ -328,8 +314,7 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     feats, labels = {}, {}
     for key, syn in sets.items():
         if len(syn):
-            feats[key] = cached_features(run.cache, pb.key, f"synthetic/{dataset_fingerprint(syn)}", pb.backbone,
-                                         syn, run.device)
+            feats[key] = cached_features(run.cache, pb.key, pb.backbone, syn, run.device, run.log)
         else:
             feats[key] = torch.zeros(0, pb.backbone.num_features)
         labels[key] = syn.labels

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +29,13 @@ class PretrainedBackbone:
     best_val: float = float("nan")
 
 
-def pretrain_key(cfg) -> dict:
-    """Everything that determines the pretrained weights.
+def pretrain_key(cfg, data) -> dict:
+    """The cache-key parts of the backbone ``cfg`` trains on ``data``: the backbone and pretrain
+    sections (IER options only for the IER recipes) and the content of the base and val images
+    (``fewgen.keys``), so another class split or changed images is another backbone."""
+    from fewgen.keys import key_parts
 
-    A recipe's own options (``pretrain.ier``) count only for that recipe, so tuning IER never
-    invalidates a cached CE backbone.
-    """
-    pretrain = dataclasses.asdict(cfg.pretrain)
-    if not cfg.pretrain.recipe.startswith("ier"):
-        pretrain.pop("ier", None)
-    return {
-        "data": dataclasses.asdict(cfg.data) | {"root": None},
-        "backbone": dataclasses.asdict(cfg.backbone),
-        "pretrain": pretrain,
-    }
+    return key_parts("backbones", cfg, base=data.base.digest(), val=data.val.digest())
 
 
 def pretrain_backbone(cfg, data, cache, device: torch.device | str = "cpu",
@@ -59,12 +51,12 @@ def pretrain_backbone(cfg, data, cache, device: torch.device | str = "cpu",
     from fewgen.utils import read_json, seed_everything, write_json
 
     recipe = RECIPES.get(cfg.pretrain.recipe)
-    parts = pretrain_key(cfg)
+    parts = pretrain_key(cfg, data)
     entry = cache.entry("backbones", parts)
     key = cache.key(parts)
     final = entry / "backbone.safetensors"
     backbone = create_backbone(cfg.backbone.name, in_chans=data.base.image_shape[0], **cfg.backbone.kwargs)
-    if cache.is_done(entry) and final.exists():
+    if cache.ready(entry, log):
         meta = load_model(final, backbone)
         log(f"pretrained backbone from cache {entry}")
         info = read_json(entry / "history.json")

@@ -455,9 +455,9 @@ def _cached_ier_model(ctx: PretrainContext) -> Path | None:
     cfg = copy.deepcopy(ctx.cfg)
     cfg.pretrain.recipe = "ier"
     cache = ArtifactCache(ctx.out_dir.parent.parent)
-    entry = cache.path("backbones", pretrain_key(cfg))
+    entry = cache.path("backbones", pretrain_key(cfg, ctx.data))
     path = entry / "ier-model.safetensors"
-    return path if cache.is_done(entry) and path.exists() and entry != ctx.out_dir else None
+    return path if entry != ctx.out_dir and cache.ready(entry, ctx.log) and path.exists() else None
 
 
 @RECIPES.register("ier-distill")

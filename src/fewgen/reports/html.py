@@ -32,6 +32,14 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+class Markup(str):
+    """HTML this module wrote itself; every other cell value is escaped."""
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, Markup) else html.escape(_fmt(value))
+
+
 def results_table(rows: list[dict]) -> str:
     """An HTML table of metrics rows: accuracy +- 95% CI and the counts behind each number."""
     if not rows:
@@ -50,10 +58,10 @@ def results_table(rows: list[dict]) -> str:
         cls = ' class="best"' if acc == best[setting] else ""
         cells = [r.get("method", "")]
         cells += [r.get(c, "") for c in optional if c in ("classifier", "domain")]
-        cells += [setting, f"{acc:.2f}", f"&plusmn; {_fmt(r.get('ci95'))}", r.get("episodes", ""), r.get("seeds", "")]
+        cells += [setting, f"{acc:.2f}", Markup(f"&plusmn; {html.escape(_fmt(r.get('ci95')))}"), r.get("episodes", ""),
+                  r.get("seeds", "")]
         cells += [r.get(c, "") for c in optional if c not in ("classifier", "domain")]
-        out.append(f"<tr{cls}>" + "".join(f"<td>{c if str(c).startswith('&') else html.escape(_fmt(c))}</td>"
-                                          for c in cells) + "</tr>")
+        out.append(f"<tr{cls}>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -173,12 +181,12 @@ def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[
         parts.append("<table><thead><tr><th>few-shot set</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
                      + "</tr></thead><tbody>")
         for name, d in diagnostics.items():
-            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(d.get(k))}</td>" for k in keys)
+            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_cell(d.get(k))}</td>" for k in keys)
                          + "</tr>")
         parts.append("</tbody></table><p class='meta'>Synthetic-set diagnostics in the pretrained feature space, "
                      "computed from the few shots only (see fewgen.learners.steps.synthetic_diagnostics).</p>")
     if made["examples"]:
-        parts.append(f"<figure><img src='{Path(made['examples']).name}' alt='examples'>"
+        parts.append(f"<figure><img src='{html.escape(Path(made['examples']).name)}' alt='examples'>"
                      f"<figcaption>{captions['examples']}</figcaption></figure>")
     else:
         parts.append("<p>No images recorded for this run.</p>")

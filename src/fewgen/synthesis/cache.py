@@ -69,8 +69,6 @@ class SynthesisSpec:
     def parts(self) -> dict[str, Any]:
         d = asdict(self)
         d["image_shape"] = list(self.image_shape)
-        if d["precision"] == "float32":  # the default leaves the keys of sets made before the field existed
-            del d["precision"]
         if SAMPLER_REVISIONS.get(self.sampler, 1) > 1:  # a fixed sampler never reuses the old one's images
             d["sampler_revision"] = SAMPLER_REVISIONS[self.sampler]
         return {"kind": "synthetic-set", **d}
@@ -85,6 +83,20 @@ class SynthesisSpec:
 
     def chunk_images(self, j: int) -> range:
         return range(j * self.chunk, min(self.per_class, (j + 1) * self.chunk))
+
+
+def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: Sequence[str],
+                   image_shape: Sequence[int], stable_diffusion: bool) -> SynthesisSpec:
+    """The spec of a synthetic set from the synthesis config ``sc`` (and, for Stable Diffusion, the
+    prompt template of the generator config ``gc``), the generator's and adapter's keys, the classes
+    and the image shape. ``fewgen.keys`` (kind ``synthetic``) declares what of the config it holds."""
+    template = gc.prompt if stable_diffusion else "{}"
+    return SynthesisSpec(generator_key=generator, class_names=list(class_names),
+                         prompts=[template.format(n) for n in class_names], per_class=sc.synthetic_per_class,
+                         image_shape=tuple(image_shape), adapter_key=adapter, sampler=sc.sampler, steps=sc.steps,
+                         guidance=sc.guidance, seed=sc.seed, chunk=sc.chunk,
+                         precision="float32" if stable_diffusion else sc.precision,  # SD: generator.dtype
+                         extra={"zero_shot": bool(sc.zero_shot or adapter is None)})
 
 
 #: bumped when a sampler's images change for the same name (ddim 2: no x0 clipping)
@@ -217,7 +229,7 @@ class SynthesisCache:
         """Files of a finished set that are missing or do not match the manifest's sha256."""
         entry = self.path(spec)
         manifest = entry / "manifest.json"
-        if not manifest.exists():
+        if not manifest.exists() or self.cache.problem(entry) is not None:  # checksum of the manifest in done
             return ["manifest.json"]
         bad = []
         for f in read_json(manifest)["images"]:
@@ -246,6 +258,8 @@ class SynthesisCache:
             ctx.barrier()
             if ctx.is_main:
                 (entry / "done").unlink(missing_ok=True)
+                if "manifest.json" in bad:
+                    (entry / "manifest.json").unlink(missing_ok=True)
             ctx.barrier()
         todo = [(c, j) for c, j in shard(spec.chunks(), ctx.rank, ctx.world) if not self._chunk_ok(entry, c, j)]
         fns = [] if sample_fn is None else list(sample_fn) if isinstance(sample_fn, (list, tuple)) else [sample_fn]
@@ -272,7 +286,7 @@ class SynthesisCache:
                 raise FewgenError(f"chunk {c}/{j} of {entry} is not valid after generation; rerun to regenerate it")
             images += read_json(entry / "chunks" / f"{c:04d}_{j:04d}.json")["files"]
         write_json(entry / "manifest.json", {"key": entry.name, "spec": spec.parts(), "images": images})
-        self.cache.mark_done(entry, {"images": len(images)})
+        self.cache.mark_done(entry, {"images": len(images)}, files=["manifest.json"])  # images: in the manifest
 
     def read(self, spec: SynthesisSpec) -> ArrayDataset:
         """A finished set as an ArrayDataset (labels index ``spec.class_names``), verified."""

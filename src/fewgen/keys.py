@@ -1,0 +1,312 @@
+"""The cache key of every artifact kind, derived in one place from what the artifact depends on.
+
+Each kind declares a :class:`KeyRule`: the config sections or fields (dotted paths) it depends
+on, the names of its inputs (content digests of data, keys of the artifacts it is made from),
+and, beside the rule, the fields under those sections that cannot change it, each with the
+reason. The key is the hash of exactly the declared fields and inputs; a field added to a
+declared section is in the key until someone declares, with a reason, that it is not.
+``tests/test_cache_keys.py`` walks every config field for every kind: changing it must change
+the key exactly when the rule says the artifact depends on it.
+
+Data enters keys only by content (:meth:`ArrayDataset.digest`), never by the folder it came
+from, so a changed image, a changed class split or another dataset at the same path is a new
+key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: bumped when the layout of the parts changes for every kind
+KEY_VERSION = 2
+
+Inputs = Mapping[str, Any]
+
+
+def config_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) for every leaf field of a (nested) config dataclass."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from config_leaves(value, f"{path}.")
+        else:
+            yield path, value
+
+
+def config_value(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _under(path: str, prefixes) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """What one artifact kind depends on.
+
+    Attributes:
+        kind: the cache folder (``<cache>/<kind>/<key>``).
+        config: dotted config paths (sections or single fields) the artifact depends on.
+        ignore: paths under ``config`` that cannot change the artifact, with the reason.
+        inputs: names of the inputs every key of this kind holds (digests, keys, ids).
+        ignore_if: more ``ignore`` entries that hold only for some configs or inputs (e.g. IER
+            options when the recipe is CE), as ``f(cfg, inputs) -> {path: reason}``.
+        derive: builds the parts from (cfg, inputs) when a library dataclass carries the key
+            (synthetic sets, GANs); by default the parts are the declared fields and inputs.
+    """
+
+    kind: str
+    config: tuple[str, ...] = ()
+    ignore: Mapping[str, str] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
+    ignore_if: Callable[[Any, Inputs], Mapping[str, str]] | None = None
+    derive: Callable[[Any, Inputs], dict[str, Any]] | None = None
+
+    def ignored(self, cfg: Any, inputs: Inputs) -> dict[str, str]:
+        out = dict(self.ignore)
+        if self.ignore_if is not None:
+            out.update(self.ignore_if(cfg, inputs))
+        return out
+
+    def fields(self, cfg: Any, inputs: Inputs | None = None) -> dict[str, Any]:
+        """The config values the artifact depends on, by dotted path."""
+        if not self.config:
+            return {}
+        skip = self.ignored(cfg, inputs or {})
+        out = {}
+        for path, value in config_leaves(cfg):
+            if _under(path, self.config) and not _under(path, skip):
+                out[path] = value
+        return out
+
+    def parts(self, cfg: Any, **inputs: Any) -> dict[str, Any]:
+        """The parts the key hashes: the declared config fields and the inputs."""
+        if set(inputs) != set(self.inputs):
+            raise TypeError(f"key of {self.kind!r} takes inputs {sorted(self.inputs)}, got {sorted(inputs)}")
+        if self.derive is not None:
+            return self.derive(cfg, inputs)
+        return {"kind": self.kind, "version": KEY_VERSION, "config": self.fields(cfg, inputs), "inputs": inputs}
+
+
+RULES: dict[str, KeyRule] = {}
+
+
+def rule(kind: str, **kw: Any) -> KeyRule:
+    r = KeyRule(kind, **kw)
+    RULES[kind] = r
+    return r
+
+
+def key_parts(kind: str, cfg: Any, **inputs: Any) -> dict[str, Any]:
+    """The parts of the cache key of ``kind`` for this config and these inputs."""
+    return RULES[kind].parts(cfg, **inputs)
+
+
+# ----------------------------------------------------------------------------- the rules
+
+def _ier_options(cfg, inputs) -> dict[str, str]:
+    if cfg.pretrain.recipe.startswith("ier"):
+        return {}
+    return {"pretrain.ier": "options of the IER recipes; a CE backbone never reads them"}
+
+
+BACKBONE = rule(
+    "backbones", config=("backbone", "pretrain"), inputs=("base", "val"), ignore_if=_ier_options,
+)
+"""The pretrained backbone: trained on the base images (digest ``base``), selected on val (``val``)."""
+
+FEATURES = rule("features", inputs=("checkpoint", "images"))
+"""Frozen features of a set of images (digest ``images``) under a backbone (``checkpoint`` key)."""
+
+_ADAPTATION = ("generator.adapt_mode", "generator.lora_rank", "generator.adapt_steps_per_class",
+               "generator.adapt_batch_size", "generator.adapt_lr")
+_STABLE_DIFFUSION = ("generator.model", "generator.prompt", "generator.resolution", "generator.dtype")
+
+GENERATOR = rule(
+    "generators", config=("generator",), inputs=("base",),
+    ignore={**{f: "adaptation to the shots: in the adapters' key" for f in _ADAPTATION},
+            **{f: "Stable Diffusion options: base training of a pixel generator never reads them"
+               for f in _STABLE_DIFFUSION}},
+)
+"""The base pixel generator, trained on the base images (digest ``base``)."""
+
+
+def _adapter_ignores(cfg, inputs) -> dict[str, str]:
+    if cfg.generator.kind == "stable-diffusion":
+        return {}
+    return {"generator.prompt": "the prompt template of Stable Diffusion; a pixel generator has no prompt"}
+
+
+_BASE_TRAINING = ("generator.kind", "generator.cond_mode", "generator.block_out_channels",
+                  "generator.attention_levels", "generator.cond_dim", "generator.train_steps",
+                  "generator.batch_size", "generator.lr")
+
+ADAPTER = rule(
+    "adapters", config=("generator",), inputs=("generator", "few_shot"), ignore_if=_adapter_ignores,
+    ignore={**{f: "base training: in the generator's key (input generator)" for f in _BASE_TRAINING},
+            **{f: "which Stable Diffusion model, at what size and dtype: in the generator's key"
+               for f in ("generator.model", "generator.resolution", "generator.dtype")}},
+)
+"""A DataDream adapter of a generator (key ``generator``) to one few-shot set (digest ``few_shot``)."""
+
+
+def _synthetic_parts(cfg, inputs) -> dict[str, Any]:
+    from fewgen.synthesis.cache import synthesis_spec
+
+    return synthesis_spec(cfg.synthesis, cfg.generator, **inputs).parts()
+
+
+def _synthetic_ignores(cfg, inputs) -> dict[str, str]:
+    out = {}
+    if not inputs.get("stable_diffusion"):
+        out["generator.prompt"] = "the prompt template of Stable Diffusion; pixel generators are prompted by class name"
+    else:
+        out["synthesis.precision"] = "Stable Diffusion samples in generator.dtype (in the generator's key)"
+    return out
+
+
+SYNTHETIC = rule(
+    "synthetic", config=("synthesis", "generator.prompt"),
+    inputs=("generator", "adapter", "class_names", "image_shape", "stable_diffusion"),
+    ignore={"synthesis.streams": "parallel sampling streams write the same bytes as one (tested)",
+            "synthesis.grid_classes": "grids are drawn in the run folder, not in the set",
+            "synthesis.import_dir": "images made elsewhere are read by import-synthetic; they make no cache entry"},
+    ignore_if=_synthetic_ignores, derive=_synthetic_parts,
+)
+"""A synthetic set: carried by :class:`fewgen.synthesis.cache.SynthesisSpec` (its own parts)."""
+
+_DIFFALIGN_WEIGHTS = ("learner.w_real", "learner.w_synthetic", "learner.w_hallucination", "learner.w_mmd",
+                      "learner.label_smoothing", "learner.mmd_bandwidths", "learner.hallucination_temperature")
+_SYNTHETIC_CHOICE = ("learner.synthetic_per_class", "learner.synthetic_keep", "learner.augmented_copies_per_class")
+_WHICH_RUNS = ("learner.methods", "learner.ablations", "learner.sweep", "learner.sweep_method",
+               "learner.sweep_shots")
+
+
+def _learner_ignores(cfg, inputs) -> dict[str, str]:
+    method = inputs.get("method") or {}
+    kind = method.get("kind")
+    weights = method.get("weights") or {}
+    out = {}
+    if kind != "datadream":
+        out["learner.datadream_lambda"] = "read by the datadream method only"
+    if kind != "diffalign":
+        for f in ("learner.synthetic_batch_size", "learner.base_batch_size"):
+            out[f] = "read by the diffalign methods only"
+    if kind != "diffalign" or not weights.get("hallucination"):
+        for f in ("learner.base_batch_size", "eval.logreg_c", "eval.logreg_iters"):
+            out[f] = "the hallucinated soft labels' batch and solver: read only with the hallucination term"
+    if cfg.learner.model != "clip":
+        for f in ("learner.clip_path", "learner.clip_lora_rank", "learner.clip_prompt"):
+            out[f] = "options of learner.model=clip"
+    return out
+
+
+LEARNER = rule(
+    "learners", config=("learner", "eval.logreg_c", "eval.logreg_iters"),
+    inputs=("method", "backbone", "real", "synthetic", "base", "seed"), ignore_if=_learner_ignores,
+    ignore={**{f: "which models are trained; each method and sweep point is its own entry (input method)"
+               for f in _WHICH_RUNS},
+            **{f: "the DiffAlign loss weights, ablations applied, enter through the method (input method)"
+               for f in _DIFFALIGN_WEIGHTS},
+            **{f: "choose the synthetic images, which enter by content (input synthetic)" for f in _SYNTHETIC_CHOICE},
+            "learner.eval_with": "how the trained model is evaluated, not its weights",
+            "learner.frozen_synthetic": "an evaluation of the frozen backbone; trains nothing"},
+)
+"""A fine-tuned classifier: one method (its spec) on one seed's shots (``real``) and synthetic set."""
+
+
+def _gan_source_parts(cfg, inputs) -> dict[str, Any]:
+    from fewgen.generators.gan import gan_arch, gan_train_settings, source_gan_key
+
+    return source_gan_key(inputs["images"], gan_arch(cfg.gan, inputs["channels"]), gan_train_settings(cfg.gan))
+
+
+_GAN_TARGET = ("gan.setup", "gan.target_range", "gan.source_domains", "gan.target_domain", "gan.target_root",
+               "gan.n_shots")
+_GAN_ADAPT = ("gan.adapt_iters", "gan.adapt_batch_size", "gan.methods", "gan.freezed_layers", "gan.cdc_weight",
+              "gan.dcl_lambda1", "gan.dcl_lambda2", "gan.dcl_temperature", "gan.track_every", "gan.track_samples")
+_GAN_METRICS = ("gan.eval_samples", "gan.kid_subset_size", "gan.feature_net", "gan.lpips_weights")
+
+GAN_SOURCE = rule(
+    "gans", config=("gan",), inputs=("images", "channels"), derive=_gan_source_parts,
+    ignore={**{f: "choose the source images, which enter by content (input images)" for f in _GAN_TARGET},
+            **{f: "adaptation of the source GAN: in the adapted GANs' key" for f in _GAN_ADAPT},
+            **{f: "metrics computed after training" for f in _GAN_METRICS}},
+)
+"""The source GAN, trained on the source images (digest ``images``)."""
+
+
+def _gan_adapted_parts(cfg, inputs) -> dict[str, Any]:
+    from fewgen.generators.gan import adapted_gan_key
+
+    return adapted_gan_key(cfg.gan, **inputs)
+
+
+def _gan_method_ignores(cfg, inputs) -> dict[str, str]:
+    from fewgen.generators.gan import METHOD_OPTIONS
+
+    used = {f"gan.{f}" for f in METHOD_OPTIONS.get(inputs.get("method", ""), {}).values()}
+    options = ("gan.freezed_layers", "gan.cdc_weight", "gan.dcl_lambda1", "gan.dcl_lambda2", "gan.dcl_temperature")
+    return {f: "an option of another adaptation method" for f in options if f not in used}
+
+
+GAN_ADAPTED = rule(
+    "gan-adapted", config=("gan",), inputs=("source", "shots", "target", "method", "seed", "feature_net", "lpips"),
+    derive=_gan_adapted_parts, ignore_if=_gan_method_ignores,
+    ignore={**{f: "choose the shots and held-out target images, which enter by content (inputs shots, target)"
+               for f in _GAN_TARGET},
+            **{f: "source GAN training: in the source's key (input source)"
+               for f in ("gan.pretrain_seed", "gan.image_size", "gan.z_dim", "gan.width", "gan.mapping_layers",
+                         "gan.pretrain_iters", "gan.pretrain_batch_size")},
+            "gan.methods": "which methods run; each is its own entry (input method)",
+            "gan.eval_samples": "final metrics, computed after adaptation",
+            "gan.kid_subset_size": "final metrics, computed after adaptation",
+            "gan.feature_net": "the tracking network enters by content (input feature_net)",
+            "gan.lpips_weights": "the LPIPS weights enter by content (input lpips)"},
+)
+"""A source GAN (key ``source``) adapted by one method to one seed's shots."""
+
+DG_GENERATOR = rule(
+    "dg-diffusion", inputs=("data", "sources"),
+    config=("domainfusion.gen_image_size", "domainfusion.gen_channels", "domainfusion.gen_steps",
+            "domainfusion.gen_batch_size", "domainfusion.gen_lr"),
+)
+"""DomainFusion's pixel diffusion model of one target's source domains (``sources``) of ``data``."""
+
+DG_RESULT = rule(
+    "dg-result", config=("domainfusion", "backbone"),
+    inputs=("data", "target", "seed", "method", "generator", "pretrained"),
+    ignore={"domainfusion.methods": "which methods run; each is its own entry (input method)",
+            "domainfusion.targets": "which targets run; each is its own entry (input target)",
+            "domainfusion.pretrained": "the starting checkpoint enters by content (input pretrained)",
+            "domainfusion.generator": "the generator enters by its key (input generator)"},
+)
+"""One DG method's test correctness on one held-out domain (``target``) for one seed."""
+
+#: fields no artifact depends on: how and where a run runs, not what it computes
+RUN_ONLY = {
+    "name": "the run's name (its folder)",
+    "seeds": "which few-shot seeds run; each is its own entry (input seed or few-shot digest)",
+    "pipeline": "which steps run",
+    "device": "where a model runs; its results are reused on another device",
+    "num_threads": "CPU threads: the same computation",
+    "cache_dir": "where the cache is",
+}
+
+#: fields that enter no key as config values: the data enter by content, evaluation is never cached
+NOT_IN_KEYS = {
+    "data": "the data enter every key by content (ArrayDataset.digest), never by name, path or size setting",
+    "eval.n_ways": "episodes are drawn per run and evaluated afresh",
+    "eval.n_shots": "which few-shot sets are used; each enters by content",
+    "eval.n_query": "episodes are drawn per run and evaluated afresh",
+    "eval.episodes": "episodes are drawn per run and evaluated afresh",
+    "eval.classifiers": "frozen-feature classifiers are fitted per run",
+    "eval.all_way": "the all-way evaluation is computed per run",
+}
