@@ -129,7 +129,7 @@ def rows_from_cache(cache_dir: str, seeds: list[int], preset_overrides: list[str
         extra = {t: {"images_generated": round(np.mean([found[(m, t, s)][1]["images_generated"] for s in seeds])),
                      "wall_s": round(float(np.mean([found[(m, t, s)][1]["wall_s"] for s in seeds])), 1)}
                  for t in targets}
-        rows += dg_rows(m, correct, seeds, extra)
+        rows += dg_rows(m, correct, seeds, extra, uses_synthetic=m != "erm")
     return rows
 
 

@@ -99,3 +99,47 @@ def test_prototype_is_cosine_nearest_centroid():
         protos = torch.stack([F.normalize(sup[e][ys[e] == c], dim=-1).mean(0) for c in range(4)])
         sims = torch.stack([F.cosine_similarity(qry[e], p.unsqueeze(0), dim=-1) for p in protos], 1)
         assert torch.equal(pred[e], sims.argmax(1))
+
+
+def test_weighted_supports_match_repeated_supports():
+    """Integer sample weights equal repeating a support that many times (proto and logreg)."""
+    from fewgen.evaluation.classifiers import LogisticRegression, PrototypeClassifier
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 8, generator=g)
+    y = torch.tensor([0, 0, 1, 1, 2, 2]).expand(3, -1)
+    w = torch.tensor([1.0, 3.0, 1.0, 2.0, 1.0, 1.0]).expand(3, -1)
+    reps = torch.tensor([1, 3, 1, 2, 1, 1])
+    xr, yr = x.repeat_interleave(reps, 1), y.repeat_interleave(reps, 1)
+    q = torch.randn(3, 10, 8, generator=g)
+    a = PrototypeClassifier().fit(x, y, 3, sample_weight=w).decision_function(q)
+    b = PrototypeClassifier().fit(xr, yr, 3).decision_function(q)
+    assert torch.allclose(a, b, atol=1e-6)
+    la = LogisticRegression(tol=1e-8).fit(x, y, 3, sample_weight=w).decision_function(q)
+    lb = LogisticRegression(tol=1e-8).fit(xr, yr, 3).decision_function(q)
+    assert torch.allclose(la, lb, atol=1e-3)
+
+
+def test_extra_support_joins_episodes_and_all_way():
+    from fewgen.data.base import ArrayDataset
+    from fewgen.data.fewshot import all_way_split, sample_episodes
+    from fewgen.evaluation.protocol import ExtraSupport, all_way_accuracy, episode_accuracies
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 16, generator=g) * 3
+    labels = torch.arange(4).repeat_interleave(12)
+    feats = centres[labels] + torch.randn(48, 16, generator=g) * 6
+    novel = ArrayDataset(torch.zeros(48, 1, 2, 2, dtype=torch.uint8), labels, list("abcd"), name="toy")
+    ep = sample_episodes(novel, 4, 1, 5, 40, seed=0)
+    # perfect extra supports (the class centres) raise accuracy; at weight -> 0 they change nothing
+    extra = ExtraSupport({(0, 1): centres.repeat(3, 1)}, {(0, 1): torch.arange(4).repeat(3)}, weight=5.0)
+    plain = episode_accuracies(feats, ep, "proto").mean()
+    more = episode_accuracies(feats, ep, "proto", extra_support=lambda c: extra.for_episodes(c, 0, 1, 4)).mean()
+    assert more > plain and extra.images_per_class(0, 1, 4) == 3
+    tiny = ExtraSupport(extra.features, extra.labels, weight=1e-9)
+    same = episode_accuracies(feats, ep, "proto", extra_support=lambda c: tiny.for_episodes(c, 0, 1, 4)).mean()
+    assert torch.isclose(same, plain)
+    sup, qry = all_way_split(novel, 1, 0)
+    a = all_way_accuracy(feats, labels, sup, qry, "logreg").mean()
+    b = all_way_accuracy(feats, labels, sup, qry, "logreg", extra=extra.for_all_way(0, 1, 4)).mean()
+    assert b > a

@@ -46,6 +46,7 @@ def test_run_demo_writes_a_complete_run(tmp_path, capsys):
     assert not list(tmp_path.glob(".run.*"))  # the staging folder became the run
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_with_fresh_caches(tmp_path):
     assert _run(tmp_path, out="a", cache="cache_a") == 0
     assert _run(tmp_path, out="b", cache="cache_b") == 0
@@ -54,6 +55,7 @@ def test_same_seed_same_metrics_with_fresh_caches(tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_then_overwrites(tmp_path, capsys):
     assert _run(tmp_path) == 0
     capsys.readouterr()
@@ -123,6 +125,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no run, staging or cache
 
 
+@pytest.mark.slow
 def test_a_failing_overwrite_keeps_the_finished_run(tmp_path, capsys):
     assert _run(tmp_path) == 0
     metrics = (tmp_path / "run" / "metrics.json").read_text()
@@ -141,6 +144,7 @@ def _break_step(monkeypatch, name, exc):
     monkeypatch.setitem(pipeline.STEPS._items, name, boom)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_with_the_printed_command(tmp_path, capsys, monkeypatch):
     """Ctrl-C mid-run: the old run is intact, the CLI prints the command, and that command works."""
     assert _run(tmp_path) == 0
@@ -161,6 +165,7 @@ def test_interrupted_run_resumes_with_the_printed_command(tmp_path, capsys, monk
     assert "pretrained backbone from cache" in (tmp_path / "run" / "log.txt").read_text()  # resumed, not redone
 
 
+@pytest.mark.slow
 def test_a_failed_run_leaves_no_folder_and_does_not_block_a_rerun(tmp_path, capsys, monkeypatch):
     from fewgen.errors import FewgenError
 

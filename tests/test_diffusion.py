@@ -201,6 +201,7 @@ def test_datadream_adapter_keys_totals_and_diffusers_loading(mode, tmp_path):
                               plain.predict_noise(z, t, torch.tensor([0, 0])), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_generate_cli_end_to_end(tmp_path, monkeypatch):
     from fewgen.cli import main
 

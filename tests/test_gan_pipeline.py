@@ -19,6 +19,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_gan_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"

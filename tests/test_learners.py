@@ -185,6 +185,7 @@ TINY = ["seeds=[0]", "pretrain.epochs=1", "pretrain.val_episodes=10", "pretrain.
         "num_threads=1"]
 
 
+@pytest.mark.slow
 def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
     """The whole learner table on digits, with augmented copies standing in for a generator."""
     from fewgen.config import load_config
@@ -201,7 +202,9 @@ def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
     sweep = sorted({row["synthetic_per_class"] for row in r.rows if row.get("sweep")})
     assert sweep == [0, 5, 12]  # 50 is above the 12 copies per class: skipped, not faked
     for row in r.rows:
-        assert 0 <= row["accuracy"] <= 100 and row["ci95"] == row["ci95"] and row["episodes"] == 20
+        assert 0 <= row["accuracy"] <= 100 and row["episodes"] == (1 if row.get("all_way") else 20)
+        assert row["uses_synthetic"] is False  # augmented copies are the generator-free control
+    assert any(row["method"] == "frozen+synthetic" and row.get("all_way") for row in r.rows)
     dd = next(row for row in r.rows if row["method"] == "datadream" and row["classifier"] == "head")
     assert dd["n_synthetic"] == [60] and dd["synthetic_per_class"] == 12
     hist = json.loads((tmp_path / "run" / "learn_history.json").read_text())
@@ -266,6 +269,7 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("preset-cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["datadream", "diffalign"])
 def test_presets_run_end_to_end_on_digits(preset, tmp_path, shared_cache):
     from fewgen.config import load_config
@@ -278,6 +282,9 @@ def test_presets_run_end_to_end_on_digits(preset, tmp_path, shared_cache):
     assert {"real-only", "synthetic-only", "datadream"} <= methods
     if preset == "diffalign":
         assert {"diffalign", "diffalign-no-mmd"} <= methods
+    real_only = {"real-only", "datadream@0", "frozen+synthetic@0", "ce", "diffalign-no-synthetic"}  # none generated
+    for row in r.rows:  # every row says whether generated images went into it
+        assert row["uses_synthetic"] is (row["method"] not in real_only), row["method"]
     assert (tmp_path / "run" / "report" / "index.html").exists()
 
 

@@ -19,6 +19,7 @@ def _cfg():
     return load_config("demo", ["pretrain.epochs=3", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=6"])
 
 
+@pytest.mark.slow
 def test_interrupted_pretraining_resumes_to_identical_weights(tmp_path, monkeypatch):
     data = load_dataset("digits")
     full = pretrain_backbone(_cfg(), data, ArtifactCache(tmp_path / "a"), **QUIET)

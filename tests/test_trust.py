@@ -47,6 +47,7 @@ def flip_bytes(path: Path, n: int = 512) -> None:
 # ----------------------------------------------------------------------------- changed config
 
 
+@pytest.mark.slow
 def test_changing_datadream_lambda_retrains_the_learner(tmp_path):
     learn = ["pipeline=[pretrain,augmented-copies,learn]", "learner.methods=[datadream]", "learner.steps=4",
              "learner.augmented_copies_per_class=4", "learner.frozen_synthetic=false", "learner.eval_with=[head]"]
@@ -87,6 +88,7 @@ FOLDER = ["data.dataset=imagefolder", "data.image_size=16", "data.channels=1", "
           "data.novel_classes=[digit7,digit8,digit9]", "pretrain.val_n_way=2"]
 
 
+@pytest.mark.slow
 def test_a_folder_whose_images_changed_is_not_mistaken_for_the_old_one(tmp_path):
     clean = _digits_folder(tmp_path / "clean")
     noisy = _digits_folder(tmp_path / "noisy", noisy_classes=("digit7", "digit8", "digit9"))  # the novel classes
@@ -169,6 +171,7 @@ def _backbone_entry(cache: Path) -> Path:
     return entry
 
 
+@pytest.mark.slow
 def test_a_damaged_backbone_is_rebuilt_not_used(tmp_path):
     cache = tmp_path / "cache"
     first = _run(tmp_path, "first", cache, [])
@@ -194,6 +197,7 @@ GENERATE = ["generator.train_steps=6", "generator.batch_size=8", "generator.adap
             "synthesis.grid_classes=0", "eval.n_shots=[1]"]
 
 
+@pytest.mark.slow
 def test_a_damaged_generator_is_rebuilt_before_it_draws(tmp_path):
     cache = tmp_path / "cache"
     cfg = load_config("generate", [*GENERATE, f"cache_dir={cache}"])

@@ -148,6 +148,8 @@ class LearnerConfig:
     sweep_method: str = opt("datadream", "method trained at each sweep point", choices="learner method")
     sweep_shots: list[int] = opt([1], "shots (K) of the sweep", min=1)
     frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the support")
+    synthetic_weight: float = opt(1.0, "weight of each synthetic support image in the frozen-feature classifiers, "
+                                  "relative to a real shot's 1 (prototype: weighted mean; logreg: weighted loss)", gt=0)
     augmented_copies_per_class: int = opt(50, "images per class made by the augmented-copies step (generator-free control)", min=1)
 
 

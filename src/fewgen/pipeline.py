@@ -75,6 +75,9 @@ class Run:
         return self._episodes[key]
 
     def add_rows(self, rows: list[dict]) -> None:
+        for row in rows:  # one schema for every method: a script can take the best row of each kind
+            if not isinstance(row.get("uses_synthetic"), bool):
+                raise ValueError(f"metrics row {row.get('method')!r} has no boolean 'uses_synthetic'")
         self.rows.extend(rows)
         if self.dir is not None:
             write_metrics(self.dir, self.rows, {"timings_s": self.timings})
@@ -119,13 +122,19 @@ def novel_features(run: Run) -> torch.Tensor:
     return cached_features(run.cache, pb.key, pb.backbone, run.data.novel, run.device, run.log)
 
 
-def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra_support=None, extra_fields=None) -> list[dict]:
-    """Rows for every (classifier, N, K) and all-way, on the run's shared episodes."""
+def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, extra_fields=None) -> list[dict]:
+    """Rows for every (classifier, N, K) and all-way, on the run's shared episodes.
+
+    ``extra``: an :class:`~fewgen.evaluation.protocol.ExtraSupport` (synthetic images added to
+    every support, weighted), or None. ``extra_fields`` go into every row (``uses_synthetic``
+    among them; False by default)."""
     from fewgen.data.fewshot import all_way_split
     from fewgen.evaluation.protocol import all_way_accuracy, episode_accuracies, summary_row
 
     cfg, novel = run.cfg, run.data.novel
+    n_classes = novel.num_classes
     kw = {"logreg": {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters}}
+    fields = {"uses_synthetic": False, **(extra_fields or {})}
     rows = []
     bar = None
     if run.progress:
@@ -141,18 +150,19 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra_support
                     if bar is not None:
                         bar.update()
                     ep = run.episodes(n_way, n_shot, seed)
-                    es = (lambda classes, s=seed, k=n_shot: extra_support(classes, s, k)) if extra_support else None
+                    es = None if extra is None else \
+                        (lambda classes, s=seed, k=n_shot: extra.for_episodes(classes, s, k, n_classes))
                     per_seed.append(episode_accuracies(features, ep, clf, classifier_kwargs=kw.get(clf), extra_support=es))
                 rows.append(summary_row(method, n_way, n_shot, per_seed, cfg.seeds, classifier=clf,
-                                        n_query=cfg.eval.n_query, **(extra_fields or {})))
-        if cfg.eval.all_way and extra_support is None:
+                                        n_query=cfg.eval.n_query, **fields))
+        if cfg.eval.all_way:
             for n_shot in cfg.eval.n_shots:
                 correct = []
                 for seed in cfg.seeds:
                     sup, qry = all_way_split(novel, n_shot, seed)
-                    correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf)))
-                row = summary_row(method, novel.num_classes, n_shot, correct, cfg.seeds, classifier=clf,
-                                  all_way=True, **(extra_fields or {}))
+                    more = None if extra is None else extra.for_all_way(seed, n_shot, n_classes)
+                    correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf), extra=more))
+                row = summary_row(method, n_classes, n_shot, correct, cfg.seeds, classifier=clf, all_way=True, **fields)
                 row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
                 rows.append(row)
     if bar is not None:

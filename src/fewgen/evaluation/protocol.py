@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +26,54 @@ def mean_ci95(values: np.ndarray | list[float]) -> tuple[float, float]:
         return float(v.mean()) if len(v) else float("nan"), float("nan")
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return float(v.mean()), float(half)
+
+
+@dataclass
+class ExtraSupport:
+    """Extra support images (synthetic ones) for frozen-feature classifiers, per (seed, K).
+
+    Attributes:
+        features: per (seed, K), features of the extra images, shape (M, D).
+        labels: per (seed, K), their novel-class labels, shape (M,).
+        weight: each extra image's weight in the fit, relative to a real shot's 1 (the prototype is
+            a weighted mean; logistic regression weights its loss terms).
+        per_class: use the first ``per_class`` extra images of each class (default: as many as the
+            smallest class has), so every class gets the same number.
+    """
+
+    features: dict[tuple[int, int], torch.Tensor]
+    labels: dict[tuple[int, int], torch.Tensor]
+    weight: float = 1.0
+    per_class: int | None = None
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    def table(self, seed: int, n_shot: int, n_classes: int) -> torch.Tensor:
+        """Indices (n_classes, m) of each class's extra images."""
+        key = (seed, n_shot)
+        if key not in self._tables:
+            y = self.labels[key]
+            by_class = [(y == c).nonzero().squeeze(1) for c in range(n_classes)]
+            m = min(len(ix) for ix in by_class)
+            m = m if self.per_class is None else min(m, self.per_class)
+            self._tables[key] = torch.stack([ix[:m] for ix in by_class])
+        return self._tables[key]
+
+    def for_episodes(self, classes: torch.Tensor, seed: int, n_shot: int, n_classes: int):
+        """(features (e, N*m, D), episode labels (e, N*m), weights (e, N*m)) for episode classes (e, N)."""
+        idx = self.table(seed, n_shot, n_classes)[classes]  # (e, N, m)
+        e, n, m = idx.shape
+        xs = self.features[(seed, n_shot)][idx.reshape(e, -1)]
+        ys = torch.arange(n).repeat_interleave(m).expand(e, -1)
+        return xs, ys, torch.full(ys.shape, float(self.weight))
+
+    def for_all_way(self, seed: int, n_shot: int, n_classes: int):
+        """(features (M, D), novel labels (M,), weights (M,)) of every class's extra images."""
+        idx = self.table(seed, n_shot, n_classes).reshape(-1)
+        return self.features[(seed, n_shot)][idx], self.labels[(seed, n_shot)][idx], \
+            torch.full((len(idx),), float(self.weight))
+
+    def images_per_class(self, seed: int, n_shot: int, n_classes: int) -> int:
+        return int(self.table(seed, n_shot, n_classes).shape[1])
 
 
 def episode_accuracies(
@@ -74,8 +123,12 @@ def episode_accuracies(
 
 
 def all_way_accuracy(features: torch.Tensor, labels: torch.Tensor, support_idx: torch.Tensor,
-                     query_idx: torch.Tensor, classifier: str, classifier_kwargs: dict | None = None) -> torch.Tensor:
+                     query_idx: torch.Tensor, classifier: str, classifier_kwargs: dict | None = None,
+                     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Correctness (M,) of each remaining novel image classified among all novel classes.
+
+    ``extra``: optional extra supports (features (M', D), class labels (M',), weights (M',)), e.g.
+    synthetic images, fitted beside the real shots (weight 1).
 
     The logistic regression runs to ``tol=1e-7`` here (a single problem, so the cost is nothing):
     with hundreds of classes the mean objective's gradient starts near the episodes' 1e-4, which
@@ -84,9 +137,15 @@ def all_way_accuracy(features: torch.Tensor, labels: torch.Tensor, support_idx: 
     n_classes, n_shot = support_idx.shape
     support = features[support_idx.reshape(-1)].unsqueeze(0)
     y_sup = torch.arange(n_classes).repeat_interleave(n_shot).unsqueeze(0)
+    weight = None
+    if extra is not None:
+        xs, ys, ws = extra
+        weight = torch.cat([torch.ones(y_sup.shape[1]), ws.float()])[None]
+        support = torch.cat([support, xs[None]], 1)
+        y_sup = torch.cat([y_sup, ys[None]], 1)
     kwargs = {"tol": 1e-7, **(classifier_kwargs or {})} if classifier == "logreg" else classifier_kwargs or {}
     clf = create_classifier(classifier, **kwargs)
-    clf.fit(support, y_sup, n_classes=n_classes)
+    clf.fit(support, y_sup, n_classes=n_classes, sample_weight=weight)
     pred = clf.predict(features[query_idx].unsqueeze(0))[0]
     return (pred == labels[query_idx]).double()
 

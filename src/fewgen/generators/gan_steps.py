@@ -227,7 +227,7 @@ def step_gan_adapt(run: Run) -> None:
     for name, values in per_seed.items():
         row = {"method": name, "setup": run.cfg.name, "n_shot": gc.n_shots,
                "iters": 0 if name == "source" else gc.adapt_iters, "n_samples": gc.eval_samples,
-               "seeds": list(setups)}
+               "seeds": list(setups), "uses_synthetic": True}  # metrics of generated images
         # no accuracy / ci95 keys: these rows are not classification results (reports skip them)
         for k in (*METRIC_KEYS, "shot_spread"):
             vals = [v[k] for v in values]

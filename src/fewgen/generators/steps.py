@@ -225,6 +225,7 @@ def step_synthesize(run: Run) -> None:
 
                 write_grids(run.dir / "grids" / f"seed{seed}_{k}shot", few_shot_set(run.data.novel, k, seed), ds,
                             s.grid_classes)
+    run.artifacts["synthetic_kind"] = "generated"
     if run.dir is not None and ctx.is_main:
         write_json(run.dir / "synthetic_sets.json", info)
 

@@ -204,12 +204,13 @@ def _t_ci(values: np.ndarray) -> float:
 
 
 def dg_rows(method: str, correct: dict[str, list[torch.Tensor]], seeds: list[int],
-            per_target: dict[str, dict] | None = None) -> list[dict]:
+            per_target: dict[str, dict] | None = None, uses_synthetic: bool = False) -> list[dict]:
     """Rows for one method: one per target domain and one ``average`` row.
 
     Args:
         correct: target domain -> per-seed correctness (bool/float (n_test,)), in ``seeds`` order.
         per_target: extra fields per target (numbers are averaged into the ``average`` row).
+        uses_synthetic: whether the method trains with generated images (every row says so).
     """
     rows = []
     seed_acc = {}
@@ -220,7 +221,7 @@ def dg_rows(method: str, correct: dict[str, list[torch.Tensor]], seeds: list[int
         row = {"method": method, "domain": target, "accuracy": round(float(accs.mean()), 3),
                "ci95": round(_t_ci(pooled), 3), "ci95_seeds": round(_t_ci(accs), 3),
                "seed_accuracies": [round(float(a), 3) for a in accs], "seeds": list(seeds),
-               "test_images": int(len(per_seed[0]))}
+               "test_images": int(len(per_seed[0])), "uses_synthetic": uses_synthetic}
         row.update((per_target or {}).get(target, {}))
         rows.append(row)
     if len(rows) > 1:
@@ -230,7 +231,7 @@ def dg_rows(method: str, correct: dict[str, list[torch.Tensor]], seeds: list[int
                "ci95": round(math.sqrt(sum(r["ci95"] ** 2 for r in rows)) / len(rows), 3),
                "ci95_seeds": round(_t_ci(per_seed_avg), 3),
                "seed_accuracies": [round(float(a), 3) for a in per_seed_avg], "seeds": list(seeds),
-               "test_images": int(sum(r["test_images"] for r in rows))}
+               "test_images": int(sum(r["test_images"] for r in rows)), "uses_synthetic": uses_synthetic}
         for k, v in (per_target or {}).get(rows[0]["domain"], {}).items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 avg[k] = round(float(np.mean([r[k] for r in rows])), 2)

@@ -241,7 +241,7 @@ def step_domainfusion(run: Run) -> None:
                 "source_val": round(sum(i["best_val"] for i in info[method][t]) / len(seeds), 3),
                 "generator_train_s": gen_seconds.get(t, 0.0) if method in USES_GENERATOR else 0.0}
             for t in targets}
-        rows += dg_rows(method, correct[method], seeds, per_target)
+        rows += dg_rows(method, correct[method], seeds, per_target, uses_synthetic=method in USES_GENERATOR)
     if run.dir is not None:
         write_json(run.dir / "domainfusion.json", {"info": info, "generator_train_s": gen_seconds,
                                                    "config": dataclasses.asdict(d)})

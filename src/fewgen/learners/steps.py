@@ -277,35 +277,20 @@ def _per_class(data: ArrayDataset | None) -> int:
     return int(data.counts().min()) if data is not None and len(data) else 0
 
 
-def frozen_extra_support(features: dict[tuple, torch.Tensor], labels: dict[tuple, torch.Tensor], n_classes: int):
-    """``extra_support(classes, seed, k)`` for :func:`evaluate_frozen`: the synthetic features of
-    each episode class (the first ``m`` of each, ``m`` the smallest class count)."""
-    tables = {}
-    for key, y in labels.items():
-        by_class = [(y == c).nonzero().squeeze(1) for c in range(n_classes)]
-        m = min(len(ix) for ix in by_class)
-        tables[key] = torch.stack([ix[:m] for ix in by_class]) if m else None
-
-    def extra(classes: torch.Tensor, seed: int, k: int):
-        table = tables[(seed, k)]
-        e, n = classes.shape
-        if table is None:
-            d = features[(seed, k)].shape[1]
-            return torch.zeros(e, 0, d), torch.zeros(e, 0, dtype=torch.long)
-        idx = table[classes]  # (e, N, m)
-        xs = features[(seed, k)][idx.reshape(e, -1)]
-        ys = torch.arange(n).repeat_interleave(idx.shape[2]).expand(e, -1)
-        return xs, ys
-
-    return extra
+def generated(run: Run) -> bool:
+    """Whether the run's synthetic slot holds generated images (``synthesize`` or imported), not
+    the generator-free control (``augmented-copies``): what ``uses_synthetic`` says of a row."""
+    return run.artifacts.get("synthetic_kind", "generated") != "augmented-copies"
 
 
 def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: str) -> list[dict]:
-    """Frozen-feature rows with each (seed, K)'s synthetic set added to the episode supports.
+    """Frozen-feature rows with each (seed, K)'s synthetic set added to the episode supports (and
+    to the all-way support), each image weighted ``learner.synthetic_weight``.
 
     Only the shot counts for which every seed has a set are evaluated.
     """
     from fewgen.evaluation.features import cached_features
+    from fewgen.evaluation.protocol import ExtraSupport
 
     pb = run.artifacts["backbone"]
     n_shots = [k for k in run.cfg.eval.n_shots if all((s, k) in sets for s in run.cfg.seeds)]
@@ -322,10 +307,11 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     sub.cfg = copy.deepcopy(run.cfg)
     sub.cfg.eval.n_shots = n_shots
     per_class = min(_per_class(s) for s in sets.values())
-    return evaluate_frozen(sub, novel_features(run), method,
-                           extra_support=frozen_extra_support(feats, labels, run.data.novel.num_classes),
-                           extra_fields={"synthetic_per_class": per_class,
-                                         "n_synthetic": [len(s) for s in sets.values()]})
+    extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight)
+    return evaluate_frozen(sub, novel_features(run), method, extra=extra,
+                           extra_fields={"synthetic_per_class": per_class, "synthetic_weight": extra.weight,
+                                         "n_synthetic": [len(s) for s in sets.values()],
+                                         "uses_synthetic": generated(run) and per_class > 0})
 
 
 @torch.no_grad()
@@ -446,7 +432,8 @@ def step_learn(run: Run) -> None:
                 model, history, seconds = train_one(ctx, spec, syn)
                 histories[f"{spec.name}/seed{seed}/{n_shot}shot"] = {
                     "method": spec.name, "seed": seed, "n_shot": n_shot, "history": history}
-                evaluate(model, ctx, spec.name, seconds, syn if spec.uses_synthetic else None)
+                evaluate(model, ctx, spec.name, seconds, syn if spec.uses_synthetic else None,
+                         uses_synthetic=spec.uses_synthetic and generated(run))
             if n_shot not in lc.sweep_shots:
                 continue
             for m in lc.sweep:
@@ -457,7 +444,8 @@ def step_learn(run: Run) -> None:
                     continue
                 spec = MethodSpec("real-only", "real-only") if m == 0 else sweep_spec(lc)
                 model, history, seconds = train_one(ctx, spec, sub if m > 0 else None)
-                evaluate(model, ctx, f"{lc.sweep_method}@{m}", seconds, sub if m > 0 else None, sweep=True)
+                evaluate(model, ctx, f"{lc.sweep_method}@{m}", seconds, sub if m > 0 else None, sweep=True,
+                         uses_synthetic=m > 0 and generated(run))
                 if sub is not None:
                     sweep_sets.setdefault(m, {})[(seed, n_shot)] = sub
     rows = results.rows(run)
@@ -513,6 +501,7 @@ def step_augmented_copies(run: Run) -> None:
         for seed in run.cfg.seeds:
             store[(seed, n_shot)] = augmented_copies(few_shot_set(run.data.novel, n_shot, seed), m, seed)
     run.artifacts["synthetic_source"] = f"augmented copies of the real shots ({m} per class, random affine)"
+    run.artifacts["synthetic_kind"] = "augmented-copies"
     run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
 
 
@@ -561,4 +550,5 @@ def step_import_synthetic(run: Run) -> None:
         for seed in run.cfg.seeds:
             store[(seed, n_shot)] = syn
     run.artifacts["synthetic_source"] = f"imported from {sc.import_dir} ({sc.synthetic_per_class} per class)"
+    run.artifacts["synthetic_kind"] = "imported"
     run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
