@@ -34,7 +34,7 @@ def spec_for(gen: DiffusionGenerator, sampler: str = "ddim", prompt_suffix: str 
 
 
 def sample_fn_for(gen: DiffusionGenerator, spec: SynthesisSpec, slow: float = 0.0):
-    def fn(c, seeds):
+    def fn(c, seeds, indices):
         if slow:
             time.sleep(slow)
         return gen.sample([c] * len(seeds), seeds=seeds, steps=spec.steps, guidance=spec.guidance,

@@ -19,7 +19,7 @@ CASES = {
     "generators": [{"base": "b"}],
     "adapters": [{"generator": "g", "few_shot": "f"}],
     "synthetic": [{"generator": "g", "adapter": "a", "class_names": ["x", "y"], "image_shape": [1, 8, 8],
-                   "stable_diffusion": sd} for sd in (False, True)],
+                   "stable_diffusion": sd, "sources": "f"} for sd in (False, True)],
     "learners": [{"method": {"name": m, "kind": m, "weights": w}, "backbone": "k", "real": "r", "synthetic": "s",
                   "base": "b", "seed": 0}
                  for m, w in (("real-only", None), ("datadream", None),
@@ -107,9 +107,11 @@ def _ier_config() -> RunConfig:
 
 
 def test_every_input_moves_the_key():
+    cfg = RunConfig()
+    cfg.synthesis.sdedit_strengths = [0.5]  # the shots SDEdit starts from count only with SDEdit on
     for kind, cases in CASES.items():
         for inputs in cases:
-            base = stable_hash(key_parts(kind, RunConfig(), **inputs))
+            base = stable_hash(key_parts(kind, cfg, **inputs))
             for name, value in inputs.items():
                 if name in ("method", "stable_diffusion"):  # variants covered by the cases themselves
                     continue
@@ -120,7 +122,7 @@ def test_every_input_moves_the_key():
                 else:
                     new = f"{value}-other"
                 changed = dict(inputs, **{name: new})
-                assert stable_hash(key_parts(kind, RunConfig(), **changed)) != base, f"{kind}: input {name}"
+                assert stable_hash(key_parts(kind, cfg, **changed)) != base, f"{kind}: input {name}"
 
 
 def test_every_config_field_is_accounted_for():

@@ -194,7 +194,7 @@ def test_datadream_adapter_keys_totals_and_diffusers_loading(mode, tmp_path):
     plain = copy.deepcopy(base)
     plain.add_classes(back.class_names, init=back.class_embeddings)
     plain.unet.load_lora_adapter(str(weights), prefix="unet", adapter_name="loaded")
-    adapted._use(c)
+    adapted.use(c)
     z, t, lab = torch.randn(2, 1, 8, 8), torch.tensor([50, 700]), torch.tensor([3 + c] * 2)
     assert torch.allclose(plain.predict_noise(z, t, lab), adapted.gen.predict_noise(z, t, lab), atol=1e-5)
     assert not torch.allclose(base.predict_noise(z, t, torch.tensor([0, 0])),

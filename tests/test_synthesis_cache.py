@@ -46,7 +46,7 @@ def reference(tmp_path_factory):
         spec = spec_for(gen)
         calls = []
         fn = sample_fn_for(gen, spec)
-        ds = SynthesisCache(root).synthesize(spec, lambda c, s: (calls.append(c), fn(c, s))[1])
+        ds = SynthesisCache(root).synthesize(spec, lambda c, s, i: (calls.append(c), fn(c, s, i))[1])
     finally:
         torch.set_num_threads(threads)
     return root, gen, spec, ds, calls
@@ -55,7 +55,7 @@ def reference(tmp_path_factory):
 def counting(gen, spec):
     calls = []
     fn = sample_fn_for(gen, spec)
-    return calls, lambda c, s: (calls.append((c, list(s))), fn(c, s))[1]
+    return calls, lambda c, s, i: (calls.append((c, list(s))), fn(c, s, i))[1]
 
 
 def test_set_reads_back_with_manifest(reference):
@@ -215,7 +215,7 @@ def test_parallel_streams_write_the_same_bytes_as_one(tmp_path):
 
     def stream():
         fn = pixel_sample_fn(gen, spec, adapter)
-        return lambda c, s: (seen.append(torch.get_num_threads()), fn(c, s))[1]
+        return lambda c, s, i: (seen.append(torch.get_num_threads()), fn(c, s, i))[1]
 
     three = SynthesisCache(tmp_path / "three").synthesize(spec, [stream() for _ in range(3)])
     assert torch.get_num_threads() == threads
@@ -231,14 +231,14 @@ def test_a_failing_stream_stops_the_others_and_raises(tmp_path):
     calls = []
     fn = sample_fn_for(gen, spec)
 
-    def bad(c, s):
+    def bad(c, s, i):
         calls.append(c)
         raise FewgenError("stream broke")
 
-    def good(c, s):
+    def good(c, s, i):
         calls.append(c)
         time.sleep(0.05)
-        return fn(c, s)
+        return fn(c, s, i)
 
     with pytest.raises(FewgenError, match="stream broke"):
         SynthesisCache(tmp_path).synthesize(spec, [good, bad])
@@ -256,3 +256,44 @@ def test_sampling_streams_default_and_bad_value():
     assert sampling_streams(None, "cuda") == 1 and sampling_streams(3, "cpu") == 3
     with pytest.raises(FewgenError, match="synthesis.streams must be >= 1"):
         sampling_streams(0, "cpu")
+
+
+def test_sdedit_spreads_strengths_evenly_over_each_shot():
+    spec = SynthesisSpec(generator_key="g", class_names=["a"], prompts=["a"], per_class=12, image_shape=(1, 8, 8),
+                         strengths=[0.25, 0.5, 0.75])
+    starts = [spec.start(i, 2) for i in range(12)]
+    assert {(j, s): starts.count((j, s)) for j, s in starts} == {(j, s): 2 for j in (0, 1) for s in (0.25, 0.5, 0.75)}
+    assert SynthesisSpec(generator_key="g", class_names=["a"], prompts=["a"], per_class=2,
+                         image_shape=(1, 8, 8)).start(3, 2) == (1, None)
+
+
+def test_sdedit_starts_from_the_shots(tmp_path):
+    """Strength 0 returns each class's shots unchanged; larger strengths move away from them; the
+    set's key holds the shots, so other shots are another set."""
+    from fewgen.generators.datadream import DataDreamConfig, train_datadream
+    from fewgen.generators.steps import pixel_sample_fn
+
+    gen = tiny_generator()
+    few = toy_few_shot()
+    adapter = train_datadream(gen, few, DataDreamConfig(mode="dset", rank=2, alpha=2.0, steps_per_class=2,
+                                                        batch_size=2))
+    sources = [few.images[ix] for ix in few.indices_by_class()]
+
+    def make(strengths, shots_digest="shots-a"):
+        return SynthesisSpec(generator_key="tiny-test", class_names=adapter.class_names, prompts=adapter.class_names,
+                             per_class=4, image_shape=(1, 8, 8), adapter_key=adapter.key, sampler="ddim", steps=4,
+                             guidance=2.0, chunk=4, strengths=strengths, sources=shots_digest)
+
+    store = SynthesisCache(tmp_path)
+    copies = store.synthesize(make([0.0]), pixel_sample_fn(gen, make([0.0]), adapter, sources))
+    for c, shots in enumerate(sources):
+        got = copies.images[copies.labels == c]
+        assert torch.equal(got, shots[torch.arange(4) % len(shots)])  # image i starts from shot i mod K
+    spec = make([0.5, 1.0])
+    edited = store.synthesize(spec, pixel_sample_fn(gen, spec, adapter, sources))
+    assert not torch.equal(edited.images, copies.images)
+    first = (edited.images[edited.labels == 0][:1].float() - sources[0][:1].float()).abs().mean()
+    assert 0 < first < 100  # strength 0.5: near its shot, not a copy
+    assert store.key(make([0.5, 1.0], "shots-b")) != store.key(spec) != store.key(make([0.5]))
+    with pytest.raises(FewgenError, match="needs the real shots"):
+        SynthesisCache(tmp_path / "x").synthesize(spec, pixel_sample_fn(gen, spec, adapter, None))

@@ -274,6 +274,10 @@ class SynthesisConfig:
                               "generator with an equal share of the CPU threads (bytes unchanged); default: one "
                               "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion", min=1)
     zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
+    sdedit_strengths: list[float] = opt([], "SDEdit from the shots (DA-Fusion): image i of a class starts from its shot "
+                                        "i mod K noised to strength s (0 = the shot, 1 = pure noise), s cycling "
+                                        "through this list, e.g. [0.25, 0.5, 0.75]; empty: start from pure noise",
+                                        min=0, max=1)
     grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none", min=0)
     import_dir: str | None = opt(None, "folder <dir>/<class>/*.png|jpg of images made elsewhere, read by the "
                                  "import-synthetic step as the synthetic set (first synthetic_per_class per class)")

@@ -174,7 +174,7 @@ def _synthetic_ignores(cfg, inputs) -> dict[str, str]:
 
 SYNTHETIC = rule(
     "synthetic", config=("synthesis", "generator.prompt"),
-    inputs=("generator", "adapter", "class_names", "image_shape", "stable_diffusion"),
+    inputs=("generator", "adapter", "class_names", "image_shape", "stable_diffusion", "sources"),
     ignore={"synthesis.streams": "parallel sampling streams write the same bytes as one (tested)",
             "synthesis.grid_classes": "grids are drawn in the run folder, not in the set",
             "synthesis.import_dir": "images made elsewhere are read by import-synthetic; they make no cache entry"},

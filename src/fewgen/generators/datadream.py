@@ -210,9 +210,10 @@ class AdaptedDiffusion:
         self.labels = self.gen.add_classes(adapter.class_names, init=adapter.class_embeddings)
         inject_lora(self.gen, adapter.cfg)
         self._active: int | None = None
-        self._use(0)
+        self.use(0)
 
-    def _use(self, c: int) -> None:
+    def use(self, c: int) -> None:
+        """Load class ``c``'s LoRA (``cls``; the set's one for ``dset``) into the UNet."""
         i = 0 if self.adapter.cfg.mode == "dset" else c
         if self._active != i:
             set_lora_state(self.gen.unet, self.adapter.lora[i])
@@ -221,7 +222,7 @@ class AdaptedDiffusion:
     def sample_class(self, c: int, seeds, steps: int = 50, guidance: float = 2.0, sampler: str = "ddim",
                      batch_size: int = 64, precision: str = "float32") -> torch.Tensor:
         """uint8 images of novel class ``c`` (index into adapter.class_names), one per seed."""
-        self._use(c)
+        self.use(c)
         return self.gen.sample([self.labels[c]] * len(seeds), seeds=list(seeds), steps=steps, guidance=guidance,
                                sampler=sampler, batch_size=batch_size, precision=precision)
 

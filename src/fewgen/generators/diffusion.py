@@ -438,9 +438,10 @@ class DiffusionGenerator:
     def img2img(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int], strength: float = 0.5,
                 steps: int = 50, seed: int = 0, guidance: float = 2.0, sampler: str = "ddim",
                 seeds: Sequence[int] | None = None, batch_size: int = 64, output: str = "uint8",
-                precision: str = "float32") -> torch.Tensor:
+                precision: str = "float32", use_class: bool = True) -> torch.Tensor:
         """SDEdit-style img2img: noise real images (uint8 (n, C, H, W)) to the timestep at
-        ``strength`` (0 = unchanged, 1 = pure noise) and denoise with the label's condition."""
+        ``strength`` (0 = unchanged, 1 = pure noise) and denoise with the label's condition
+        (``use_class=False``: the name token only, as :meth:`sample`)."""
         if not 0.0 <= strength <= 1.0:
             raise FewgenError(f"strength must be in [0, 1], got {strength}")
         labels = torch.as_tensor(labels, dtype=torch.long)
@@ -464,7 +465,7 @@ class DiffusionGenerator:
                 sch.set_begin_index(steps - n_run)
             noise = per_image_noise(seeds[i:i + batch_size], tuple(x0.shape[1:])).to(self.device)
             x = self.noise_scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
-            out.append(self.denoise(x, labels[i:i + batch_size], timesteps, sch, guidance,
+            out.append(self.denoise(x, labels[i:i + batch_size], timesteps, sch, guidance, use_class,
                                     precision=precision).cpu())
         x = torch.cat(out)
         return to_uint8(x) if output == "uint8" else x.clamp(-1, 1)

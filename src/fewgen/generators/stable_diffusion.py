@@ -327,9 +327,19 @@ class StableDiffusionGenerator:
             self.pipe.load_lora_weights(folder, use_safetensors=True)
         self._loaded_lora = folder
 
-    def synthesis_sample_fn(self, spec, adapter: SDAdapter | None, image_shape: tuple[int, int, int]):
-        def fn(c, seeds):
+    def synthesis_sample_fn(self, spec, adapter: SDAdapter | None, image_shape: tuple[int, int, int],
+                            sources: list[torch.Tensor] | None = None):
+        """sample_fn for the synthesis cache: text-to-image, or img2img from class c's shots
+        ``sources[c]`` when ``spec.strengths`` is set (DA-Fusion)."""
+        from fewgen.synthesis.cache import sdedit_or_sample
+
+        def fn(c, seeds, indices):
             self.use_adapter(adapter, c)
-            return self.sample([spec.prompts[c]] * len(seeds), seeds, spec.steps, spec.guidance, spec.sampler,
-                               image_shape)
+            prompt = spec.prompts[c]
+            return sdedit_or_sample(
+                spec, None if sources is None else sources[c], seeds, indices,
+                sample=lambda s: self.sample([prompt] * len(s), s, spec.steps, spec.guidance, spec.sampler,
+                                             image_shape),
+                img2img=lambda x, strength, s: self.img2img(x, [prompt] * len(x), strength, spec.steps, seeds=s,
+                                                            guidance=spec.guidance, sampler=spec.sampler))
         return fn

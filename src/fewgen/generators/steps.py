@@ -142,40 +142,50 @@ def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
 # ----------------------------------------------------------------------------- synthesize
 
 
-def run_synthesis_spec(run: Run, gen, adapter=None):
+def run_synthesis_spec(run: Run, gen, adapter=None, few_shot: ArrayDataset | None = None):
     """The spec of one synthetic set of this run: the synthesis config, the generator and adapter
-    keys and the novel classes (``fewgen.keys``, kind ``synthetic``)."""
+    keys, the novel classes and the few-shot set SDEdit starts from (``fewgen.keys``, kind
+    ``synthetic``)."""
     from fewgen.synthesis.cache import synthesis_spec
 
     novel = run.data.novel
     return synthesis_spec(run.cfg.synthesis, run.cfg.generator, generator=gen.state_key(),
                           adapter=None if adapter is None else adapter.key, class_names=list(novel.class_names),
                           image_shape=list(novel.image_shape),
-                          stable_diffusion=getattr(gen, "kind", "") == "stable-diffusion")
+                          stable_diffusion=getattr(gen, "kind", "") == "stable-diffusion",
+                          sources=None if few_shot is None else few_shot.digest())
 
 
-def pixel_sample_fn(gen, spec, adapter=None):
-    """sample_fn(class index, seeds) for the synthesis cache, adapted or zero-shot from names."""
+def pixel_sample_fn(gen, spec, adapter=None, sources: list[torch.Tensor] | None = None):
+    """sample_fn(class index, seeds, image indices) for the synthesis cache: the adapted generator
+    (class tokens + LoRA) or the base one from class names (zero-shot); from pure noise, or SDEdit
+    from ``sources[c]`` (class c's shots, uint8 (K, C, H, W)) when ``spec.strengths`` is set."""
     from fewgen.generators.datadream import AdaptedDiffusion
+    from fewgen.synthesis.cache import sdedit_or_sample
 
     if adapter is not None:
         adapted = AdaptedDiffusion(gen, adapter)
+        model, labels, use_class = adapted.gen, adapted.labels, True
+    else:
+        import copy
 
-        def fn(c, seeds):
-            return adapted.sample_class(c, seeds, spec.steps, spec.guidance, spec.sampler, batch_size=spec.chunk,
-                                        precision=spec.precision)
-        return fn
-    import copy
+        if not gen.conditioner.use_name:
+            raise FewgenError("zero-shot synthesis needs a name-conditioned generator (generator.cond_mode=name or "
+                              "class+name); or adapt it first (put 'adapt' before 'synthesize')")
+        adapted = None
+        model = copy.deepcopy(gen)
+        labels, use_class = model.add_classes(spec.class_names), False
+    kw = {"steps": spec.steps, "guidance": spec.guidance, "sampler": spec.sampler, "batch_size": spec.chunk,
+          "precision": spec.precision, "use_class": use_class}
 
-    if not gen.conditioner.use_name:
-        raise FewgenError("zero-shot synthesis needs a name-conditioned generator (generator.cond_mode=name or "
-                          "class+name); or adapt it first (put 'adapt' before 'synthesize')")
-    zs = copy.deepcopy(gen)
-    labels = zs.add_classes(spec.class_names)
-
-    def fn(c, seeds):
-        return zs.sample([labels[c]] * len(seeds), seeds=list(seeds), steps=spec.steps, guidance=spec.guidance,
-                         sampler=spec.sampler, batch_size=spec.chunk, use_class=False, precision=spec.precision)
+    def fn(c, seeds, indices):
+        if adapted is not None:
+            adapted.use(c)
+        return sdedit_or_sample(
+            spec, None if sources is None else sources[c], seeds, indices,
+            sample=lambda s: model.sample([labels[c]] * len(s), seeds=list(s), **kw),
+            img2img=lambda x, strength, s: model.img2img(x, [labels[c]] * len(x), strength=strength, seeds=list(s),
+                                                          **kw))
     return fn
 
 
@@ -191,6 +201,7 @@ def sampling_streams(streams: int | None, device) -> int:
 
 @STEPS.register("synthesize", generative=True)
 def step_synthesize(run: Run) -> None:
+    from fewgen.data.fewshot import few_shot_set
     from fewgen.synthesis.cache import SynthesisCache
 
     gen = _need_generator(run, "synthesize")
@@ -205,26 +216,25 @@ def step_synthesize(run: Run) -> None:
     for seed in run.cfg.seeds:
         for k in run.cfg.eval.n_shots:
             adapter = None if zero_shot else run.artifacts["adapters"][(seed, k)]
-            spec = run_synthesis_spec(run, gen, adapter)
+            few = few_shot_set(run.data.novel, k, seed)
+            sources = [few.images[ix] for ix in few.indices_by_class()]
+            spec = run_synthesis_spec(run, gen, adapter, few)
             if hasattr(gen, "synthesis_sample_fn"):
-                fn = gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape)
+                fn = gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape, sources)
             else:
                 streams = sampling_streams(s.streams, gen.device)
                 if store.cache.is_done(store.path(spec)):
                     streams = 1  # a cached set: no model copies; a corrupt file is regenerated in one stream
                 elif streams > 1:
                     run.log(f"sampling seed {seed}, {k}-shot in {streams} parallel streams (synthesis.streams)")
-                fn = [pixel_sample_fn(gen, spec, adapter) for _ in range(streams)]
+                fn = [pixel_sample_fn(gen, spec, adapter, sources) for _ in range(streams)]
             ds = store.synthesize(spec, fn, ctx, run.log)
             ds.name = f"synthetic/{'zero-shot' if zero_shot else 'datadream-' + run.cfg.generator.adapt_mode}" \
                       f"/s{seed}-k{k}"
             out[(seed, k)] = ds
             info[f"seed{seed}_{k}shot"] = {"key": store.key(spec), "path": str(store.path(spec)), "images": len(ds)}
             if run.dir is not None and ctx.is_main and s.grid_classes > 0:
-                from fewgen.data.fewshot import few_shot_set
-
-                write_grids(run.dir / "grids" / f"seed{seed}_{k}shot", few_shot_set(run.data.novel, k, seed), ds,
-                            s.grid_classes)
+                write_grids(run.dir / "grids" / f"seed{seed}_{k}shot", few, ds, s.grid_classes)
     run.artifacts["synthetic_kind"] = "generated"
     if run.dir is not None and ctx.is_main:
         write_json(run.dir / "synthetic_sets.json", info)

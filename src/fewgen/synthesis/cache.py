@@ -37,8 +37,9 @@ from fewgen.errors import FewgenError
 from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.utils import atomic_path, read_json, seed_hash, sha256_file, write_json
 
-# sample_fn(class_index, seeds) -> uint8 images (len(seeds), C, H, W)
-SampleFn = Callable[[int, Sequence[int]], torch.Tensor]
+# sample_fn(class_index, seeds, image_indices) -> uint8 images (len(seeds), C, H, W); image i of a class
+# starts from noise seeded by seeds[k] and is that class's image indices[k]
+SampleFn = Callable[[int, Sequence[int], Sequence[int]], torch.Tensor]
 
 
 @dataclass
@@ -57,6 +58,8 @@ class SynthesisSpec:
     seed: int = 0
     chunk: int = 16
     precision: str = "float32"
+    strengths: list[float] = field(default_factory=list)
+    sources: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,16 @@ class SynthesisSpec:
     def image_seed(self, class_index: int, i: int) -> int:
         return seed_hash("synthetic", self.seed, self.prompts[class_index], i)
 
+    def start(self, i: int, n_sources: int) -> tuple[int, float | None]:
+        """Where image ``i`` of a class starts: (index of its class's source image, SDEdit strength),
+        or strength None for pure noise. Image i takes source ``i mod K`` (K = ``n_sources``, the
+        class's shots) and strength ``strengths[(i // K) mod S]``, so every shot gets every
+        strength equally often (DA-Fusion mixes strengths this way)."""
+        j = i % max(1, n_sources)
+        if not self.strengths:
+            return j, None
+        return j, float(self.strengths[(i // max(1, n_sources)) % len(self.strengths)])
+
     def chunks(self) -> list[tuple[int, int]]:
         """(class index, chunk index) in the global order that processes shard."""
         n = math.ceil(self.per_class / self.chunk)
@@ -86,21 +99,44 @@ class SynthesisSpec:
 
 
 def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: Sequence[str],
-                   image_shape: Sequence[int], stable_diffusion: bool) -> SynthesisSpec:
+                   image_shape: Sequence[int], stable_diffusion: bool, sources: str | None) -> SynthesisSpec:
     """The spec of a synthetic set from the synthesis config ``sc`` (and, for Stable Diffusion, the
-    prompt template of the generator config ``gc``), the generator's and adapter's keys, the classes
-    and the image shape. ``fewgen.keys`` (kind ``synthetic``) declares what of the config it holds."""
+    prompt template of the generator config ``gc``), the generator's and adapter's keys, the classes,
+    the image shape and the content digest of the real images the set starts from (``sources``: the
+    few shots, for SDEdit; None when it starts from noise). ``fewgen.keys`` (kind ``synthetic``)
+    declares what of the config it holds."""
     template = gc.prompt if stable_diffusion else "{}"
     return SynthesisSpec(generator_key=generator, class_names=list(class_names),
                          prompts=[template.format(n) for n in class_names], per_class=sc.synthetic_per_class,
                          image_shape=tuple(image_shape), adapter_key=adapter, sampler=sc.sampler, steps=sc.steps,
                          guidance=sc.guidance, seed=sc.seed, chunk=sc.chunk,
                          precision="float32" if stable_diffusion else sc.precision,  # SD: generator.dtype
+                         strengths=list(sc.sdedit_strengths), sources=sources if sc.sdedit_strengths else None,
                          extra={"zero_shot": bool(sc.zero_shot or adapter is None)})
 
 
 #: bumped when a sampler's images change for the same name (ddim 2: no x0 clipping)
 SAMPLER_REVISIONS = {"ddim": 2}
+
+
+def sdedit_or_sample(spec: SynthesisSpec, sources: torch.Tensor | None, seeds: Sequence[int], indices: Sequence[int],
+                     sample: Callable[[Sequence[int]], torch.Tensor],
+                     img2img: Callable[[torch.Tensor, float, Sequence[int]], torch.Tensor]) -> torch.Tensor:
+    """One chunk of a class: from pure noise (``sample(seeds)``), or, when ``spec.strengths`` is set,
+    SDEdit from the class's ``sources`` (uint8 (K, C, H, W), its shots): image ``indices[k]`` starts
+    from the source and strength :meth:`SynthesisSpec.start` gives it, images of one strength in one
+    ``img2img(images, strength, seeds)`` call, returned in chunk order."""
+    if not spec.strengths:
+        return sample(seeds)
+    if sources is None or not len(sources):
+        raise FewgenError("SDEdit (synthesis.sdedit_strengths) needs the real shots of every class to start from")
+    starts = [spec.start(i, len(sources)) for i in indices]
+    out = torch.empty(len(seeds), *spec.image_shape, dtype=torch.uint8)
+    for s in sorted({st for _, st in starts}):
+        pos = [k for k, (_, st) in enumerate(starts) if st == s]
+        src = sources[torch.tensor([starts[k][0] for k in pos])]
+        out[pos] = img2img(src, s, [seeds[k] for k in pos])
+    return out
 
 
 def image_file(c: int, i: int) -> str:
@@ -205,7 +241,7 @@ class SynthesisCache:
     def _run_chunk(self, entry: Path, spec: SynthesisSpec, c: int, j: int, sample_fn: SampleFn) -> None:
         idx = list(spec.chunk_images(j))
         seeds = [spec.image_seed(c, i) for i in idx]
-        images = sample_fn(c, seeds)
+        images = sample_fn(c, seeds, idx)
         if images.dtype != torch.uint8 or tuple(images.shape) != (len(idx), *spec.image_shape):
             raise FewgenError(f"the generator returned {images.dtype} {tuple(images.shape)}, expected uint8 "
                               f"{(len(idx), *spec.image_shape)}")
