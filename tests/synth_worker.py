@@ -48,9 +48,15 @@ def main() -> None:
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--adapt", action="store_true", help="also train DataDream cls adapters and print their key")
+    p.add_argument("--exemplar", action="store_true", help="SDEdit from toy shots with a tiny exemplar generator")
     args = p.parse_args()
     torch.set_num_threads(1)
     ctx = process_context()
+    if args.exemplar:
+        spec, fn = exemplar_job(args.slow)
+        ds = SynthesisCache(args.cache).synthesize(spec, fn, ctx)
+        print(f"OK {len(ds)} world={ctx.world}", flush=True)
+        return
     gen = tiny_generator()
     spec = spec_for(gen, args.sampler)
     ds = SynthesisCache(args.cache).synthesize(spec, sample_fn_for(gen, spec, args.slow), ctx)
@@ -61,6 +67,28 @@ def main() -> None:
                                                                       batch_size=2), ctx)
         if ctx.is_main:
             print(f"ADAPTER {adapter.key}", flush=True)
+
+
+def exemplar_job(slow: float = 0.0):
+    """A tiny exemplar generator drawing 8 images per class from toy shots, half by SDEdit."""
+    from test_exemplar import tiny_exemplar, toy_base
+
+    from fewgen.generators.steps import exemplar_sample_fn
+
+    gen = tiny_exemplar()
+    shots = toy_base(n_classes=3, per_class=2)
+    sources = [shots.images[ix] for ix in shots.indices_by_class()]
+    spec = SynthesisSpec(generator_key="tiny-exemplar", class_names=list(shots.class_names),
+                         prompts=list(shots.class_names), per_class=8, image_shape=(1, 8, 8), sampler="ddim", steps=2,
+                         guidance=0.5, chunk=2, strengths=[0.5, 1.0], sources=shots.digest(),
+                         extra={"exemplar_condition": "each"})
+    fn = exemplar_sample_fn(gen, spec, None, sources)
+
+    def slowed(c, seeds, indices):
+        if slow:
+            time.sleep(slow)
+        return fn(c, seeds, indices)
+    return spec, slowed
 
 
 def toy_few_shot():

@@ -16,7 +16,7 @@ from fewgen.utils import stable_hash
 CASES = {
     "backbones": [{"base": "b", "val": "v"}],
     "features": [{"checkpoint": "c", "images": "i"}],
-    "generators": [{"base": "b"}],
+    "generators": [{"base": "b", "encoder": None}, {"base": "b", "encoder": "e"}],
     "adapters": [{"generator": "g", "few_shot": "f"}],
     "synthetic": [{"generator": "g", "adapter": "a", "class_names": ["x", "y"], "image_shape": [1, 8, 8],
                    "stable_diffusion": sd, "sources": "f"} for sd in (False, True)],
@@ -82,7 +82,7 @@ FIELDS = [path for path, _ in config_leaves(RunConfig())]
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_every_field_moves_the_key_exactly_when_declared(kind):
     rule = RULES[kind]
-    for cfg in (RunConfig(), _ier_config()):
+    for cfg in (RunConfig(), _ier_config(), _exemplar_config()):
         for inputs in CASES[kind]:
             base = stable_hash(key_parts(kind, cfg, **inputs))
             depends = rule.fields(cfg, inputs)
@@ -98,6 +98,12 @@ def test_every_field_moves_the_key_exactly_when_declared(kind):
                 if under and path not in depends:
                     reason = next(v for k, v in ignored.items() if path == k or path.startswith(k + "."))
                     assert reason.strip(), f"{kind}: {path} is ignored without a reason"
+
+
+def _exemplar_config() -> RunConfig:
+    cfg = RunConfig()
+    cfg.generator.kind = "exemplar"
+    return cfg
 
 
 def _ier_config() -> RunConfig:

@@ -110,9 +110,18 @@ def test_corrupt_and_missing_files_are_regenerated(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted_run(reference, tmp_path):
-    ref_root = reference[0]
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "--slow", "0.4"], env=ENV,
+@pytest.mark.parametrize("generator", ["class-token", "exemplar"])
+def test_resume_after_kill_matches_uninterrupted_run(reference, tmp_path, generator):
+    flags = ["--exemplar"] if generator == "exemplar" else []
+    if generator == "exemplar":  # the uninterrupted reference of this job
+        ref_root = tmp_path / "reference"
+        done = subprocess.run([sys.executable, str(WORKER), str(ref_root), *flags], env=ENV, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        tmp_path = tmp_path / "killed"
+    else:
+        ref_root = reference[0]
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "--slow", "0.4", *flags], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 600  # generous: the worker imports diffusers on a loaded machine
     chunks = []
@@ -126,7 +135,7 @@ def test_resume_after_kill_matches_uninterrupted_run(reference, tmp_path):
     proc.wait()
     (entry,) = (tmp_path / "synthetic").iterdir()
     assert not (entry / "done").exists() and 2 <= len(list(entry.glob("chunks/*.json"))) < 9
-    out = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=ENV, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(WORKER), str(tmp_path), *flags], env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     (entry,) = (tmp_path / "synthetic").iterdir()

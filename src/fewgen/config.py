@@ -237,8 +237,24 @@ class GANConfig:
 class GeneratorConfig:
     """The base generator (fewgen.generators) and its DataDream adaptation to the few shots."""
 
-    kind: str = opt("diffusion", "diffusion (pixel UNet trained on the base classes) or stable-diffusion", choices="generator kind")
+    kind: str = opt("diffusion", "diffusion (pixel UNet with class tokens, trained on the base classes), exemplar (pixel "
+                    "UNet that draws another image of an exemplar's class, trained on pairs of base images; the shots "
+                    "are its condition) or stable-diffusion", choices="generator kind")
     cond_mode: str = opt("class+name", "condition tokens: class, name (MiniLM of the class name) or class+name", choices=("class", "name", "class+name"))
+    exemplar_cond: str = opt("features", "exemplar generator: condition on the exemplar's frozen-backbone features as "
+                             "cross-attention tokens (features; needs pretrain first), on its pixels as extra input "
+                             "channels (channels), or both", choices=("features", "channels", "both"))
+    exemplar_tokens: int = opt(4, "exemplar generator: cross-attention tokens made from the exemplar's features", min=1)
+    exemplar_dropout: float = opt(0.1, "exemplar generator: probability of the null condition in training (for guidance)",
+                                  min=0, max=1)
+    exemplar_t_dist: str = opt("uniform", "exemplar generator: training timesteps uniform, or high (more weight on the "
+                               "noisy steps, where the condition decides the image)", choices=("uniform", "high"))
+    exemplar_aug: float = opt(0.0, "exemplar generator: strength of a random affine distortion of the exemplar only, "
+                              "in training (0 = off)", min=0)
+    exemplar_pair_aug: float = opt(0.0, "exemplar generator: strength of one random affine distortion applied to both "
+                                   "images of a training pair (0 = off)", min=0)
+    exemplar_rotations: bool = opt(False, "exemplar generator: also train on the 90/180/270-degree rotations of the base "
+                                   "classes (each a class of its own)")
     block_out_channels: list[int] = opt([32, 64, 64], "UNet channels per level (each level after the first halves the size)", min=1, nonempty=True)
     attention_levels: list[bool] = opt([False, False, True], "cross-attention blocks per UNet level")
     cond_dim: int = opt(64, "condition token width (cross-attention dim)", min=1)
@@ -265,7 +281,14 @@ class SynthesisConfig:
     sampler: str = opt("dpmsolver++", "ddim, dpmsolver++ (time-uniform steps), dpmsolver++-logsnr "
                        "(steps uniform in log-SNR) or dpmsolver++-full (no lambda clipping near t = T)", choices="sampler")
     steps: int = opt(25, "sampling steps", min=1)
-    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)", min=0)
+    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none) of the class-token and Stable Diffusion "
+                          "generators", min=0)
+    exemplar_guidance: float = opt(0.5, "exemplar generator: Boutin et al.'s guidance w, eps = (1 + w) eps_c - w eps_u "
+                                   "(0 = the conditional model; more: closer to the exemplar's class, less original)",
+                                   min=0)
+    exemplar_condition: str = opt("each", "exemplar generator with K > 1 shots: condition each image on its shot "
+                                  "(each: image i on shot i mod K) or on the mean feature of the class's shots (mean)",
+                                  choices=("each", "mean"))
     seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")
     chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch)", min=1)
     precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "

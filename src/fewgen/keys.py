@@ -128,14 +128,25 @@ FEATURES = rule("features", inputs=("checkpoint", "images"))
 _ADAPTATION = ("generator.adapt_mode", "generator.lora_rank", "generator.adapt_steps_per_class",
                "generator.adapt_batch_size", "generator.adapt_lr")
 _STABLE_DIFFUSION = ("generator.model", "generator.prompt", "generator.resolution", "generator.dtype")
+_EXEMPLAR = ("generator.exemplar_cond", "generator.exemplar_tokens", "generator.exemplar_dropout",
+             "generator.exemplar_t_dist", "generator.exemplar_aug", "generator.exemplar_pair_aug",
+             "generator.exemplar_rotations")
+
+
+def _generator_ignores(cfg, inputs) -> dict[str, str]:
+    if cfg.generator.kind == "exemplar":
+        return {"generator.cond_mode": "class/name tokens of the class-token generator; an exemplar one has none"}
+    return {f: "options of the exemplar generator" for f in _EXEMPLAR}
+
 
 GENERATOR = rule(
-    "generators", config=("generator",), inputs=("base",),
+    "generators", config=("generator",), inputs=("base", "encoder"), ignore_if=_generator_ignores,
     ignore={**{f: "adaptation to the shots: in the adapters' key" for f in _ADAPTATION},
             **{f: "Stable Diffusion options: base training of a pixel generator never reads them"
                for f in _STABLE_DIFFUSION}},
 )
-"""The base pixel generator, trained on the base images (digest ``base``)."""
+"""The base pixel generator, trained on the base images (digest ``base``); an exemplar generator
+conditioned on backbone features also on that backbone (key ``encoder``)."""
 
 
 def _adapter_ignores(cfg, inputs) -> dict[str, str]:
@@ -144,17 +155,12 @@ def _adapter_ignores(cfg, inputs) -> dict[str, str]:
     return {"generator.prompt": "the prompt template of Stable Diffusion; a pixel generator has no prompt"}
 
 
-_BASE_TRAINING = ("generator.kind", "generator.cond_mode", "generator.block_out_channels",
-                  "generator.attention_levels", "generator.cond_dim", "generator.train_steps",
-                  "generator.batch_size", "generator.lr")
-
 ADAPTER = rule(
-    "adapters", config=("generator",), inputs=("generator", "few_shot"), ignore_if=_adapter_ignores,
-    ignore={**{f: "base training: in the generator's key (input generator)" for f in _BASE_TRAINING},
-            **{f: "which Stable Diffusion model, at what size and dtype: in the generator's key"
-               for f in ("generator.model", "generator.resolution", "generator.dtype")}},
+    "adapters", config=(*_ADAPTATION, "generator.seed", "generator.prompt"), inputs=("generator", "few_shot"),
+    ignore_if=_adapter_ignores,
 )
-"""A DataDream adapter of a generator (key ``generator``) to one few-shot set (digest ``few_shot``)."""
+"""A DataDream adapter of a generator (key ``generator``, which holds how it was trained) to one
+few-shot set (digest ``few_shot``)."""
 
 
 def _synthetic_parts(cfg, inputs) -> dict[str, Any]:
@@ -169,6 +175,12 @@ def _synthetic_ignores(cfg, inputs) -> dict[str, str]:
         out["generator.prompt"] = "the prompt template of Stable Diffusion; pixel generators are prompted by class name"
     else:
         out["synthesis.precision"] = "Stable Diffusion samples in generator.dtype (in the generator's key)"
+    if cfg.generator.kind == "exemplar":
+        out["synthesis.guidance"] = "an exemplar generator is guided by synthesis.exemplar_guidance"
+        out["synthesis.zero_shot"] = "an exemplar generator always draws from the shots, adapted or not"
+    else:
+        out["synthesis.exemplar_guidance"] = "guidance of the exemplar generator"
+        out["synthesis.exemplar_condition"] = "conditioning of the exemplar generator"
     return out
 
 

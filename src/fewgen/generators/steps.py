@@ -26,12 +26,17 @@ from fewgen.synthesis.sharding import process_context
 from fewgen.utils import write_json
 
 #: values of generator.kind
-GENERATOR_KINDS = ("diffusion", "stable-diffusion")
+GENERATOR_KINDS = ("diffusion", "exemplar", "stable-diffusion")
 
 
-def generator_parts(run: Run) -> dict:
-    """Cache-key parts of the base generator: its config and the content of the base images."""
-    return key_parts("generators", run.cfg, base=run.data.base.digest())
+def generator_parts(run: Run, encoder_key: str | None = None) -> dict:
+    """Cache-key parts of the base generator: its config, the content of the base images and, for
+    an exemplar generator conditioned on features, the backbone's key."""
+    return key_parts("generators", run.cfg, base=run.data.base.digest(), encoder=encoder_key)
+
+
+def _norm_groups(channels: list[int]) -> int:
+    return 8 if min(channels) % 8 == 0 else 1
 
 
 def diffusion_config(run: Run):
@@ -41,33 +46,76 @@ def diffusion_config(run: Run):
     c, s = run.data.base.image_shape[0], run.data.base.image_shape[1]
     return DiffusionConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
                            attention_levels=list(g.attention_levels), cond_dim=g.cond_dim, cond_mode=g.cond_mode,
-                           norm_num_groups=8 if min(g.block_out_channels) % 8 == 0 else 1)
+                           norm_num_groups=_norm_groups(g.block_out_channels))
+
+
+def exemplar_config(run: Run, feat_dim: int):
+    from fewgen.generators.exemplar import ExemplarConfig
+
+    g = run.cfg.generator
+    c, s = run.data.base.image_shape[0], run.data.base.image_shape[1]
+    return ExemplarConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
+                          attention_levels=list(g.attention_levels), norm_num_groups=_norm_groups(g.block_out_channels),
+                          cond_mode=g.exemplar_cond, cond_dim=g.cond_dim, n_tokens=g.exemplar_tokens,
+                          feat_dim=feat_dim, p_uncond=g.exemplar_dropout, t_dist=g.exemplar_t_dist,
+                          exemplar_aug=g.exemplar_aug, pair_aug=g.exemplar_pair_aug, rotations=g.exemplar_rotations)
+
+
+def _encoder(run: Run):
+    """The frozen pretrained backbone an exemplar generator reads its exemplars with (None for the
+    class-token generator and for exemplar_cond=channels)."""
+    g = run.cfg.generator
+    if g.kind != "exemplar" or g.exemplar_cond == "channels":
+        return None
+    if "backbone" not in run.artifacts:
+        raise FewgenError(f"generator.kind=exemplar with exemplar_cond={g.exemplar_cond} reads exemplars with the "
+                          "pretrained backbone: put 'pretrain' before 'generator' in pipeline (or use "
+                          "generator.exemplar_cond=channels)")
+    return run.artifacts["backbone"]
 
 
 def train_or_load_generator(run: Run):
-    """The base pixel generator for the run's data and config, through the artifact cache."""
+    """The base pixel generator for the run's data and config (class-token or exemplar), through the
+    artifact cache."""
     from fewgen.generators.diffusion import DiffusionGenerator
+    from fewgen.generators.exemplar import ExemplarDiffusion
 
     g = run.cfg.generator
-    parts = generator_parts(run)
+    pb = _encoder(run)
+    encoder = None if pb is None else pb.backbone
+    parts = generator_parts(run, None if pb is None else pb.key)
     entry = run.cache.entry("generators", parts)
     key = run.cache.key(parts)
+
+    def load():
+        if g.kind == "exemplar":
+            return ExemplarDiffusion.load(entry, encoder, run.device)
+        return DiffusionGenerator.load(entry, run.device)
+
     if run.cache.ready(entry, run.log):
-        gen = DiffusionGenerator.load(entry, run.device)
+        gen = load()
         run.log(f"generator from cache {entry}")
     else:
         ctx = process_context()
         if ctx.is_main:
             torch.manual_seed(g.seed)
-            gen = DiffusionGenerator(diffusion_config(run), run.data.base.class_names, run.device)
-            run.log(f"training the base diffusion generator ({gen.num_parameters() / 1e6:.2f}M parameters) for "
-                    f"{g.train_steps} steps on {len(run.data.base)} base images")
+            if g.kind == "exemplar":
+                feat_dim = getattr(encoder, "num_features", 0) if encoder is not None else g.cond_dim
+                gen = ExemplarDiffusion(exemplar_config(run, feat_dim), encoder, run.device)
+                what = f"exemplar-conditioned ({g.exemplar_cond}) diffusion generator"
+            else:
+                gen = DiffusionGenerator(diffusion_config(run), run.data.base.class_names, run.device)
+                what = "base diffusion generator"
+            run.log(f"training the {what} ({gen.num_parameters() / 1e6:.2f}M parameters) for {g.train_steps} steps "
+                    f"on {len(run.data.base)} base images")
             res = gen.fit(run.data.base, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr, seed=g.seed,
                           state_path=entry / "training_state.safetensors", log=run.log, log_every=100)
             gen.save(entry, {"steps": g.train_steps})
-            run.cache.mark_done(entry, {"steps": g.train_steps, "images_per_s": round(res.images_per_s, 1)})
+            (entry / "training_state.safetensors").unlink(missing_ok=True)
+            run.cache.mark_done(entry, {"steps": g.train_steps, "images_per_s": round(res.images_per_s, 1),
+                                        "train_s": round(res.seconds, 1)})
         ctx.barrier()
-        gen = DiffusionGenerator.load(entry, run.device)
+        gen = load()
     gen.trained_key = key
     return gen
 
@@ -83,8 +131,6 @@ def step_generator(run: Run) -> None:
         run.artifacts["generator"] = StableDiffusionGenerator(g.model, device=run.device, dtype=g.dtype,
                                                               prompt=g.prompt, resolution=g.resolution)
         return
-    if g.kind != "diffusion":
-        raise FewgenError(f"generator.kind {g.kind!r} is not one of: diffusion, stable-diffusion")
     run.artifacts["generator"] = train_or_load_generator(run)
 
 
@@ -125,13 +171,15 @@ def step_adapt(run: Run) -> None:
 
 def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
     from fewgen.generators.datadream import DataDreamAdapter, train_datadream
+    from fewgen.generators.exemplar import train_exemplar_datadream
 
     if run.cache.ready(entry, run.log):
         run.log(f"DataDream {dd.mode} adapter from cache {entry}")
         return DataDreamAdapter.load(entry)
     run.log(f"DataDream {dd.mode}: {few.num_classes} classes x {len(few) // few.num_classes} shots, "
             f"{dd.steps_per_class * few.num_classes} steps in total")
-    adapter = train_datadream(gen, few, dd, ctx, run.log)
+    train = train_exemplar_datadream if gen.kind == "exemplar-diffusion" else train_datadream
+    adapter = train(gen, few, dd, ctx, run.log)
     if ctx.is_main:
         adapter.save(entry)
         run.cache.mark_done(entry, {"mode": dd.mode, "classes": few.num_classes})
@@ -140,6 +188,15 @@ def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
 
 
 # ----------------------------------------------------------------------------- synthesize
+
+
+def synthesis_label(run: Run, exemplar: bool, adapter) -> str:
+    """A short name of how a set was made (dataset names, logs)."""
+    s, g = run.cfg.synthesis, run.cfg.generator
+    how = f"sdedit{'+'.join(f'{v:g}' for v in s.sdedit_strengths)}" if s.sdedit_strengths else "noise"
+    if exemplar:
+        return f"exemplar-{g.exemplar_cond}-{how}" + ("" if adapter is None else f"-datadream-{g.adapt_mode}")
+    return f"{'zero-shot' if adapter is None else 'datadream-' + g.adapt_mode}-{how}"
 
 
 def run_synthesis_spec(run: Run, gen, adapter=None, few_shot: ArrayDataset | None = None):
@@ -189,6 +246,38 @@ def pixel_sample_fn(gen, spec, adapter=None, sources: list[torch.Tensor] | None 
     return fn
 
 
+def exemplar_sample_fn(gen, spec, adapter=None, sources: list[torch.Tensor] | None = None):
+    """sample_fn(class index, seeds, image indices) of an exemplar generator: image i of class c is
+    conditioned on its shot ``sources[c][i mod K]`` (or, ``exemplar_condition=mean``, on the mean
+    feature of the class's shots) and starts from pure noise or, with ``spec.strengths``, from
+    that shot noised to its strength (SDEdit)."""
+    from fewgen.generators.exemplar import AdaptedExemplar
+
+    if sources is None:
+        raise FewgenError("the exemplar generator draws from the shots: give each class's shots")
+    import copy
+
+    model = copy.deepcopy(gen) if adapter is None else AdaptedExemplar(gen, adapter)  # one copy per stream
+    mean = spec.extra.get("exemplar_condition") == "mean"
+
+    def fn(c, seeds, indices):
+        if adapter is not None:
+            model.use(c)
+        shots = sources[c]
+        starts = [spec.start(i, len(shots)) for i in indices]
+        exemplars = shots[torch.tensor([j for j, _ in starts])]
+        feats = None
+        if mean and gen.cfg.uses_features:
+            from fewgen.generators.diffusion import to_model_space
+
+            feats = model.gen.encode(to_model_space(shots)) if adapter is not None else model.encode(to_model_space(shots))
+            feats = feats.mean(0, keepdim=True).expand(len(seeds), -1)
+        return model.sdedit(exemplars, [1.0 if s is None else s for _, s in starts], list(seeds), steps=spec.steps,
+                            guidance=spec.guidance, sampler=spec.sampler, precision=spec.precision,
+                            batch_size=spec.chunk, feats=feats)
+    return fn
+
+
 def sampling_streams(streams: int | None, device) -> int:
     """Parallel sampling streams for the pixel generator: ``streams`` if given, else one per torch
     CPU thread (at most 8) on CPU and 1 on GPU."""
@@ -206,8 +295,9 @@ def step_synthesize(run: Run) -> None:
 
     gen = _need_generator(run, "synthesize")
     s = run.cfg.synthesis
+    exemplar = getattr(gen, "kind", "") == "exemplar-diffusion"
     zero_shot = s.zero_shot or "adapters" not in run.artifacts
-    if zero_shot and not s.zero_shot:
+    if zero_shot and not s.zero_shot and not exemplar:
         run.log("no adapters in this run: synthesizing zero-shot from the class names (synthesis.zero_shot)")
     ctx = process_context()
     store = SynthesisCache(run.cache)
@@ -227,10 +317,10 @@ def step_synthesize(run: Run) -> None:
                     streams = 1  # a cached set: no model copies; a corrupt file is regenerated in one stream
                 elif streams > 1:
                     run.log(f"sampling seed {seed}, {k}-shot in {streams} parallel streams (synthesis.streams)")
-                fn = [pixel_sample_fn(gen, spec, adapter, sources) for _ in range(streams)]
+                make = exemplar_sample_fn if exemplar else pixel_sample_fn
+                fn = [make(gen, spec, adapter, sources) for _ in range(streams)]
             ds = store.synthesize(spec, fn, ctx, run.log)
-            ds.name = f"synthetic/{'zero-shot' if zero_shot else 'datadream-' + run.cfg.generator.adapt_mode}" \
-                      f"/s{seed}-k{k}"
+            ds.name = f"synthetic/{synthesis_label(run, exemplar, adapter)}/s{seed}-k{k}"
             out[(seed, k)] = ds
             info[f"seed{seed}_{k}shot"] = {"key": store.key(spec), "path": str(store.path(spec)), "images": len(ds)}
             if run.dir is not None and ctx.is_main and s.grid_classes > 0:

@@ -106,13 +106,17 @@ def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: 
     few shots, for SDEdit; None when it starts from noise). ``fewgen.keys`` (kind ``synthetic``)
     declares what of the config it holds."""
     template = gc.prompt if stable_diffusion else "{}"
+    exemplar = gc.kind == "exemplar"
+    extra = {"exemplar_condition": sc.exemplar_condition} if exemplar else \
+        {"zero_shot": bool(sc.zero_shot or adapter is None)}
     return SynthesisSpec(generator_key=generator, class_names=list(class_names),
                          prompts=[template.format(n) for n in class_names], per_class=sc.synthetic_per_class,
                          image_shape=tuple(image_shape), adapter_key=adapter, sampler=sc.sampler, steps=sc.steps,
-                         guidance=sc.guidance, seed=sc.seed, chunk=sc.chunk,
+                         guidance=sc.exemplar_guidance if exemplar else sc.guidance, seed=sc.seed, chunk=sc.chunk,
                          precision="float32" if stable_diffusion else sc.precision,  # SD: generator.dtype
-                         strengths=list(sc.sdedit_strengths), sources=sources if sc.sdedit_strengths else None,
-                         extra={"zero_shot": bool(sc.zero_shot or adapter is None)})
+                         strengths=list(sc.sdedit_strengths),
+                         sources=sources if sc.sdedit_strengths or exemplar else None,  # what the images start from
+                         extra=extra)
 
 
 #: bumped when a sampler's images change for the same name (ddim 2: no x0 clipping)

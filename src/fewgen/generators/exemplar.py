@@ -1,0 +1,534 @@
+"""Exemplar-conditioned pixel diffusion: draw *another* image of the class an exemplar shows.
+
+A generator that never saw a novel class must be told it by the shots. This one is trained on
+the base classes only, on pairs (exemplar, target) of two different images of one class (two
+drawers of one Omniglot character; never an image with itself), with the DDPM objective::
+
+    L = E || eps - eps_theta(sqrt(abar_t) x_target + sqrt(1 - abar_t) eps, t, c(x_exemplar)) ||^2
+
+so what it learns is how a class varies around one of its images, which carries over to classes
+it has not seen. The condition ``c`` (``cond_mode``):
+
+* ``features``: the exemplar's features from the FROZEN pretrained backbone (the one the few-shot
+  classifier uses; it separates novel classes), projected by a small MLP to ``n_tokens``
+  cross-attention tokens and, pooled, into the UNet's class embedding: an image prompt, as
+  IP-Adapter (Ye et al. 2023) feeds CLIP image embeddings to Stable Diffusion;
+* ``channels``: the exemplar image concatenated to the noisy input as extra channels (Boutin,
+  Fel, Ye, Serre, Tan & Frank, ICML 2023, "Diffusion models as artists");
+* ``both``.
+
+In training the exemplar is replaced by the null condition with probability ``p_uncond`` (0.1),
+and sampling uses Boutin et al.'s guidance::
+
+    eps = (1 + w) eps(x_t, t, exemplar) - w eps(x_t, t, null)
+
+``w = 0`` is the conditional model; larger ``w`` trades originality for recognisability.
+Synthesis starts from pure noise, or from the exemplar itself noised to a strength t0 (SDEdit,
+Meng et al. 2022; DA-Fusion, Trabucco et al. 2024, mixes strengths per image).
+
+    gen = ExemplarDiffusion(ExemplarConfig(image_size=28, channels=1), encoder=backbone)
+    gen.fit(base_dataset, steps=3000, state_path="state.safetensors")    # resumable
+    x = gen.sdedit(shots_uint8, strengths=[0.5] * n, seeds=seeds, steps=20, guidance=0.5)
+    gen.save(folder); ExemplarDiffusion.load(folder, encoder=backbone)
+
+Images enter and leave as uint8 (n, C, H, W); the model works on ``x / 127.5 - 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewgen.data.base import ArrayDataset
+from fewgen.errors import FewgenError
+from fewgen.generators.diffusion import (
+    FitResult,
+    autocast,
+    build_noise_scheduler,
+    build_sampler,
+    clipped_step,
+    cosine_with_warmup,
+    per_image_noise,
+    to_model_space,
+    to_uint8,
+)
+from fewgen.utils import make_generator, stable_hash
+
+COND_MODES = ("features", "channels", "both")
+T_DISTS = ("uniform", "high")
+
+
+@dataclass
+class ExemplarConfig:
+    """Architecture, conditioning and training noise of the exemplar-conditioned model."""
+
+    image_size: int = 28
+    channels: int = 1
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    attention_head_dim: int = 8
+    cond_mode: str = "features"
+    cond_dim: int = 64
+    n_tokens: int = 4
+    feat_dim: int = 64
+    p_uncond: float = 0.1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    t_dist: str = "uniform"
+    exemplar_aug: float = 0.0
+    pair_aug: float = 0.0
+    rotations: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cond_mode not in COND_MODES:
+            raise FewgenError(f"exemplar cond_mode {self.cond_mode!r} is not one of {', '.join(COND_MODES)}")
+        if self.t_dist not in T_DISTS:
+            raise FewgenError(f"exemplar t_dist {self.t_dist!r} is not one of {', '.join(T_DISTS)}")
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise FewgenError(f"attention_levels has {len(self.attention_levels)} entries but block_out_channels "
+                              f"has {len(self.block_out_channels)}; give one per level")
+        down = 2 ** (len(self.block_out_channels) - 1)
+        if self.image_size % down:
+            raise FewgenError(f"image_size {self.image_size} is not divisible by {down} "
+                              f"({len(self.block_out_channels)} UNet levels); use fewer levels or resize")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.cond_mode in ("features", "both")
+
+    @property
+    def uses_channels(self) -> bool:
+        return self.cond_mode in ("channels", "both")
+
+
+def build_unet(cfg: ExemplarConfig):
+    """The diffusers ``UNet2DConditionModel``: cross-attention on the exemplar tokens, their pooled
+    vector added to the time embedding, and (``channels``) the exemplar as extra input channels."""
+    from diffusers import UNet2DConditionModel
+
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size, in_channels=cfg.channels * (2 if cfg.uses_channels else 1),
+        out_channels=cfg.channels, down_block_types=down, up_block_types=up,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups, cross_attention_dim=cfg.cond_dim,
+        attention_head_dim=cfg.attention_head_dim, class_embed_type="projection",
+        projection_class_embeddings_input_dim=cfg.cond_dim,
+    )
+
+
+def exemplar_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """Boutin et al.'s guidance: (1 + w) eps_c - w eps_u; w = 0 is the conditional model."""
+    return (1.0 + w) * eps_cond - w * eps_uncond
+
+
+def random_affine(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """A random affine distortion of each image (model space, (B, C, H, W), background -1), drawn
+    from ``g``: rotation +-15s degrees, scale 1 +- 0.15s, shear +-10s degrees, shift +-0.1s."""
+    b = x.shape[0]
+
+    def u() -> torch.Tensor:
+        return torch.rand(b, generator=g) * 2 - 1
+
+    ang, sc, sh = u() * math.radians(15) * strength, 1 + u() * 0.15 * strength, u() * math.radians(10) * strength
+    tx, ty = u() * 0.2 * strength, u() * 0.2 * strength
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos / sc, (-sin + torch.tan(sh) * cos) / sc, tx], 1),
+                         torch.stack([sin / sc, (cos + torch.tan(sh) * sin) / sc, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
+def pair_indices(labels: torch.Tensor, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exemplar, target) indices into a dataset: for each pair a random class with at least two
+    images, then two *different* images of it. Raises when no class has two images."""
+    order = labels.argsort(stable=True)
+    groups = [ix for ix in order.split(torch.bincount(labels).tolist()) if len(ix) >= 2]
+    if not groups:
+        raise FewgenError("exemplar pairs need a class with at least two images; every base class has one")
+    cls = torch.randint(0, len(groups), (batch_size,), generator=g).tolist()
+    ex, tg = [], []
+    for c in cls:
+        two = groups[c][torch.randperm(len(groups[c]), generator=g)[:2]]
+        ex.append(two[0])
+        tg.append(two[1])
+    return torch.stack(ex), torch.stack(tg)
+
+
+class ExemplarConditioner(nn.Module):
+    """Exemplar features -> (tokens (B, T, D), pooled (B, D)), with learned null tokens.
+
+    With ``cond_mode=channels`` the tokens are the (learned) null tokens always: the exemplar
+    reaches the UNet through its input channels only.
+    """
+
+    def __init__(self, cfg: ExemplarConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, t = cfg.cond_dim, cfg.n_tokens
+        self.tokens = nn.Sequential(nn.Linear(cfg.feat_dim, 256), nn.SiLU(), nn.Linear(256, t * d))
+        self.pooled = nn.Sequential(nn.Linear(cfg.feat_dim, 256), nn.SiLU(), nn.Linear(256, d))
+        self.null_tokens = nn.Parameter(torch.zeros(1, t, d))
+        self.null_pooled = nn.Parameter(torch.zeros(1, d))
+
+    def forward(self, feats: torch.Tensor | None, null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, F) encoder features (or None for ``channels``); null (B,) bool."""
+        b = null.shape[0]
+        if not self.cfg.uses_features:
+            return self.null_tokens.expand(b, -1, -1), self.null_pooled.expand(b, -1)
+        f = F.normalize(feats.float(), dim=-1) * math.sqrt(self.cfg.feat_dim)
+        tok = self.tokens(f).view(b, self.cfg.n_tokens, self.cfg.cond_dim)
+        pooled = self.pooled(f)
+        tok = torch.where(null[:, None, None], self.null_tokens.expand_as(tok), tok)
+        pooled = torch.where(null[:, None], self.null_pooled.expand_as(pooled), pooled)
+        return tok, pooled
+
+
+class ExemplarDiffusion:
+    """Pixel diffusion conditioned on an exemplar image (module docstring)."""
+
+    kind = "exemplar-diffusion"
+
+    def __init__(self, cfg: ExemplarConfig, encoder: nn.Module | None = None, device: torch.device | str = "cpu"):
+        if cfg.uses_features and encoder is None:
+            raise FewgenError("exemplar cond_mode features/both needs the pretrained backbone as its encoder")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.encoder = None
+        if encoder is not None and cfg.uses_features:
+            self.encoder = copy.deepcopy(encoder).to(self.device).eval().requires_grad_(False)
+            if getattr(self.encoder, "num_features", cfg.feat_dim) != cfg.feat_dim:
+                raise FewgenError(f"the encoder gives {self.encoder.num_features}-d features but feat_dim is "
+                                  f"{cfg.feat_dim}")
+        self.unet = build_unet(cfg).to(self.device)
+        self.conditioner = ExemplarConditioner(cfg).to(self.device)
+        self.noise_scheduler = build_noise_scheduler(cfg)
+        self.trained_key: str | None = None  # content key of the weights, set by the caller / cache
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "conditioner": self.conditioner}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for m in self.modules().values() for p in m.parameters())
+
+    # ------------------------------------------------------------------ the network
+    @torch.no_grad()
+    def encode(self, exemplars: torch.Tensor) -> torch.Tensor | None:
+        """Frozen-backbone features (B, F) of exemplars in model space, or None (``channels``)."""
+        if not self.cfg.uses_features:
+            return None
+        return self.encoder.forward_features((exemplars.to(self.device) + 1) / 2).float()
+
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, exemplars: torch.Tensor, feats: torch.Tensor | None,
+             null: torch.Tensor) -> torch.Tensor:
+        tok, pooled = self.conditioner(feats, null)
+        x_in = x_t
+        if self.cfg.uses_channels:
+            ex = torch.where(null[:, None, None, None], torch.zeros_like(exemplars), exemplars)
+            x_in = torch.cat([x_t, ex], 1)
+        return self.unet(x_in, t, encoder_hidden_states=tok, class_labels=pooled).sample
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, exemplars: torch.Tensor,
+                      feats: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t, exemplar) (B, C, H, W); with ``guidance`` w, (1 + w) eps_c - w eps_u.
+
+        x_t and exemplars in model space (B, C, H, W); feats: the exemplars' features (default: encoded).
+        """
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device).long()
+        if t.dim() == 0:
+            t = t.expand(b)
+        if feats is None:
+            feats = self.encode(exemplars)
+        cond = torch.zeros(b, dtype=torch.bool, device=x_t.device)
+        if guidance is None or guidance == 0.0:
+            return self._eps(x_t, t, exemplars, feats, cond)
+        two = (lambda a: None if a is None else torch.cat([a, a]))  # noqa: E731
+        eps = self._eps(torch.cat([x_t, x_t]), torch.cat([t, t]), two(exemplars), two(feats), torch.cat([cond, ~cond]))
+        return exemplar_guidance(eps[:b], eps[b:], guidance)
+
+    def pair_batch(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch (exemplar, target) in model space: two different images of one class,
+        with the config's rotations (both images alike) and augmentations."""
+        cfg = self.cfg
+        ex_i, tg_i = pair_indices(labels, batch_size, g)
+        ex, tg = to_model_space(images[ex_i]), to_model_space(images[tg_i])
+        if cfg.rotations:  # a rotated character is another character, drawn by the same hands
+            k = torch.randint(0, 4, (batch_size,), generator=g)
+            for r in (1, 2, 3):
+                m = k == r
+                ex[m], tg[m] = torch.rot90(ex[m], r, (2, 3)), torch.rot90(tg[m], r, (2, 3))
+        if cfg.pair_aug > 0:
+            state = g.get_state()
+            ex = random_affine(ex, cfg.pair_aug, g)
+            g.set_state(state)
+            tg = random_affine(tg, cfg.pair_aug, g)
+        if cfg.exemplar_aug > 0:
+            ex = random_affine(ex, cfg.exemplar_aug, g)
+        return ex, tg
+
+    def _timesteps(self, b: int, g: torch.Generator) -> torch.Tensor:
+        T = self.noise_scheduler.config.num_train_timesteps
+        if self.cfg.t_dist == "high":  # more weight where the condition decides the image
+            return (torch.rand(b, generator=g).sqrt() * T).long().clamp_max(T - 1)
+        return torch.randint(0, T, (b,), generator=g)
+
+    def diffusion_loss(self, exemplars: torch.Tensor, targets: torch.Tensor, g: torch.Generator,
+                       p_uncond: float | None = None) -> torch.Tensor:
+        """The DDPM epsilon loss of denoising ``targets`` given ``exemplars`` (model space)."""
+        b = targets.shape[0]
+        p = self.cfg.p_uncond if p_uncond is None else p_uncond
+        noise = torch.randn(targets.shape, generator=g).to(self.device)
+        t = self._timesteps(b, g).to(self.device)
+        null = (torch.rand(b, generator=g) < p).to(self.device)
+        targets, exemplars = targets.to(self.device), exemplars.to(self.device)
+        x_t = self.noise_scheduler.add_noise(targets, noise, t)
+        return F.mse_loss(self._eps(x_t, t, exemplars, self.encode(exemplars), null), noise)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, dataset: ArrayDataset, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3,
+            weight_decay: float = 1e-2, warmup: int = 100, seed: int = 0, state_path: str | Path | None = None,
+            save_every: int = 200, log: Callable[[str], None] | None = None, log_every: int = 100) -> FitResult:
+        """Train on the pairs of ``dataset`` (base classes) with AdamW, warmup + cosine. Batches come
+        from a generator seeded by (seed, step), so a run resumed from ``state_path`` (saved every
+        ``save_every`` steps) matches an uninterrupted one."""
+        from fewgen.checkpoint import load_training_state, save_training_state
+
+        if dataset.image_shape != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
+            raise FewgenError(f"the generator draws {self.cfg.channels}x{self.cfg.image_size}x{self.cfg.image_size} "
+                              f"images but the dataset's are {dataset.image_shape}")
+        params = [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warmup, steps))
+        start = 0
+        if state_path is not None and Path(state_path).exists():
+            start = int(load_training_state(state_path, self.modules(), opt, sched).get("step", 0))
+        for m in self.modules().values():
+            m.train()
+        losses: list[float] = []
+        t0 = time.time()
+        for step in range(start, steps):
+            g = make_generator("exemplar-fit", seed, step)
+            ex, tg = self.pair_batch(dataset.images, dataset.labels, batch_size, g)
+            losses.append(clipped_step(self.diffusion_loss(ex, tg, g), opt, sched, params))
+            if log and (step + 1) % log_every == 0:
+                recent = losses[-log_every:]
+                log(f"[exemplar] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
+                    f"({time.time() - t0:.0f}s)")
+            if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+                save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
+        for m in self.modules().values():
+            m.eval()
+        dt = time.time() - t0
+        return FitResult(steps, losses, dt, (steps - start) * batch_size / max(dt, 1e-9))
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sdedit(self, exemplars: torch.Tensor, strengths: float | Sequence[float], seeds: Sequence[int],
+               steps: int = 20, guidance: float = 0.0, sampler: str = "dpmsolver++-full",
+               precision: str = "float32", batch_size: int = 64, feats: torch.Tensor | None = None,
+               sources: torch.Tensor | None = None) -> torch.Tensor:
+        """One image per exemplar (uint8 (n, C, H, W)), conditioned on it.
+
+        Image i starts from ``sources[i]`` (default: the exemplar) noised to ``strengths[i]`` of the
+        ``steps``-step schedule (1 = pure noise seeded by ``seeds[i]``; 0 = the source unchanged);
+        images of one strength run together. ``feats`` replaces the exemplars' encoded features
+        (e.g. the mean feature of a class's shots). Image i depends only on its own inputs.
+        """
+        n = len(exemplars)
+        if len(seeds) != n:
+            raise FewgenError(f"{len(seeds)} seeds for {n} exemplars; give one seed per image")
+        strengths = [float(strengths)] * n if isinstance(strengths, int | float) else [float(s) for s in strengths]
+        if len(strengths) != n or any(not 0.0 <= s <= 1.0 for s in strengths):
+            raise FewgenError("give one strength in [0, 1] per exemplar")
+        if steps < 1:
+            raise FewgenError(f"steps must be at least 1, got {steps}")
+        sources = exemplars if sources is None else sources
+        out = torch.empty(n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size, dtype=torch.uint8)
+        for s in sorted(set(strengths)):
+            chosen = [i for i in range(n) if strengths[i] == s]
+            for j in range(0, len(chosen), batch_size):
+                idx = torch.tensor(chosen[j:j + batch_size])
+                out[idx] = self._sdedit_batch(exemplars[idx], sources[idx], s, [seeds[i] for i in idx.tolist()],
+                                              steps, guidance, sampler, precision,
+                                              None if feats is None else feats[idx])
+        return out
+
+    def _sdedit_batch(self, exemplars, sources, strength, seeds, steps, guidance, sampler, precision, feats):
+        ex = to_model_space(exemplars).to(self.device)
+        x0 = to_model_space(sources).to(self.device)
+        n_run = steps if strength >= 1.0 else int(round(steps * strength))
+        if n_run == 0:
+            return to_uint8(x0.cpu())
+        sch = build_sampler(self.noise_scheduler, sampler)
+        sch.set_timesteps(steps)
+        timesteps = sch.timesteps[steps - n_run:]
+        noise = per_image_noise(seeds, tuple(x0.shape[1:])).to(self.device)
+        if strength >= 1.0:
+            x = noise * sch.init_noise_sigma
+        else:
+            if hasattr(sch, "set_begin_index"):
+                sch.set_begin_index(steps - n_run)
+            x = self.noise_scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
+        feats = self.encode(ex) if feats is None else feats.to(self.device)
+        ctx = autocast(self.device, precision)
+        for t in timesteps:
+            with ctx:
+                eps = self.predict_noise(sch.scale_model_input(x, t), t, ex, feats, guidance)
+            x = sch.step(eps.float(), t, x).prev_sample
+        return to_uint8(x.cpu())
+
+    def sample(self, exemplars: torch.Tensor, seeds: Sequence[int], **kw) -> torch.Tensor:
+        """One image per exemplar from pure noise (:meth:`sdedit` at strength 1)."""
+        return self.sdedit(exemplars, 1.0, seeds, **kw)
+
+    # ------------------------------------------------------------------ persistence
+    def state_key(self) -> str:
+        return self.trained_key or stable_hash({"cfg": dataclasses.asdict(self.cfg), "kind": self.kind})
+
+    def save(self, folder: str | Path, meta: dict | None = None) -> None:
+        """``generator.safetensors`` (UNet + conditioner) and ``generator.json`` (config); the
+        encoder is the pretrained backbone, cached on its own."""
+        from fewgen.checkpoint import save_tensors
+        from fewgen.utils import write_json
+
+        folder = Path(folder)
+        tensors = {f"{name}.{k}": v for name, m in self.modules().items() for k, v in m.state_dict().items()}
+        save_tensors(folder / "generator.safetensors", tensors, meta)
+        write_json(folder / "generator.json", {"kind": self.kind, "config": dataclasses.asdict(self.cfg)})
+
+    @classmethod
+    def load(cls, folder: str | Path, encoder: nn.Module | None = None,
+             device: torch.device | str = "cpu") -> ExemplarDiffusion:
+        from fewgen.checkpoint import load_tensors
+        from fewgen.utils import read_json
+
+        folder = Path(folder)
+        info = read_json(folder / "generator.json")
+        if info.get("kind") != cls.kind:
+            raise FewgenError(f"{folder} holds a {info.get('kind')!r} generator, not an exemplar-conditioned one")
+        gen = cls(ExemplarConfig(**info["config"]), encoder, device)
+        tensors, _ = load_tensors(folder / "generator.safetensors")
+        for name, m in gen.modules().items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            m.eval()
+        return gen
+
+
+# ----------------------------------------------------------------------------- DataDream on top
+
+
+def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cfg, ctx=None,
+                             log: Callable[[str], None] | None = None):
+    """DataDream's LoRA (``fewgen.generators.datadream``) on the exemplar generator, fitted to the
+    few-shot set: each step conditions on a shot and denoises an augmented copy of a shot of the
+    same class (the same one when K = 1). ``dset`` trains one adapter on all classes for
+    ``classes x steps_per_class`` steps, ``cls`` one per class (sharded over processes). Returns a
+    :class:`~fewgen.generators.datadream.DataDreamAdapter` (no class tokens: the exemplar is the
+    condition). The base generator is not modified."""
+    from fewgen.generators.datadream import (
+        DataDreamAdapter,
+        init_lora_state,
+        inject_lora,
+        lora_state,
+        set_lora_state,
+    )
+    from fewgen.synthesis.sharding import ProcessContext, shard
+
+    ctx = ctx or ProcessContext()
+    names = list(few_shot.class_names)
+    groups = few_shot.indices_by_class()
+    if any(len(ix) == 0 for ix in groups):
+        raise FewgenError("every novel class needs at least one shot to adapt the exemplar generator")
+    gen = copy.deepcopy(base)
+    inject_lora(gen, cfg)
+    t0 = time.time()
+
+    def train(classes: list[int], name: str, steps: int) -> tuple[dict, list[float]]:
+        set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("exemplar-datadream-init", cfg.seed, name),
+                                                 cfg.rank))
+        params = [p for n, p in gen.unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(min(cfg.warmup, steps // 2), steps))
+        gen.unet.train()
+        losses = []
+        for step in range(steps):
+            g = make_generator("exemplar-datadream", cfg.seed, name, step)
+            cls = torch.tensor(classes)[torch.randint(0, len(classes), (cfg.batch_size,), generator=g)].tolist()
+            ex = to_model_space(few_shot.images[_one_shot_each(groups, cls, g)])
+            tg = random_affine(to_model_space(few_shot.images[_one_shot_each(groups, cls, g)]), 1.0, g)
+            losses.append(clipped_step(gen.diffusion_loss(ex, tg, g, p_uncond=cfg.p_uncond), opt, sched, params))
+        gen.unet.eval()
+        for p in params:
+            p.requires_grad_(False)
+        return lora_state(gen.unet), losses
+
+    history: list[dict] = []
+    if cfg.mode == "dset":
+        loras = []
+        if ctx.is_main:
+            steps = cfg.steps_per_class * len(names)
+            state, losses = train(list(range(len(names))), "dset", steps)
+            loras = [state]
+            history.append({"class": "all", "steps": steps, "loss_last": sum(losses[-10:]) / len(losses[-10:])})
+            if log:
+                log(f"[exemplar datadream dset] {steps} steps, loss {history[-1]['loss_last']:.4f} "
+                    f"({time.time() - t0:.0f}s)")
+        loras, history = ctx.gather_objects((loras, history))[0]
+    else:
+        mine = {}
+        for c in shard(list(range(len(names))), ctx.rank, ctx.world):
+            state, losses = train([c], names[c], cfg.steps_per_class)
+            mine[c] = (state, {"class": names[c], "steps": cfg.steps_per_class,
+                               "loss_last": sum(losses[-10:]) / len(losses[-10:])})
+        merged: dict[int, tuple] = {}
+        for part in ctx.gather_objects(mine):
+            merged.update(part)
+        loras = [merged[c][0] for c in range(len(names))]
+        history = [merged[c][1] for c in range(len(names))]
+    return DataDreamAdapter(cfg, names, loras, torch.zeros(len(names), 0), base.state_key(), history)
+
+
+def _one_shot_each(groups: list[torch.Tensor], classes: list[int], g: torch.Generator) -> torch.Tensor:
+    """A random image index of each class in ``classes`` (``groups[c]``: class c's indices)."""
+    return torch.stack([groups[c][torch.randint(0, len(groups[c]), (1,), generator=g)][0] for c in classes])
+
+
+class AdaptedExemplar:
+    """A copy of an exemplar generator with a DataDream adapter's LoRA loaded (``use(c)`` switches
+    to class c's for ``cls`` adapters); draws as :meth:`ExemplarDiffusion.sdedit`."""
+
+    def __init__(self, base: ExemplarDiffusion, adapter):
+        from fewgen.generators.datadream import inject_lora
+
+        self.adapter = adapter
+        self.gen = copy.deepcopy(base)
+        inject_lora(self.gen, adapter.cfg)
+        self._active: int | None = None
+        self.use(0)
+
+    def use(self, c: int) -> None:
+        from fewgen.generators.datadream import set_lora_state
+
+        i = 0 if self.adapter.cfg.mode == "dset" else c
+        if self._active != i:
+            set_lora_state(self.gen.unet, self.adapter.lora[i])
+            self._active = i
+
+    def sdedit(self, *args, **kw) -> torch.Tensor:
+        return self.gen.sdedit(*args, **kw)
