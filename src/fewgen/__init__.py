@@ -11,4 +11,12 @@ __version__ = "0.1.0"
 
 from fewgen.errors import FewgenError  # noqa: E402
 
-__all__ = ["FewgenError", "__version__"]
+
+def load_classifier(path, device="cpu"):
+    """An exported classifier folder (``<run>/classifier``): ``load_classifier(p).predict(images)``."""
+    from fewgen.classifier import load_classifier as load
+
+    return load(path, device)
+
+
+__all__ = ["FewgenError", "__version__", "load_classifier"]

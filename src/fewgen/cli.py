@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fewgen.errors import FewgenError
 
@@ -67,6 +68,75 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from fewgen.classifier import image_paths, load_classifier, predict_files
+    from fewgen.utils import atomic_path
+
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise FewgenError(f"--out {out} is a folder; give the CSV file to write, e.g. --out predictions.csv")
+    clf = load_classifier(args.classifier)
+    paths = image_paths(args.images)
+    if not paths:
+        raise FewgenError("no image files found in " + ", ".join(args.images))
+    rows, skipped = predict_files(clf, paths, top_k=args.top_k, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
+    if not rows:
+        raise FewgenError(f"none of the {len(paths)} image(s) could be read (first: {skipped[0][1]})")
+    k = max(len(r.top_k) for r in rows)
+    header = ["file", "predicted", "probability",
+              *[f"{name}_{i}" for i in range(2, k + 1) for name in ("top", "probability")], "error"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r.file, r.label, f"{r.probability:.6f}",
+                    *[v for label, prob in r.top_k[1:] for v in (label, f"{prob:.6f}")], ""])
+    for path, why in skipped:
+        w.writerow([str(path), "", "", *[""] * (2 * (k - 1)), why])
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_text(buf.getvalue())
+    except OSError as e:
+        raise FewgenError(f"cannot write {out} ({e.strerror or e}); choose another --out") from None
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    print(f"{len(rows)} image(s) classified into {len(counts)} of {len(clf.class_names)} classes; written to {out}")
+    print("  predicted: " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+          + (", ..." if len(counts) > 10 else ""))
+    named = [Path(r.file).parent.name for r in rows]
+    if all(n in clf.class_names for n in named):  # files sit in folders named by their class
+        correct = sum(r.label == n for r, n in zip(rows, named))
+        print(f"  accuracy against the folder names: {100 * correct / len(rows):.2f}% ({correct}/{len(rows)})")
+    if skipped:
+        print(f"  skipped {len(skipped)} unreadable file(s), listed in the CSV's error column:")
+        for _, why in skipped[:20]:
+            print(f"    {why}")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from fewgen.config import load_config
+    from fewgen.pipeline import run
+
+    shots = Path(args.shots).expanduser()
+    cfg = load_config(args.preset, ["data.novel_dataset=imagefolder", f"data.novel_root={shots}", "eval.n_shots=[0]",
+                                    "seeds=[0]", *args.overrides])
+    steps = [s for s in cfg.pipeline if s not in ("evaluate", "learn")]
+    if "export" not in steps:
+        steps.insert(steps.index("report") if "report" in steps else len(steps), "export")
+    cfg.pipeline = steps
+    cfg.name = args.name or f"fit-{shots.name}"
+    r = run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
+    print(f"classifier for {len(r.data.novel.class_names)} classes in {r.dir / 'classifier'}; "
+          f"use it with: fewgen predict {r.dir / 'classifier'} IMAGES... --out predictions.csv")
+    return 0
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments every command that makes a run directory takes."""
     p.add_argument("config", help="preset name or path to a YAML config")
@@ -103,6 +173,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(g)
     g.add_argument("--zero-shot", action="store_true", help="skip adaptation; generate novel classes from their names")
     g.set_defaults(func=_cmd_generate)
+
+    f = sub.add_parser("fit", help="a classifier for your own few shots (a folder, one subfolder per class)",
+                       description="Pretrains on the preset's base dataset, generates images of your classes from "
+                                   "your shots and exports a classifier fitted on both, e.g. `fewgen fit my_shots/ "
+                                   "--preset omniglot-synthetic --out runs/mine`; no query images needed.")
+    f.add_argument("shots", help="folder <shots>/<class>/*.png|jpg: your labelled images, two classes or more")
+    f.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    f.add_argument("--preset", default="demo", help="preset or YAML giving the base dataset and method (default demo)")
+    f.add_argument("--name", help="run name (default fit-<folder>)")
+    f.add_argument("--out", help="run directory (default runs/<name>)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.add_argument("--quiet", action="store_true", help="print only errors")
+    f.set_defaults(func=_cmd_fit)
+
+    pr = sub.add_parser("predict", help="classify images with an exported classifier, into a CSV",
+                        description="`fewgen predict runs/mine/classifier photos/ --out predictions.csv`: one row per "
+                                    "image (file, predicted class, probability, the next classes); unreadable files "
+                                    "are listed and skipped.")
+    pr.add_argument("classifier", help="a classifier folder (<run>/classifier)")
+    pr.add_argument("images", nargs="+", help="image files or folders of them (searched recursively)")
+    pr.add_argument("--out", required=True, help="the CSV file to write")
+    pr.add_argument("--top-k", type=int, default=3, help="classes per image in the CSV (default 3)")
+    pr.add_argument("--batch-size", type=int, default=256, help="images read and classified at once")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_predict)
     return p
 
 

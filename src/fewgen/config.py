@@ -45,7 +45,16 @@ class DataConfig:
     download: bool = opt(False, "download official files when missing (omniglot)")
     base_classes: list[str] | None = opt(None, "override the base classes by name")
     val_classes: list[str] | None = opt(None, "override the validation classes by name")
-    novel_classes: list[str] | None = opt(None, "override the novel classes by name")
+    novel_classes: list[str] | None = opt(None, "override the novel classes by name (with data.novel_dataset: the "
+                                          "classes of that dataset to use; default all)")
+    novel_dataset: str | None = opt(None, "take the novel classes from another dataset (a registered one, or "
+                                    "imagefolder with data.novel_root), brought to the base side's image shape; "
+                                    "the base dataset's own novel classes then join its base classes",
+                                    choices="dataset")
+    novel_root: str | None = opt(None, "data.novel_dataset=imagefolder: the folder <root>/<class>/*.png of the novel classes")
+    eval_split: str = opt("novel", "classes the few-shot episodes are drawn from: novel (results), or val to choose "
+                          "hyperparameters on the validation classes without touching the novel ones",
+                          choices=("novel", "val"))
 
 
 @dataclass
@@ -99,7 +108,8 @@ class PretrainConfig:
 @dataclass
 class EvalConfig:
     n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True)
-    n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K)", min=1, nonempty=True)
+    n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K); 0 = every image of a class "
+                             "(no queries left: only without evaluate and learn, as fewgen fit)", min=0, nonempty=True)
     n_query: int = opt(15, "queries per class per episode", min=1)
     episodes: int = opt(600, "episodes per (seed, N, K)", min=1)
     classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto", choices="classifier", nonempty=True)
@@ -307,6 +317,18 @@ class SynthesisConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The classifier the ``export`` step writes to ``<run>/classifier/`` (fewgen.classifier)."""
+
+    head: str = opt("logreg", "logreg (calibrated probabilities) or proto, on the pretrained backbone's features",
+                    choices=("logreg", "proto"))
+    n_shot: int | None = opt(None, "shots per class it is fitted on (one of eval.n_shots; default the largest)", min=0)
+    seed: int | None = opt(None, "few-shot seed of those shots (one of seeds; default the first)")
+    synthetic: bool = opt(True, "also fit on the run's generated images of those shots (weighted "
+                          "learner.synthetic_weight), when the run made some")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "run name (default output folder runs/<name>)")
     seeds: list[int] = opt([0, 1, 2], "few-shot seeds: each draws its own few-shot set", nonempty=True)
@@ -323,6 +345,7 @@ class RunConfig:
     gan: GANConfig = field(default_factory=GANConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ----------------------------------------------------------------------------- merging

@@ -322,4 +322,5 @@ NOT_IN_KEYS = {
     "eval.episodes": "episodes are drawn per run and evaluated afresh",
     "eval.classifiers": "frozen-feature classifiers are fitted per run",
     "eval.all_way": "the all-way evaluation is computed per run",
+    "export": "the exported classifier is fitted per run, in the run folder",
 }

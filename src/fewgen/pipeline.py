@@ -87,11 +87,31 @@ def load_data(cfg: RunConfig) -> FewShotData:
     from fewgen.data import load_dataset
 
     d = cfg.data
-    return load_dataset(d.dataset, d.root, d.image_size, base_classes=d.base_classes, val_classes=d.val_classes,
-                        novel_classes=d.novel_classes, download=d.download, channels=d.channels)
+    foreign = d.novel_dataset is not None
+    if foreign and (d.base_classes is None) != (d.val_classes is None):
+        raise FewgenError("with data.novel_dataset give both data.base_classes and data.val_classes, or neither")
+    data = load_dataset(d.dataset, d.root, d.image_size, base_classes=d.base_classes, val_classes=d.val_classes,
+                        novel_classes=([] if d.base_classes is not None else None) if foreign else d.novel_classes,
+                        download=d.download, channels=d.channels)
+    if foreign:
+        from fewgen.data.novel import load_novel, with_novel_dataset
+
+        novel, rule = load_novel(d.novel_dataset, d.root, data.base.image_shape, d.novel_classes, d.novel_root)
+        data = with_novel_dataset(data, novel, rule, d.novel_dataset)
+    if d.eval_split == "val":  # model selection: the val classes stand in for the novel ones, never seen here
+        import dataclasses
+
+        data = dataclasses.replace(data, novel=data.val, full=None,
+                                   protocol=f"{data.protocol}; episodes from the VALIDATION classes "
+                                            "(data.eval_split=val, for choosing hyperparameters)")
+    return data
 
 
 def check_eval_settings(cfg: RunConfig, data: FewShotData) -> None:
+    if 0 in cfg.eval.n_shots:
+        steps = [s for s in cfg.pipeline if s in EPISODE_STEPS]
+        raise FewgenError(f"eval.n_shots has 0 (every image of a class as a shot), which leaves no query images for "
+                          f"the {steps[0]} step; use K >= 1, or drop {' and '.join(steps)} from pipeline (fewgen fit)")
     for n_way in cfg.eval.n_ways:
         for n_shot in cfg.eval.n_shots:
             check_setting(data.novel, n_way, n_shot, cfg.eval.n_query)
@@ -225,6 +245,11 @@ def check_config(cfg: RunConfig) -> None:
         importlib.import_module(module)
     check_values(cfg, vocabularies())
     check_device(cfg.device)
+    if cfg.data.eval_split == "val":
+        whole = [s for s in cfg.pipeline if s in ("domainfusion", "gan-source", "gan-adapt")]
+        if whole:
+            raise FewgenError(f"data.eval_split=val draws few-shot episodes from the validation classes; the "
+                              f"{whole[0]} step uses the whole dataset instead: leave data.eval_split=novel")
     from fewgen.deps import check_generative_stack
 
     for step in cfg.pipeline:

@@ -138,7 +138,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no results)"
     columns = columns or [c for c in ("method", "classifier", "domain", "n_way", "n_shot") if any(c in r for r in rows)]
-    header = [*columns, "accuracy", "episodes"]
+    generated = any(r.get("uses_synthetic") for r in rows)
+    header = [*columns, *(["generated"] if generated else []), "accuracy", "episodes"]
     lines = []
     for r in rows:
         if r.get("accuracy") is None:  # rows without an accuracy (e.g. generative metrics rows)
@@ -148,6 +149,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
         cells = [str(r.get(c, "")) for c in columns]
         if r.get("all_way") and "n_way" in columns:
             cells[columns.index("n_way")] = f"all ({r['n_way']})"
+        if generated:
+            cells.append("yes" if r.get("uses_synthetic") else "no")
         lines.append(cells + [acc, str(r.get("episodes", ""))])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -43,9 +43,12 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("FEWGEN_DATA") or "data").expanduser()
 
 
-def register_dataset(name: str, *, image_size: int, channels: int, description: str, domains: bool = False):
+def register_dataset(name: str, *, image_size: int, channels: int, description: str, domains: bool = False,
+                     **meta):
+    """Register a loader; ``meta`` may hold ``novel_part`` (a function of the loaded dataset giving the
+    indices used when it is another run's novel side, e.g. MNIST's test digits) and its name."""
     return DATASETS.register(
-        name, image_size=image_size, channels=channels, description=description, domains=domains
+        name, image_size=image_size, channels=channels, description=description, domains=domains, **meta
     )
 
 
@@ -190,7 +193,9 @@ def _read_idx(path: Path) -> np.ndarray:
 
 @register_dataset(
     "mnist", image_size=28, channels=1,
-    description="MNIST train + test (70,000 digits); base 0-2, val 3-4, novel 5-9",
+    description="MNIST train + test (70,000 digits); base 0-2, val 3-4, novel 5-9; as data.novel_dataset "
+    "its 10,000 official test digits",
+    novel_part=lambda full: torch.arange(len(full) - 10000, len(full)), novel_part_name="test",
 )
 def _load_mnist(root: Path, size: int, download: bool = False) -> LoadedData:
     d = root / "mnist"

@@ -42,7 +42,11 @@ def few_shot_indices(novel: ArrayDataset, n_shot: int, seed: int) -> torch.Tenso
 
 
 def few_shot_set(novel: ArrayDataset, n_shot: int, seed: int) -> ArrayDataset:
-    """The K real images per novel class that a seed allows methods to learn from."""
+    """The K real images per novel class that a seed allows methods to learn from; ``n_shot=0``:
+    every image of every class (a user's folder of shots, with no query images: ``fewgen fit``)."""
+    if n_shot == 0:
+        idx = torch.cat([o for o in _class_orders(novel, seed)])
+        return novel.subset(idx, name=f"{novel.name}/all-shots-s{seed}")
     idx = few_shot_indices(novel, n_shot, seed).reshape(-1)
     return novel.subset(idx, name=f"{novel.name}/fewshot-s{seed}-k{n_shot}")
 

@@ -552,3 +552,58 @@ def step_import_synthetic(run: Run) -> None:
     run.artifacts["synthetic_source"] = f"imported from {sc.import_dir} ({sc.synthetic_per_class} per class)"
     run.artifacts["synthetic_kind"] = "imported"
     run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
+
+
+@STEPS.register("export")
+def step_export(run: Run) -> None:
+    """``<run>/classifier/``: the pretrained backbone and a head fitted on every novel class's shots
+    (``export.n_shot``, ``export.seed``) and, with ``export.synthetic``, the run's generated images of
+    those shots weighted ``learner.synthetic_weight``: the fit of the run's all-way row of the same
+    classifier. Its accuracy on the remaining novel images (when there are any) is recorded."""
+    import yaml
+
+    from fewgen.classifier import fit_classifier
+    from fewgen.evaluation.features import cached_features
+    from fewgen.evaluation.protocol import ExtraSupport
+
+    cfg, ec = run.cfg, run.cfg.export
+    if "backbone" not in run.artifacts:
+        raise FewgenError("the export step needs a backbone: put 'pretrain' before it in pipeline")
+    n_shot = max(cfg.eval.n_shots) if ec.n_shot is None else ec.n_shot
+    seed = cfg.seeds[0] if ec.seed is None else ec.seed
+    if n_shot not in cfg.eval.n_shots or seed not in cfg.seeds:
+        raise FewgenError(f"export.n_shot={n_shot} and export.seed={seed} must be among eval.n_shots "
+                          f"{cfg.eval.n_shots} and seeds {cfg.seeds}")
+    pb, novel = run.artifacts["backbone"], run.data.novel
+    shots = few_shot_set(novel, n_shot, seed)
+    syn = (run.artifacts.get("synthetic") or {}).get((seed, n_shot)) if ec.synthetic else None
+    extra = None
+    uses_synthetic = syn is not None and len(syn) > 0 and generated(run)
+    if syn is not None and len(syn):
+        feats = cached_features(run.cache, pb.key, pb.backbone, syn, run.device, run.log)
+        extra = ExtraSupport({(seed, n_shot): feats}, {(seed, n_shot): syn.labels},
+                             weight=cfg.learner.synthetic_weight).for_all_way(seed, n_shot, novel.num_classes)
+    info = {"fit": {"n_shot": n_shot, "seed": seed, "shots": len(shots),
+                    "synthetic": 0 if extra is None else len(extra[0]),
+                    "synthetic_weight": cfg.learner.synthetic_weight if extra is not None else None,
+                    "uses_synthetic": uses_synthetic},
+            "novel": run.data.protocol, "run": cfg.name}
+    clf = fit_classifier(pb.backbone, {"name": cfg.backbone.name, "kwargs": dict(cfg.backbone.kwargs)}, shots.images,
+                         shots.labels, list(novel.class_names), ec.head, cfg.eval.logreg_c, cfg.eval.logreg_iters,
+                         extra=extra, info=info)
+    queries = len(novel) - len(shots)
+    if queries > 0:  # the same images the all-way evaluation classifies
+        from fewgen.data.fewshot import all_way_split
+
+        _, qry = all_way_split(novel, n_shot, seed)
+        feats = cached_features(run.cache, pb.key, pb.backbone, novel, run.device, run.log)[qry]
+        pred = clf._head().predict(feats[None])[0]
+        clf.info["all_way"] = {"queries": int(len(qry)),
+                               "accuracy": round(float((pred == novel.labels[qry]).double().mean() * 100), 3)}
+    if run.dir is not None:
+        folder = clf.save(run.dir / "classifier", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        acc = clf.info.get("all_way")
+        run.log(f"classifier ({ec.head}, {novel.num_classes} classes, {len(shots)} shots"
+                f"{f' + {len(extra[0])} generated' if extra is not None else ''}) in {folder.name}/"
+                + (f"; {acc['accuracy']:.2f}% on the other {acc['queries']} novel images" if acc else ""))
+    run.artifacts["classifier"] = clf

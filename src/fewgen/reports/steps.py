@@ -30,4 +30,4 @@ def step_report(run: Run) -> None:
     if run.artifacts.get("synthetic_source"):
         notes.append(f"synthetic images: {run.artifacts['synthetic_source']}")
     page = write_report(run.dir, examples, notes)
-    run.log(f"report: {page}")
+    run.log(f"report: {page.relative_to(run.dir)} in the run folder")

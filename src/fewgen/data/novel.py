@@ -1,0 +1,170 @@
+"""Novel classes from another dataset than the base side (``data.novel_dataset``).
+
+Pretraining, the generator and model selection stay on the base dataset; the novel classes (and
+their few-shot sets and queries) come from any registered dataset or an image folder
+(``imagefolder`` with ``data.novel_root``), brought to the base side's image shape:
+
+* channels: gray -> RGB repeats the channel; RGB -> gray is the luminance
+  ``L = 0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601, PIL's ``L`` mode);
+* size: area averaging when shrinking, bilinear when enlarging; enlarging more than
+  :data:`MAX_UPSCALE` times is refused (an 8x8 image stretched to 64x64 is a blur, not an image
+  of its class). Image files are converted to ``L`` / ``RGB`` by PIL first (:func:`read_file`),
+  as exported classifiers read them.
+
+A registered dataset gives all its classes (or ``data.novel_classes``) and, where it has an
+official test split (MNIST), only that split's images. The base dataset's own novel classes join
+its base classes: every class of the base side is then base or validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewgen.data.base import ArrayDataset, FewShotData
+from fewgen.errors import FewgenError
+
+#: the largest factor novel images are enlarged by to reach the base side's size
+MAX_UPSCALE = 4.0
+
+
+def conversion_rule(src: tuple[int, int, int], dst: tuple[int, int, int]) -> str:
+    """A sentence saying how images of shape ``src`` (C, H, W) are brought to ``dst``."""
+    (c0, h0, _), (c1, h1, _) = src, dst
+    parts = []
+    if c0 != c1:
+        parts.append("gray -> RGB (channel repeated)" if c0 == 1 else "RGB -> gray (luminance, ITU-R 601)")
+    if h0 != h1:
+        parts.append(f"{h0} -> {h1} px ({'area average' if h0 > h1 else 'bilinear'})")
+    return ", ".join(parts) or "unchanged"
+
+
+def check_convertible(src_side: int, dst_side: int, where: str) -> None:
+    if dst_side > src_side * MAX_UPSCALE:
+        raise FewgenError(
+            f"the novel images of {where} are {src_side}x{src_side} but the base side works at {dst_side}x{dst_side}: "
+            f"enlarging {dst_side / src_side:.1f}x (more than {MAX_UPSCALE:g}x) has no sensible result; use a base "
+            f"side with a smaller data.image_size or larger novel images")
+
+
+def convert_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (n, C, H, W) -> uint8 (n, *shape) by :func:`conversion_rule`."""
+    import torch.nn.functional as F
+
+    c, h, w = shape
+    x = images.float() / 255.0
+    if x.shape[1] != c:
+        if c == 3 and x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        elif c == 1 and x.shape[1] == 3:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise FewgenError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    if x.shape[-2:] != (h, w):
+        mode = "area" if x.shape[-1] > w else "bilinear"
+        kw = {} if mode == "area" else {"align_corners": False}
+        x = torch.cat([F.interpolate(chunk, size=(h, w), mode=mode, **kw) for chunk in torch.split(x, 2048)])
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def read_file(path: str | Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+    """One image file as uint8 (C, H, W) at ``shape`` and its original shorter side: PIL converts it
+    to ``L`` or ``RGB``, then :func:`convert_images` resizes it. Exported classifiers read images the
+    same way. An unreadable file is a :class:`FewgenError`."""
+    from PIL import Image, UnidentifiedImageError
+
+    c = shape[0]
+    try:
+        with Image.open(path) as img:
+            img.load()
+            side = min(img.size)
+            arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise FewgenError(f"cannot read image {path} ({e}); remove or replace that file and rerun") from None
+    x = torch.from_numpy(np.ascontiguousarray(arr[None] if c == 1 else arr.transpose(2, 0, 1)))[None]
+    return convert_images(x, shape)[0], side
+
+
+def read_novel_folder(folder: Path, shape: tuple[int, int, int]) -> ArrayDataset:
+    """``<folder>/<class>/*.png|jpg`` at ``shape`` (C, H, W), each file read by :func:`read_file`.
+
+    Needs at least two classes, each with an image; an unreadable file is one clear error."""
+    from fewgen.data.datasets import IMAGE_EXTENSIONS, image_files
+
+    if not folder.is_dir():
+        raise FewgenError(f"data.novel_root={str(folder)!r} is not a folder; give a folder with one subfolder of "
+                          "images per novel class")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise FewgenError(f"{folder} has {len(classes)} class folder(s); a classifier needs at least two classes "
+                          "(one subfolder of images each)")
+    images, labels, sides = [], [], []
+    for label, cls in enumerate(classes):
+        files = image_files(cls)
+        if not files:
+            raise FewgenError(f"class folder {cls} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
+        for f in files:
+            x, side = read_file(f, shape)
+            images.append(x)
+            labels.append(label)
+            sides.append(side)
+    check_convertible(min(sides), shape[1], str(folder))
+    return ArrayDataset(torch.stack(images), torch.tensor(labels), [p.name for p in classes],
+                        name=f"imagefolder:{folder.name}")
+
+
+def load_novel(name: str, root, shape: tuple[int, int, int], classes: list[str] | None = None,
+               novel_root: str | None = None) -> tuple[ArrayDataset, str]:
+    """The novel classes of dataset ``name`` at ``shape`` and the sentence saying how they were made."""
+    from fewgen.data.datasets import DATASETS, data_root
+
+    if name == "imagefolder":
+        if not novel_root:
+            raise FewgenError("data.novel_dataset=imagefolder needs data.novel_root=<folder>/<class>/*.png")
+        novel = read_novel_folder(Path(novel_root).expanduser(), shape)
+        rule = (f"files read as {'gray (PIL L)' if shape[0] == 1 else 'RGB'}, resized to {shape[1]}x{shape[2]} "
+                "(area average when shrinking, bilinear when enlarging)")
+    else:
+        meta = DATASETS.meta(name)
+        if meta.get("domains"):
+            raise FewgenError(f"{name} is a domain dataset; as novel classes use an image folder of one domain "
+                              "(data.novel_dataset=imagefolder data.novel_root=<domain folder>)")
+        loaded = DATASETS.get(name)(data_root(root), int(meta["image_size"]), download=False)
+        full = loaded.full
+        if meta.get("novel_part"):  # e.g. MNIST's official test digits
+            keep = meta["novel_part"](full)
+            full = full.subset(keep, name=f"{full.name}/{meta['novel_part_name']}")
+        check_convertible(full.image_shape[1], shape[1], name)
+        rule = conversion_rule(full.image_shape, shape)
+        full = replace(full, images=convert_images(full.images, shape), name=f"{name}-novel")
+        novel = full
+    if classes is not None:
+        missing = [n for n in classes if n not in novel.class_names]
+        if missing:
+            raise FewgenError(f"data.novel_classes names unknown classes {missing[:5]} in {name!r}; it has "
+                              f"{', '.join(novel.class_names[:10])}{', ...' if len(novel.class_names) > 10 else ''}")
+        novel = novel.select_classes([novel.class_names.index(n) for n in classes], name=novel.name)
+    elif name != "imagefolder":
+        novel = novel.select_classes(list(range(novel.num_classes)), name=novel.name)
+    if novel.num_classes < 2:
+        raise FewgenError(f"the novel side has {novel.num_classes} class; a classifier needs at least two")
+    novel.name = f"{name}/novel"
+    empty = [novel.class_names[i] for i, n in enumerate(novel.counts().tolist()) if n == 0]
+    if empty:
+        raise FewgenError(f"novel class {empty[0]!r} of {name} has no images")
+    return novel, rule
+
+
+def with_novel_dataset(data: FewShotData, novel: ArrayDataset, rule: str, name: str) -> FewShotData:
+    """``data`` with ``novel`` as its novel classes; the base dataset's own novel classes join its
+    base classes (the base side keeps no class for itself)."""
+    full = data.full if data.full is not None else ArrayDataset.concat([data.base, data.val, data.novel])
+    ids = [full.class_names.index(n) for n in [*data.base.class_names, *data.novel.class_names]]
+    base = full.select_classes(ids, name=f"{data.name}/base")
+    protocol = (f"base {data.name}: its {data.base.num_classes + data.novel.num_classes} base and "
+                f"{data.val.num_classes} validation classes; novel classes from {name} "
+                f"({novel.num_classes} classes, {len(novel)} images), brought to {tuple(base.image_shape)}: {rule}")
+    return FewShotData(name=data.name, base=base, val=data.val, novel=novel, protocol=protocol, full=None)
