@@ -154,7 +154,8 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     from fewgen.pipeline import run
     from fewgen.synthesis.cache import SynthesisCache
 
-    cfg = load_config("demo", [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}",
+    cfg = load_config("demo", [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "learner.augmented_control=true",
+                               "learner.augmented_copies_per_class=3",
                                "pipeline=[pretrain,generator,synthesize,learn,evaluate]"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)
     syn = r.artifacts["synthetic"]
@@ -163,6 +164,8 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     rows = {(row["method"], row["classifier"], row["n_shot"], bool(row.get("all_way"))): row for row in r.rows}
     assert rows[("frozen+synthetic", "proto", 1, True)]["uses_synthetic"] is True
     assert rows[("ce", "proto", 1, False)]["uses_synthetic"] is False
+    control = rows[("frozen+augmented-copies", "logreg", 2, True)]  # the generator-free control, same episodes
+    assert control["uses_synthetic"] is False and control["synthetic_per_class"] == 3
     assert (tmp_path / "run" / "grids" / "seed0_1shot" / "overview.png").exists()
     gen = r.artifacts["generator"]
     from fewgen.data.fewshot import few_shot_set

@@ -15,7 +15,7 @@ import torch
 from fewgen.cli import main
 from fewgen.config import load_config
 from fewgen.errors import FewgenError
-from fewgen.pipeline import load_data, run
+from fewgen.pipeline import load_data
 from tests.conftest import requires_data
 
 TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "seeds=[0]", "eval.n_shots=[1,2]",

@@ -111,3 +111,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     rgb = Image.open(shot).convert("RGB").resize((300, 500))
     px = np.asarray(rgb).reshape(-1, 3).astype(int)
     assert (np.abs(px - [0x4C, 0x72, 0xB0]).max(1) < 25).any()
+
+
+def test_best_of_each_kind_compares_rows_with_and_without_generated_images():
+    from fewgen.runs import best_of_each_kind, format_best
+
+    def row(method, acc, ci, gen, **kw):
+        return {"method": method, "classifier": "proto", "n_way": 20, "n_shot": 1, "accuracy": acc, "ci95": ci,
+                "uses_synthetic": gen, **kw}
+
+    rows = [row("ce", 95.0, 0.2, False), row("frozen+augmented-copies", 95.3, 0.2, False),
+            row("frozen+synthetic", 96.5, 0.2, True), row("datadream", 90.0, 0.3, True),
+            row("frozen+synthetic@50", 99.0, 0.1, True, sweep=True),
+            row("ce", 78.0, 0.5, False, all_way=True, n_way=200), row("frozen+synthetic", 78.4, 0.5, True,
+                                                                      all_way=True, n_way=200)]
+    (episodes, all_way) = best_of_each_kind(rows)
+    assert episodes["real"]["method"] == "frozen+augmented-copies" and episodes["generated"]["accuracy"] == 96.5
+    assert episodes["gain"] == 1.2 and episodes["cis_apart"] is True  # the sweep row is left out
+    assert all_way["setting"] == "all (200)-way 1-shot" and all_way["cis_apart"] is False
+    text = format_best([episodes, all_way])
+    assert "+1.20 (CIs apart)" in text and "+0.40" in text and "(CIs apart)" not in text.splitlines()[-1]

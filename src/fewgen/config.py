@@ -160,7 +160,12 @@ class LearnerConfig:
     frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the support")
     synthetic_weight: float = opt(1.0, "weight of each synthetic support image in the frozen-feature classifiers, "
                                   "relative to a real shot's 1 (prototype: weighted mean; logreg: weighted loss)", gt=0)
-    augmented_copies_per_class: int = opt(50, "images per class made by the augmented-copies step (generator-free control)", min=1)
+    augmented_copies_per_class: int = opt(50, "augmented copies per class, of the augmented-copies step and of "
+                                          "learner.augmented_control (the generator-free control)", min=1)
+    augmented_control: bool = opt(False, "also evaluate the frozen classifiers with augmented copies of the shots in "
+                                  "the support (rows frozen+augmented-copies, uses_synthetic false): the "
+                                  "generator-free control on the same episodes")
+    augmented_weight: float = opt(1.0, "weight of each augmented copy in the frozen classifiers of the control", gt=0)
 
 
 @dataclass

@@ -230,7 +230,9 @@ LEARNER = rule(
             **{f: "choose the synthetic images, which enter by content (input synthetic)" for f in _SYNTHETIC_CHOICE},
             "learner.eval_with": "how the trained model is evaluated, not its weights",
             "learner.frozen_synthetic": "an evaluation of the frozen backbone; trains nothing",
-            "learner.synthetic_weight": "weights synthetic supports of the frozen classifiers; trains nothing"},
+            "learner.synthetic_weight": "weights synthetic supports of the frozen classifiers; trains nothing",
+            "learner.augmented_control": "a frozen-classifier evaluation; trains nothing",
+            "learner.augmented_weight": "a frozen-classifier evaluation; trains nothing"},
 )
 """A fine-tuned classifier: one method (its spec) on one seed's shots (``real``) and synthetic set."""
 

@@ -24,8 +24,10 @@ from fewgen.errors import FewgenError
 from fewgen.registry import Registry
 from fewgen.runs import (
     RunLog,
+    best_of_each_kind,
     check_run_dir,
     environment,
+    format_best,
     format_table,
     prepare_staging,
     publish_run,
@@ -303,6 +305,9 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     write_metrics(run_dir, r.rows, {"timings_s": r.timings})
     write_json(run_dir / "done", {"timings_s": r.timings})
     log("\n" + format_table(r.rows))
+    best = format_best(best_of_each_kind(r.rows))
+    if best:
+        log("\nreal images only against real + generated images (best row of each kind):\n" + best)
     r.dir = publish_run(run_dir, out_dir)
     log.path = r.dir / "log.txt"
     log(f"run finished in {r.timings['total']:.0f}s: {r.dir}")

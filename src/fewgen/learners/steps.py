@@ -283,9 +283,12 @@ def generated(run: Run) -> bool:
     return run.artifacts.get("synthetic_kind", "generated") != "augmented-copies"
 
 
-def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: str) -> list[dict]:
-    """Frozen-feature rows with each (seed, K)'s synthetic set added to the episode supports (and
-    to the all-way support), each image weighted ``learner.synthetic_weight``.
+def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: str, weight: float | None = None,
+                           uses_synthetic: bool | None = None) -> list[dict]:
+    """Frozen-feature rows with each (seed, K)'s extra set (synthetic images, or augmented copies)
+    added to the episode supports and to the all-way support, each image weighted ``weight``
+    (default ``learner.synthetic_weight``); ``uses_synthetic`` defaults to whether the run's
+    synthetic slot holds generated images.
 
     Only the shot counts for which every seed has a set are evaluated.
     """
@@ -307,11 +310,12 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     sub.cfg = copy.deepcopy(run.cfg)
     sub.cfg.eval.n_shots = n_shots
     per_class = min(_per_class(s) for s in sets.values())
-    extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight)
+    extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight)
+    uses = generated(run) if uses_synthetic is None else uses_synthetic
     return evaluate_frozen(sub, novel_features(run), method, extra=extra,
                            extra_fields={"synthetic_per_class": per_class, "synthetic_weight": extra.weight,
                                          "n_synthetic": [len(s) for s in sets.values()],
-                                         "uses_synthetic": generated(run) and per_class > 0})
+                                         "uses_synthetic": uses and per_class > 0})
 
 
 @torch.no_grad()
@@ -393,6 +397,8 @@ def step_learn(run: Run) -> None:
 
             CLASSIFIERS.get(clf)
     needs_syn = any(s.uses_synthetic for s in specs) or bool([m for m in lc.sweep if m > 0]) or lc.frozen_synthetic
+    if lc.augmented_control and lc.model != "backbone":
+        raise FewgenError("learner.augmented_control needs learner.model=backbone (frozen pretrained features)")
     if lc.frozen_synthetic and lc.model != "backbone":
         raise FewgenError("learner.frozen_synthetic needs learner.model=backbone (it uses the pretrained backbone)")
     if lc.synthetic_keep < 1 and lc.model != "backbone":
@@ -451,6 +457,10 @@ def step_learn(run: Run) -> None:
     rows = results.rows(run)
     if lc.frozen_synthetic and used_sets:
         rows += _frozen_synthetic_rows(run, used_sets, "frozen+synthetic")
+    if lc.augmented_control:  # the generator-free control on the same episodes
+        copies = {(s, k): augmented_copies(few_shot_set(novel, k, s), lc.augmented_copies_per_class, s)
+                  for k in cfg.eval.n_shots for s in cfg.seeds}
+        rows += _frozen_synthetic_rows(run, copies, "frozen+augmented-copies", lc.augmented_weight, False)
     if lc.frozen_synthetic:
         for m, sets in sorted(sweep_sets.items()):
             for row in _frozen_synthetic_rows(run, sets, f"frozen+synthetic@{m}"):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from fewgen.reports import figures
+from fewgen.runs import best_of_each_kind
 from fewgen.utils import atomic_path
 
 
@@ -63,6 +64,23 @@ def results_table(rows: list[dict]) -> str:
         cells += [r.get(c, "") for c in optional if c not in ("classifier", "domain")]
         out.append(f"<tr{cls}>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def best_table(summary: list[dict]) -> str:
+    """Per setting, the best row without and with generated images (``fewgen.runs.best_of_each_kind``)."""
+    def cell(r: dict) -> str:
+        name = f"{r['method']} [{r['classifier']}]" if r.get("classifier") else str(r["method"])
+        return f"{r['accuracy']:.2f} &plusmn; {r['ci95']:.2f} <span class='meta'>{html.escape(name)}</span>"
+
+    out = ["<table>", "<thead><tr><th>setting</th><th>best without generated images</th>"
+           "<th>best with generated images</th><th>gain</th></tr></thead><tbody>"]
+    for s in summary:
+        gain = f"{s['gain']:+.2f}" + (" (CIs apart)" if s["cis_apart"] else "")
+        out.append(f"<tr><td>{html.escape(s['setting'])}</td><td>{cell(s['real'])}</td><td>{cell(s['generated'])}</td>"
+                   f"<td>{gain}</td></tr>")
+    out.append("</tbody></table><p class='meta'>Each cell is the best row of its kind in this run (sweep rows "
+               "left out); every row says in <code>uses_synthetic</code> whether generated images went into it.</p>")
     return "\n".join(out)
 
 
@@ -165,6 +183,10 @@ def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[
         parts.append(f"<p class='meta'>{html.escape(line)}</p>")
     if gan_rows:
         parts += _gan_section(run_dir, out, gan_rows)
+    summary = [s for s in best_of_each_kind(main_rows) if s["real"] and s["generated"]]
+    if summary:
+        parts.append("<h2>Real images only against real + generated</h2>")
+        parts.append(best_table(summary))
     parts += ["<h2>Results</h2>", results_table(main_rows)]
     if made["results"]:
         parts.append(f"<figure><img src='results.png' alt='results'><figcaption>{captions['results']}</figcaption></figure>")

@@ -313,20 +313,24 @@ class SynthesisCache:
 
         if todo:
             parallel_streams(todo, fns[:len(todo)], lambda fn, cj: self._run_chunk(entry, spec, *cj, fn), progress)
+        made = sum(len(spec.chunk_images(j)) for _, j in todo)
+        timing = ctx.gather_objects((made, time.time() - t0))
         ctx.barrier()
-        if ctx.is_main:
-            self._finish(entry, spec)
+        if ctx.is_main:  # images drawn in this call and its wall time (the slowest process's)
+            self._finish(entry, spec, {"generated": sum(m for m, _ in timing),
+                                       "seconds": round(max(s for _, s in timing), 2)})
         ctx.barrier()
         return self.read(spec)
 
-    def _finish(self, entry: Path, spec: SynthesisSpec) -> None:
+    def _finish(self, entry: Path, spec: SynthesisSpec, timing: dict | None = None) -> None:
         images = []
         for c, j in spec.chunks():
             if not self._chunk_ok(entry, c, j):
                 raise FewgenError(f"chunk {c}/{j} of {entry} is not valid after generation; rerun to regenerate it")
             images += read_json(entry / "chunks" / f"{c:04d}_{j:04d}.json")["files"]
         write_json(entry / "manifest.json", {"key": entry.name, "spec": spec.parts(), "images": images})
-        self.cache.mark_done(entry, {"images": len(images)}, files=["manifest.json"])  # images: in the manifest
+        self.cache.mark_done(entry, {"images": len(images), **(timing or {})},
+                             files=["manifest.json"])  # the images' checksums are in the manifest
 
     def read(self, spec: SynthesisSpec) -> ArrayDataset:
         """A finished set as an ArrayDataset (labels index ``spec.class_names``), verified."""
