@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -167,6 +168,7 @@ def step_adapt(run: Run) -> None:
             entry = run.cache.entry("adapters", parts)
             adapters[(seed, k)] = gen.adapt(few, dd, entry, run.cache, ctx, run.log) \
                 if hasattr(gen, "adapt") else _adapt_pixel(run, gen, few, dd, entry, ctx)
+            run.artifacts.setdefault("adapter_entries", []).append(entry)
 
 
 def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
@@ -179,10 +181,11 @@ def _adapt_pixel(run: Run, gen, few, dd, entry: Path, ctx):
     run.log(f"DataDream {dd.mode}: {few.num_classes} classes x {len(few) // few.num_classes} shots, "
             f"{dd.steps_per_class * few.num_classes} steps in total")
     train = train_exemplar_datadream if gen.kind == "exemplar-diffusion" else train_datadream
+    t0 = time.time()
     adapter = train(gen, few, dd, ctx, run.log)
     if ctx.is_main:
         adapter.save(entry)
-        run.cache.mark_done(entry, {"mode": dd.mode, "classes": few.num_classes})
+        run.cache.mark_done(entry, {"mode": dd.mode, "classes": few.num_classes, "train_s": round(time.time() - t0, 1)})
     ctx.barrier()
     return adapter
 
