@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the tests' base config (digits, pretraining and frozen evaluation); the demo preset is the README's job
+DIGITS = str(Path(__file__).resolve().parent / "digits.yaml")
 DATA_ROOT = Path(os.environ.get("FEWGEN_DATA") or REPO.parent / "shared" / "data")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,7 +11,9 @@ import yaml
 
 from fewgen.cli import main
 
-TINY = ["pretrain.epochs=2", "pretrain.val_episodes=20", "eval.episodes=30", "seeds=[0,1]", "--no-progress", "--quiet"]
+TINY = ["pretrain.epochs=2", "pretrain.val_episodes=20", "eval.episodes=30", "seeds=[0,1]", "generator.train_steps=10",
+        "synthesis.synthetic_per_class=4", "synthesis.steps=4", "learner.augmented_copies_per_class=4", "--no-progress",
+        "--quiet"]
 
 
 def _run(tmp_path, out="run", extra=(), cache="cache"):
@@ -34,6 +36,10 @@ def test_run_demo_writes_a_complete_run(tmp_path, capsys):
     rows = json.loads((run / "metrics.json").read_text())["rows"]
     settings = {(r["classifier"], r["n_way"], r["n_shot"], bool(r.get("all_way"))) for r in rows}
     assert ("logreg", 5, 1, False) in settings and ("proto", 5, 5, False) in settings
+    # the whole path: real shots alone, the generator-free control, and real + generated images
+    kinds = {(r["method"], r["uses_synthetic"]) for r in rows}
+    assert {("ce", False), ("frozen+augmented-copies", False), ("frozen+synthetic", True)} <= kinds
+    assert (run / "grids" / "seed0_1shot" / "overview.png").exists()
     for r in rows:
         assert {"method", "n_way", "n_shot", "accuracy", "ci95", "episodes", "seeds"} <= set(r)
         assert 0 <= r["accuracy"] <= 100 and r["seeds"] == [0, 1]
@@ -43,6 +49,7 @@ def test_run_demo_writes_a_complete_run(tmp_path, capsys):
     assert capsys.readouterr().out == ""  # --quiet: nothing printed, everything in the log
     log = (run / "log.txt").read_text()
     assert "accuracy" in log and "run finished" in log and str(run) in log
+    assert "real images only against real + generated images" in log
     assert not list(tmp_path.glob(".run.*"))  # the staging folder became the run
 
 

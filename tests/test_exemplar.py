@@ -15,6 +15,7 @@ from fewgen.generators.exemplar import (
     pair_indices,
     train_exemplar_datadream,
 )
+from tests.conftest import DIGITS
 
 
 def tiny_encoder():
@@ -154,7 +155,7 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     from fewgen.pipeline import run
     from fewgen.synthesis.cache import SynthesisCache
 
-    cfg = load_config("demo", [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "learner.augmented_control=true",
+    cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "learner.augmented_control=true",
                                "learner.augmented_copies_per_class=3",
                                "pipeline=[pretrain,generator,synthesize,learn,evaluate]"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)
@@ -176,7 +177,7 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     assert store.key(spec1) != store.key(run_synthesis_spec(r, gen, None, few_shot_set(novel, 1, 1)))  # other shots
     assert spec1.sources == few_shot_set(novel, 1, 0).digest()
     # another conditioning mode is another generator, hence another set
-    other = load_config("demo", [*TINY, *EXEMPLAR, "generator.exemplar_cond=channels", f"cache_dir={tmp_path / 'c2'}",
+    other = load_config(DIGITS, [*TINY, *EXEMPLAR, "generator.exemplar_cond=channels", f"cache_dir={tmp_path / 'c2'}",
                                  "pipeline=[pretrain,generator]"])
     r2 = run(other, tmp_path / "run2", progress=False, quiet=True)
     assert r2.artifacts["generator"].state_key() != gen.state_key()
@@ -189,6 +190,6 @@ def test_exemplar_generator_with_features_needs_pretraining_first(tmp_path):
     from fewgen.config import load_config
     from fewgen.pipeline import run
 
-    cfg = load_config("demo", [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "pipeline=[generator]"])
+    cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "pipeline=[generator]"])
     with pytest.raises(FewgenError, match="put 'pretrain' before 'generator'"):
         run(cfg, tmp_path / "run", progress=False, quiet=True)

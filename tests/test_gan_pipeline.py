@@ -8,6 +8,7 @@ import pytest
 
 from fewgen.cli import main
 from fewgen.config import load_config
+from tests.conftest import DIGITS
 
 TINY = [
     "pipeline=[pretrain,gan-source,gan-adapt,report]", "data.dataset=digits", "pretrain.epochs=1",
@@ -23,7 +24,7 @@ TINY = [
 def test_gan_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["run", "demo", *TINY, "--out", str(out), "--no-progress", "--quiet"]) == 0
+    assert main(["run", DIGITS, *TINY, "--out", str(out), "--no-progress", "--quiet"]) == 0
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["source", "tgan", "dcl"]
     for r in rows:
@@ -46,7 +47,7 @@ def test_gan_pipeline_end_to_end(tmp_path, monkeypatch):
         assert (out / "report" / f).exists() and f in page, f
     # a second run reuses the cached source and adapted GANs and gives the same numbers
     out2 = tmp_path / "run2"
-    assert main(["run", "demo", *TINY, "--out", str(out2), "--no-progress", "--quiet"]) == 0
+    assert main(["run", DIGITS, *TINY, "--out", str(out2), "--no-progress", "--quiet"]) == 0
     assert "from cache" in (out2 / "log.txt").read_text()
     assert json.loads((out2 / "metrics.json").read_text())["rows"] == rows
 
@@ -60,6 +61,6 @@ def test_presets_load(preset):
 
 def test_bad_setup_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
-    code = main(["run", "demo", *TINY, "gan.target_range=[8,12]", "pipeline=[gan-source]", "--out", str(tmp_path / "r"), "--no-progress",
+    code = main(["run", DIGITS, *TINY, "gan.target_range=[8,12]", "pipeline=[gan-source]", "--out", str(tmp_path / "r"), "--no-progress",
                  "--quiet"])
     assert code == 2 and "gan.target_range" in capsys.readouterr().err

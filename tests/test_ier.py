@@ -28,13 +28,14 @@ from fewgen.pretrain.ier import (
     invariant_contrastive_loss,
 )
 from fewgen.pretrain.loop import TrainSettings, train_backbone
+from tests.conftest import DIGITS
 
 TINY = ["pretrain.epochs=1", "pretrain.max_steps_per_epoch=3", "pretrain.batch_size=16", "pretrain.val_episodes=10",
         "pretrain.ier.bank_negatives=50"]
 
 
 def tiny_cfg(recipe: str, *extra: str):
-    return load_config("demo", [f"pretrain.recipe={recipe}", *TINY, *extra])
+    return load_config(DIGITS, [f"pretrain.recipe={recipe}", *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +289,7 @@ def test_generation_loads_frozen_teacher_and_trains_student(digits, tmp_path):
 def test_ier_through_the_pipeline(tmp_path):
     from fewgen.pipeline import run
 
-    cfg = load_config("demo", ["pretrain.recipe=ier", *TINY, "eval.episodes=10", "seeds=[0]", "eval.n_shots=[1]",
+    cfg = load_config(DIGITS, ["pretrain.recipe=ier", *TINY, "eval.episodes=10", "seeds=[0]", "eval.n_shots=[1]",
                                f"cache_dir={tmp_path / 'cache'}", "eval.all_way=false"])
     r = run(cfg, out_dir=tmp_path / "run", progress=False, quiet=True)
     assert (tmp_path / "run" / "metrics.json").exists()

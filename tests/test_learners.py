@@ -16,6 +16,7 @@ from fewgen.learners.losses import (
     label_smoothed_ce,
     mmd,
 )
+from tests.conftest import DIGITS
 
 
 def mmd_reference(x, y, bandwidths):
@@ -191,7 +192,7 @@ def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
     from fewgen.config import load_config
     from fewgen.pipeline import run
 
-    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,augmented-copies,learn,report]", "learner.sweep=[0,5,12,50]",
+    cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,augmented-copies,learn,report]", "learner.sweep=[0,5,12,50]",
                                f"cache_dir={tmp_path / 'cache'}"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)
     methods = {(row["method"], row["classifier"]) for row in r.rows}
@@ -239,7 +240,7 @@ def test_learn_step_filters_synthetic_images_by_the_shot_classifier(tmp_path):
     from fewgen.config import load_config
     from fewgen.pipeline import run
 
-    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,augmented-copies,learn]", "learner.methods=[datadream]",
+    cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,augmented-copies,learn]", "learner.methods=[datadream]",
                                "learner.synthetic_keep=0.5", "learner.frozen_synthetic=false",
                                f"cache_dir={tmp_path / 'cache'}"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)
@@ -254,10 +255,10 @@ def test_learn_step_errors_without_synthetic(tmp_path):
     from fewgen.errors import FewgenError
     from fewgen.pipeline import run
 
-    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,learn]", f"cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,learn]", f"cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(FewgenError, match="synthesize"):
         run(cfg, tmp_path / "run", progress=False, quiet=True)
-    bad = load_config("demo", [*TINY, "pipeline=[pretrain,learn]", "learner.methods=[real-only, datadreem]",
+    bad = load_config(DIGITS, [*TINY, "pipeline=[pretrain,learn]", "learner.methods=[real-only, datadreem]",
                                f"cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(FewgenError, match="datadream"):
         run(bad, tmp_path / "run2", progress=False, quiet=True)
@@ -333,7 +334,7 @@ def test_import_synthetic_step_feeds_the_learner(tmp_path):
     from fewgen.pipeline import run
 
     _write_class_folders(tmp_path / "syn", {str(d): 6 for d in range(5, 10)}, size=16)
-    cfg = load_config("demo", [*TINY, "pipeline=[pretrain,import-synthetic,learn]", "learner.methods=[datadream]",
+    cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,import-synthetic,learn]", "learner.methods=[datadream]",
                                f"synthesis.import_dir={tmp_path / 'syn'}", "synthesis.synthetic_per_class=4",
                                "learner.frozen_synthetic=false", f"cache_dir={tmp_path / 'cache'}"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)

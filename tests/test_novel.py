@@ -16,7 +16,7 @@ from fewgen.cli import main
 from fewgen.config import load_config
 from fewgen.errors import FewgenError
 from fewgen.pipeline import load_data
-from tests.conftest import requires_data
+from tests.conftest import DIGITS, requires_data
 
 TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "seeds=[0]", "eval.n_shots=[1,2]",
         "eval.n_ways=[3]", "eval.n_query=3", "--no-progress", "--quiet"]
@@ -46,18 +46,18 @@ def shapes_folder(root: Path, per_class: int = 6, size: int = 20, classes=("disc
 
 
 def _cli_run(tmp_path, out, *overrides):
-    return main(["run", "demo", f"cache_dir={tmp_path / 'cache'}", *TINY, *overrides, "--out", str(tmp_path / out)])
+    return main(["run", DIGITS, f"cache_dir={tmp_path / 'cache'}", *TINY, *overrides, "--out", str(tmp_path / out)])
 
 
 def test_foreign_novel_classes_are_brought_to_the_base_shape(tmp_path):
     folder = shapes_folder(tmp_path / "shapes")
-    cfg = load_config("demo", ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"])
+    cfg = load_config(DIGITS, ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"])
     data = load_data(cfg)
     assert data.novel.image_shape == data.base.image_shape == (1, 16, 16)
     assert data.novel.class_names == ["bar", "cross", "disc"] and len(data.novel) == 18
     assert "novel classes from imagefolder" in data.protocol and "gray" in data.protocol
     assert data.base.num_classes == 8  # digits 0-2 and its own novel 5-9: every digit is base or val
-    rgb = load_config("demo", ["data.dataset=imagefolder", f"data.root={folder}", "data.channels=3",
+    rgb = load_config(DIGITS, ["data.dataset=imagefolder", f"data.root={folder}", "data.channels=3",
                                "data.base_classes=[bar]", "data.val_classes=[cross]", "data.novel_classes=[disc]"])
     assert load_data(rgb).novel.image_shape[0] == 3
 
@@ -79,7 +79,7 @@ def test_runs_export_a_classifier_that_reloads_and_predicts_identically(tmp_path
     # predict the same query images (the non-shot files) in a fresh process, from the CSV
     from fewgen.data.fewshot import few_shot_set
 
-    data = load_data(load_config("demo", ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"]))
+    data = load_data(load_config(DIGITS, ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"]))
     shots = few_shot_set(data.novel, 2, 0)
     shot_bytes = {bytes(x.numpy().tobytes()) for x in shots.images}
     queries = tmp_path / "queries"
@@ -121,11 +121,13 @@ def test_fit_exports_a_classifier_from_a_folder_of_shots_alone(tmp_path):
     folder = shapes_folder(tmp_path / "mine", per_class=3)
     (folder / "disc" / "extra.png").write_bytes((folder / "disc" / "00.png").read_bytes())  # classes may differ in size
     code = main(["fit", str(folder), "--preset", "demo", f"cache_dir={tmp_path / 'cache'}", "pretrain.epochs=1",
-                 "pretrain.val_episodes=10", "--out", str(tmp_path / "fit"), "--quiet", "--no-progress"])
+                 "pretrain.val_episodes=10", "generator.train_steps=4", "synthesis.synthetic_per_class=2",
+                 "synthesis.steps=2", "--out", str(tmp_path / "fit"), "--quiet", "--no-progress"])
     assert code == 0
     run_dir = tmp_path / "fit"
     info = json.loads((run_dir / "classifier" / "classifier.json").read_text())
     assert info["fit"]["shots"] == 10 and "all_way" not in info  # every shot used, nothing left to test on
+    assert info["fit"]["synthetic"] == 6 and info["fit"]["uses_synthetic"] is True  # and the images drawn from them
     assert not (run_dir / "episodes").exists()
     assert (run_dir / "report" / "index.html").exists()
     pred = tmp_path / "p.csv"
@@ -168,7 +170,7 @@ def test_predict_refuses_what_is_not_a_classifier(tmp_path, capsys):
 
 @requires_data("mnist", "t10k-images-idx3-ubyte.gz")
 def test_mnist_as_novel_side_is_its_ten_thousand_test_digits(data_root):
-    cfg = load_config("demo", [f"data.root={data_root}", "data.novel_dataset=mnist"])
+    cfg = load_config(DIGITS, [f"data.root={data_root}", "data.novel_dataset=mnist"])
     data = load_data(cfg)
     assert data.novel.num_classes == 10 and len(data.novel) == 10000 and data.novel.image_shape == (1, 16, 16)
     assert "28 -> 16 px (area average)" in data.protocol

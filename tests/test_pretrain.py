@@ -11,12 +11,13 @@ from fewgen.checkpoint import load_tensors
 from fewgen.config import load_config
 from fewgen.data import load_dataset
 from fewgen.pretrain import pretrain_backbone
+from tests.conftest import DIGITS
 
 QUIET = {"log": lambda m: None, "progress": False}
 
 
 def _cfg():
-    return load_config("demo", ["pretrain.epochs=3", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=6"])
+    return load_config(DIGITS, ["pretrain.epochs=3", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=6"])
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_selection_uses_val_and_cache_is_reused(tmp_path, monkeypatch):
     again = pretrain_backbone(_cfg(), data, cache, **QUIET)
     assert again.key == pb.key
     # another config gets another key
-    other = load_config("demo", ["pretrain.epochs=2", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=6"])
+    other = load_config(DIGITS, ["pretrain.epochs=2", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=6"])
     monkeypatch.undo()
     assert pretrain_backbone(other, data, cache, **QUIET).key != pb.key
 

@@ -17,7 +17,7 @@ from fewgen.config import load_config
 from fewgen.pipeline import load_data, run
 from fewgen.pretrain import pretrain_key
 from fewgen.utils import stable_hash
-from tests.conftest import DATA_ROOT, requires_data
+from tests.conftest import DATA_ROOT, DIGITS, requires_data
 
 TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "seeds=[0]", "eval.n_shots=[1]"]
 
@@ -26,7 +26,7 @@ def _rows(r) -> list[tuple]:
     return [(row["method"], row.get("classifier"), row["n_way"], row["n_shot"], row["accuracy"]) for row in r.rows]
 
 
-def _run(tmp_path, name, cache, overrides, preset="demo"):
+def _run(tmp_path, name, cache, overrides, preset=DIGITS):
     cfg = load_config(preset, [*TINY, f"cache_dir={cache}", *overrides])
     return run(cfg, tmp_path / name, progress=False, quiet=True)
 
@@ -105,7 +105,7 @@ def test_a_folder_whose_images_changed_is_not_mistaken_for_the_old_one(tmp_path)
 
 
 def test_one_changed_base_image_is_another_backbone():
-    cfg = load_config("demo")
+    cfg = load_config(DIGITS)
     data = load_data(cfg)
     key = stable_hash(pretrain_key(cfg, data))
     data.base.images[0, 0, 0, 0] ^= 1
@@ -116,8 +116,8 @@ def test_one_changed_base_image_is_another_backbone():
 
 
 def test_another_class_split_is_another_backbone():
-    default = load_config("demo")
-    split = load_config("demo", ["data.base_classes=['0','1']", "data.val_classes=['2','3','4']",
+    default = load_config(DIGITS)
+    split = load_config(DIGITS, ["data.base_classes=['0','1']", "data.val_classes=['2','3','4']",
                                  "data.novel_classes=['5','6','7','8','9']"])
     assert stable_hash(pretrain_key(default, load_data(default))) != stable_hash(pretrain_key(split, load_data(split)))
 
