@@ -155,7 +155,9 @@ class LearnerConfig:
     synthetic_keep: float = opt(1.0, "share of each class's synthetic images kept, those a logistic regression fitted "
                                 "on the few shots finds most likely their own class (1 = all; before the sweep)", gt=0, max=1)
     sweep: list[int] = opt([], "synthetic images per class for the sweep (e.g. [0, 10, 50, 200]); empty: no sweep", min=0)
-    sweep_method: str = opt("datadream", "method trained at each sweep point", choices="learner method")
+    sweep_method: str = opt("datadream", "method trained at each sweep point, or frozen: only the frozen classifiers "
+                            "with the first m synthetic images per class (frozen+synthetic@m rows)",
+                            choices="sweep method")
     sweep_shots: list[int] = opt([1], "shots (K) of the sweep", min=1)
     frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the support")
     synthetic_weight: float = opt(1.0, "weight of each synthetic support image in the frozen-feature classifiers, "

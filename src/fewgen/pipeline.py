@@ -218,6 +218,7 @@ def vocabularies() -> dict[str, list[str]]:
     return {"dataset": DATASETS.names(), "backbone": BACKBONES.names(), "recipe": RECIPES.names(),
             "augmentation": list(AUGMENTATIONS), "classifier": CLASSIFIERS.names(),
             "learner method": list(KNOWN_METHODS), "learner evaluation": ["head", *CLASSIFIERS.names()],
+            "sweep method": [*KNOWN_METHODS, "frozen"],
             "GAN adaptation method": ADAPTERS.names(), "generator kind": list(GENERATOR_KINDS),
             "sampler": list(SAMPLERS), "pipeline step": STEPS.names(), "domainfusion method": list(DG_METHODS)}
 

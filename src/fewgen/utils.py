@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,13 +99,16 @@ def path_digest(path: str | os.PathLike) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    A crash or kill leaves the old file (or none), never a half-written one.
+    A crash or kill leaves the old file (or none), never a half-written one. The temporary name is
+    unique (several processes may write the same file) and is created with the umask's usual
+    permissions, not mkstemp's owner-only ones, so run folders stay readable to others.
     """
+    import uuid
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -448,10 +448,11 @@ def step_learn(run: Run) -> None:
                     run.log(f"sweep: skipping {m} synthetic images per class (the synthetic set has "
                             f"{_per_class(syn_all)} per class); raise the synthesis count to include it")
                     continue
-                spec = MethodSpec("real-only", "real-only") if m == 0 else sweep_spec(lc)
-                model, history, seconds = train_one(ctx, spec, sub if m > 0 else None)
-                evaluate(model, ctx, f"{lc.sweep_method}@{m}", seconds, sub if m > 0 else None, sweep=True,
-                         uses_synthetic=m > 0 and generated(run))
+                if lc.sweep_method != "frozen":  # fine-tune at each point; "frozen": the frozen rows only
+                    spec = MethodSpec("real-only", "real-only") if m == 0 else sweep_spec(lc)
+                    model, history, seconds = train_one(ctx, spec, sub if m > 0 else None)
+                    evaluate(model, ctx, f"{lc.sweep_method}@{m}", seconds, sub if m > 0 else None, sweep=True,
+                             uses_synthetic=m > 0 and generated(run))
                 if sub is not None:
                     sweep_sets.setdefault(m, {})[(seed, n_shot)] = sub
     rows = results.rows(run)
