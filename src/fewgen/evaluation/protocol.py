@@ -39,13 +39,20 @@ class ExtraSupport:
             a weighted mean; logistic regression weights its loss terms).
         per_class: use the first ``per_class`` extra images of each class (default: as many as the
             smallest class has), so every class gets the same number.
+        weights: per (seed, K), a weight per extra image (M,), instead of ``weight`` for all.
     """
 
     features: dict[tuple[int, int], torch.Tensor]
     labels: dict[tuple[int, int], torch.Tensor]
     weight: float = 1.0
     per_class: int | None = None
+    weights: dict[tuple[int, int], torch.Tensor] | None = None
     _tables: dict = field(default_factory=dict, repr=False)
+
+    def _weights(self, key: tuple[int, int], idx: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            return torch.full(idx.shape, float(self.weight))
+        return self.weights[key][idx].float()
 
     def table(self, seed: int, n_shot: int, n_classes: int) -> torch.Tensor:
         """Indices (n_classes, m) of each class's extra images."""
@@ -64,13 +71,13 @@ class ExtraSupport:
         e, n, m = idx.shape
         xs = self.features[(seed, n_shot)][idx.reshape(e, -1)]
         ys = torch.arange(n).repeat_interleave(m).expand(e, -1)
-        return xs, ys, torch.full(ys.shape, float(self.weight))
+        return xs, ys, self._weights((seed, n_shot), idx.reshape(e, -1))
 
     def for_all_way(self, seed: int, n_shot: int, n_classes: int):
         """(features (M, D), novel labels (M,), weights (M,)) of every class's extra images."""
         idx = self.table(seed, n_shot, n_classes).reshape(-1)
         return self.features[(seed, n_shot)][idx], self.labels[(seed, n_shot)][idx], \
-            torch.full((len(idx),), float(self.weight))
+            self._weights((seed, n_shot), idx)
 
     def images_per_class(self, seed: int, n_shot: int, n_classes: int) -> int:
         return int(self.table(seed, n_shot, n_classes).shape[1])

@@ -284,7 +284,8 @@ def generated(run: Run) -> bool:
 
 
 def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: str, weight: float | None = None,
-                           uses_synthetic: bool | None = None) -> list[dict]:
+                           uses_synthetic: bool | None = None,
+                           weights: dict[tuple, torch.Tensor] | None = None) -> list[dict]:
     """Frozen-feature rows with each (seed, K)'s extra set (synthetic images, or augmented copies)
     added to the episode supports and to the all-way support, each image weighted ``weight``
     (default ``learner.synthetic_weight``); ``uses_synthetic`` defaults to whether the run's
@@ -310,7 +311,8 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     sub.cfg = copy.deepcopy(run.cfg)
     sub.cfg.eval.n_shots = n_shots
     per_class = min(_per_class(s) for s in sets.values())
-    extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight)
+    extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight,
+                         weights=weights)
     uses = generated(run) if uses_synthetic is None else uses_synthetic
     return evaluate_frozen(sub, novel_features(run), method, extra=extra,
                            extra_fields={"synthetic_per_class": per_class, "synthetic_weight": extra.weight,
@@ -462,6 +464,13 @@ def step_learn(run: Run) -> None:
         copies = {(s, k): augmented_copies(few_shot_set(novel, k, s), lc.augmented_copies_per_class, s)
                   for k in cfg.eval.n_shots for s in cfg.seeds}
         rows += _frozen_synthetic_rows(run, copies, "frozen+augmented-copies", lc.augmented_weight, False)
+        if lc.frozen_synthetic and used_sets:  # both at once: does the generator add what copies do not?
+            both = {key: ArrayDataset.concat([copies[key], syn], name=f"{syn.name}+copies")
+                    for key, syn in used_sets.items()}
+            weights = {key: torch.cat([torch.full((len(copies[key]),), lc.augmented_weight),
+                                       torch.full((len(syn),), lc.synthetic_weight)])
+                       for key, syn in used_sets.items()}
+            rows += _frozen_synthetic_rows(run, both, "frozen+synthetic+copies", weights=weights)
     if lc.frozen_synthetic:
         for m, sets in sorted(sweep_sets.items()):
             for row in _frozen_synthetic_rows(run, sets, f"frozen+synthetic@{m}"):
