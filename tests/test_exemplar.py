@@ -156,8 +156,8 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     from fewgen.synthesis.cache import SynthesisCache
 
     cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "learner.augmented_control=true",
-                               "learner.augmented_copies_per_class=3",
-                               "pipeline=[pretrain,generator,synthesize,learn,evaluate]"])
+                               "learner.augmented_copies_per_class=3", "export.extra=synthetic+copies",
+                               "pipeline=[pretrain,generator,synthesize,learn,evaluate,export]"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)
     syn = r.artifacts["synthetic"]
     assert set(syn) == {(0, 1), (0, 2)} and all(len(s) == 4 * 5 for s in syn.values())
@@ -167,6 +167,9 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     assert rows[("ce", "proto", 1, False)]["uses_synthetic"] is False
     control = rows[("frozen+augmented-copies", "logreg", 2, True)]  # the generator-free control, same episodes
     assert control["uses_synthetic"] is False and control["synthetic_per_class"] == 3
+    both = rows[("frozen+synthetic+copies", "logreg", 2, True)]
+    exported = r.artifacts["classifier"].info  # fitted as that row's classifier: the same all-way accuracy
+    assert exported["fit"]["uses_synthetic"] and exported["all_way"]["accuracy"] == both["seed_accuracies"][0]
     assert (tmp_path / "run" / "grids" / "seed0_1shot" / "overview.png").exists()
     gen = r.artifacts["generator"]
     from fewgen.data.fewshot import few_shot_set

@@ -76,6 +76,7 @@ def test_runs_export_a_classifier_that_reloads_and_predicts_identically(tmp_path
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())["rows"]
     all_way = next(r for r in rows if r.get("all_way") and r["classifier"] == "logreg" and r["n_shot"] == 2)
     assert info["all_way"]["accuracy"] == pytest.approx(all_way["accuracy"], abs=1e-6)
+    assert all_way["seed_accuracies"] == [pytest.approx(all_way["accuracy"], abs=1e-3)]
     # predict the same query images (the non-shot files) in a fresh process, from the CSV
     from fewgen.data.fewshot import few_shot_set
 

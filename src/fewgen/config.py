@@ -331,8 +331,11 @@ class ExportConfig:
                     choices=("logreg", "proto"))
     n_shot: int | None = opt(None, "shots per class it is fitted on (one of eval.n_shots; default the largest)", min=0)
     seed: int | None = opt(None, "few-shot seed of those shots (one of seeds; default the first)")
-    synthetic: bool = opt(True, "also fit on the run's generated images of those shots (weighted "
-                          "learner.synthetic_weight), when the run made some")
+    extra: str = opt("synthetic", "what joins the shots in the fit: none, synthetic (the run's generated images of "
+                     "those shots, weighted learner.synthetic_weight; none when the run made none), copies "
+                     "(augmented copies of the shots, learner.augmented_copies_per_class, weighted "
+                     "learner.augmented_weight) or synthetic+copies", choices=("none", "synthetic", "copies",
+                                                                               "synthetic+copies"))
 
 
 @dataclass

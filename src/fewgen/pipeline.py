@@ -186,6 +186,7 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, e
                     correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf), extra=more))
                 row = summary_row(method, n_classes, n_shot, correct, cfg.seeds, classifier=clf, all_way=True, **fields)
                 row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
+                row["seed_accuracies"] = [round(float(c.mean()) * 100, 3) for c in correct]
                 rows.append(row)
     if bar is not None:
         bar.close()
@@ -302,6 +303,7 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
         log(f"== step {step}")
         STEPS.get(step)(r)
         r.timings[step] = round(time.time() - t, 2)
+        log(f"== step {step} done in {r.timings[step]:.0f}s")
     r.timings["total"] = round(time.time() - t0, 2)
     write_metrics(run_dir, r.rows, {"timings_s": r.timings})
     write_json(run_dir / "done", {"timings_s": r.timings})
@@ -309,6 +311,7 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     best = format_best(best_of_each_kind(r.rows))
     if best:
         log("\nreal images only against real + generated images (best row of each kind):\n" + best)
+    log("cost per step: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.timings.items() if k != "total"))
     r.dir = publish_run(run_dir, out_dir)
     log.path = r.dir / "log.txt"
     log(f"run finished in {r.timings['total']:.0f}s: {r.dir}")

@@ -81,7 +81,7 @@ def read_file(path: str | Path, shape: tuple[int, int, int]) -> tuple[torch.Tens
         with Image.open(path) as img:
             img.load()
             side = min(img.size)
-            arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
+            arr = np.array(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FewgenError(f"cannot read image {path} ({e}); remove or replace that file and rerun") from None
     x = torch.from_numpy(np.ascontiguousarray(arr[None] if c == 1 else arr.transpose(2, 0, 1)))[None]
