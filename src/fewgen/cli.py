@@ -137,9 +137,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments every command that makes a run directory takes."""
-    p.add_argument("config", help="preset name or path to a YAML config")
+def _add_run_arguments(p: argparse.ArgumentParser, first: tuple[str, str] = ("config", "preset name or path to a "
+                                                                                 "YAML config")) -> None:
+    """The arguments every command that makes a run directory takes (``first``: its positional one)."""
+    p.add_argument(first[0], help=first[1])
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     p.add_argument("--out", help="run directory (default runs/<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -178,14 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrains on the preset's base dataset, generates images of your classes from "
                                    "your shots and exports a classifier fitted on both, e.g. `fewgen fit my_shots/ "
                                    "--preset omniglot-synthetic --out runs/mine`; no query images needed.")
-    f.add_argument("shots", help="folder <shots>/<class>/*.png|jpg: your labelled images, two classes or more")
-    f.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    _add_run_arguments(f, ("shots", "folder <shots>/<class>/*.png|jpg: your labelled images, two classes or more"))
     f.add_argument("--preset", default="demo", help="preset or YAML giving the base dataset and method (default demo)")
     f.add_argument("--name", help="run name (default fit-<folder>)")
-    f.add_argument("--out", help="run directory (default runs/<name>)")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    f.add_argument("--no-progress", action="store_true", help="no progress bars")
-    f.add_argument("--quiet", action="store_true", help="print only errors")
     f.set_defaults(func=_cmd_fit)
 
     pr = sub.add_parser("predict", help="classify images with an exported classifier, into a CSV",

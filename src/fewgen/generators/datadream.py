@@ -198,16 +198,13 @@ class DataDreamAdapter:
                    info.get("history", []))
 
 
-class AdaptedDiffusion:
-    """A copy of a base generator with the novel classes added and a DataDream adapter loaded.
+class AdaptedGenerator:
+    """A copy of a pixel generator (``gen``) with a DataDream adapter's LoRA injected; :meth:`use`
+    loads class c's LoRA (``cls``; the set's one for ``dset``)."""
 
-    ``sample_class(c, seeds, ...)`` switches to class c's LoRA (``cls``) before sampling.
-    """
-
-    def __init__(self, base: DiffusionGenerator, adapter: DataDreamAdapter):
+    def __init__(self, base, adapter: DataDreamAdapter):
         self.adapter = adapter
         self.gen = copy.deepcopy(base)
-        self.labels = self.gen.add_classes(adapter.class_names, init=adapter.class_embeddings)
         inject_lora(self.gen, adapter.cfg)
         self._active: int | None = None
         self.use(0)
@@ -218,6 +215,17 @@ class AdaptedDiffusion:
         if self._active != i:
             set_lora_state(self.gen.unet, self.adapter.lora[i])
             self._active = i
+
+
+class AdaptedDiffusion(AdaptedGenerator):
+    """A class-token generator with the novel classes added and a DataDream adapter loaded.
+
+    ``sample_class(c, seeds, ...)`` switches to class c's LoRA (``cls``) before sampling.
+    """
+
+    def __init__(self, base: DiffusionGenerator, adapter: DataDreamAdapter):
+        super().__init__(base, adapter)
+        self.labels = self.gen.add_classes(adapter.class_names, init=adapter.class_embeddings)
 
     def sample_class(self, c: int, seeds, steps: int = 50, guidance: float = 2.0, sampler: str = "ddim",
                      batch_size: int = 64, precision: str = "float32") -> torch.Tensor:

@@ -80,17 +80,22 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.cond_mode not in COND_MODES:
             raise FewgenError(f"cond_mode {self.cond_mode!r} is not one of {', '.join(COND_MODES)}")
-        if len(self.attention_levels) != len(self.block_out_channels):
-            raise FewgenError(f"attention_levels has {len(self.attention_levels)} entries but block_out_channels "
-                              f"has {len(self.block_out_channels)}; give one per level")
-        down = 2 ** (len(self.block_out_channels) - 1)
-        if self.image_size % down:
-            raise FewgenError(f"image_size {self.image_size} is not divisible by {down} "
-                              f"({len(self.block_out_channels)} UNet levels); use fewer levels or resize")
+        check_unet_shape(self.image_size, self.block_out_channels, self.attention_levels)
 
     @property
     def n_tokens(self) -> int:
         return 2 if self.cond_mode == "class+name" else 1
+
+
+def check_unet_shape(image_size: int, block_out_channels: list[int], attention_levels: list[bool]) -> None:
+    """One attention flag per UNet level, and an image size each level can halve."""
+    if len(attention_levels) != len(block_out_channels):
+        raise FewgenError(f"attention_levels has {len(attention_levels)} entries but block_out_channels "
+                          f"has {len(block_out_channels)}; give one per level")
+    down = 2 ** (len(block_out_channels) - 1)
+    if image_size % down:
+        raise FewgenError(f"image_size {image_size} is not divisible by {down} "
+                          f"({len(block_out_channels)} UNet levels); use fewer levels or resize")
 
 
 def build_unet(cfg: DiffusionConfig):

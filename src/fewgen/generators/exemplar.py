@@ -50,11 +50,13 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.generators.datadream import AdaptedGenerator
 from fewgen.generators.diffusion import (
     FitResult,
     autocast,
     build_noise_scheduler,
     build_sampler,
+    check_unet_shape,
     clipped_step,
     cosine_with_warmup,
     per_image_noise,
@@ -95,13 +97,7 @@ class ExemplarConfig:
             raise FewgenError(f"exemplar cond_mode {self.cond_mode!r} is not one of {', '.join(COND_MODES)}")
         if self.t_dist not in T_DISTS:
             raise FewgenError(f"exemplar t_dist {self.t_dist!r} is not one of {', '.join(T_DISTS)}")
-        if len(self.attention_levels) != len(self.block_out_channels):
-            raise FewgenError(f"attention_levels has {len(self.attention_levels)} entries but block_out_channels "
-                              f"has {len(self.block_out_channels)}; give one per level")
-        down = 2 ** (len(self.block_out_channels) - 1)
-        if self.image_size % down:
-            raise FewgenError(f"image_size {self.image_size} is not divisible by {down} "
-                              f"({len(self.block_out_channels)} UNet levels); use fewer levels or resize")
+        check_unet_shape(self.image_size, self.block_out_channels, self.attention_levels)
 
     @property
     def uses_features(self) -> bool:
@@ -509,26 +505,9 @@ def _one_shot_each(groups: list[torch.Tensor], classes: list[int], g: torch.Gene
     return torch.stack([groups[c][torch.randint(0, len(groups[c]), (1,), generator=g)][0] for c in classes])
 
 
-class AdaptedExemplar:
-    """A copy of an exemplar generator with a DataDream adapter's LoRA loaded (``use(c)`` switches
-    to class c's for ``cls`` adapters); draws as :meth:`ExemplarDiffusion.sdedit`."""
-
-    def __init__(self, base: ExemplarDiffusion, adapter):
-        from fewgen.generators.datadream import inject_lora
-
-        self.adapter = adapter
-        self.gen = copy.deepcopy(base)
-        inject_lora(self.gen, adapter.cfg)
-        self._active: int | None = None
-        self.use(0)
-
-    def use(self, c: int) -> None:
-        from fewgen.generators.datadream import set_lora_state
-
-        i = 0 if self.adapter.cfg.mode == "dset" else c
-        if self._active != i:
-            set_lora_state(self.gen.unet, self.adapter.lora[i])
-            self._active = i
+class AdaptedExemplar(AdaptedGenerator):
+    """An exemplar generator with a DataDream adapter's LoRA loaded (``use(c)`` switches to class c's
+    for ``cls`` adapters); draws as :meth:`ExemplarDiffusion.sdedit`."""
 
     def sdedit(self, *args, **kw) -> torch.Tensor:
         return self.gen.sdedit(*args, **kw)
