@@ -33,9 +33,9 @@ def reference_check() -> dict:
     import torch.nn.functional as F
 
     from fewgen.backbones import create_backbone
+    from fewgen.dg.domainfusion import PixelDiffusionAdapter, freeze, latent_distillation_loss
+    from fewgen.dg.protocol import DGClassifier
     from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
-    from fewgen.learners.dg import DGClassifier
-    from fewgen.learners.domainfusion import PixelDiffusionAdapter, freeze, latent_distillation_loss
 
     torch.manual_seed(0)
     gen = DiffusionGenerator(DiffusionConfig(image_size=16, channels=3, block_out_channels=[16, 32],
@@ -72,8 +72,8 @@ def generator_diagnostics(cache_dir: str, data_root: str | None, image_size: int
     0.1 (true label). L_LD can only teach the classifier something if (b) > (a) and (c) > (a).
     """
     from fewgen.data import load_dataset
+    from fewgen.dg.domainfusion import PixelDiffusionAdapter
     from fewgen.generators.diffusion import DiffusionGenerator
-    from fewgen.learners.domainfusion import PixelDiffusionAdapter
 
     out = []
     full = load_dataset("pacs", data_root, image_size).full
@@ -106,8 +106,8 @@ def rows_from_cache(cache_dir: str, seeds: list[int], preset_overrides: list[str
     from fewgen.cache import ArtifactCache
     from fewgen.checkpoint import load_tensors
     from fewgen.config import load_config
+    from fewgen.dg.protocol import dg_rows
     from fewgen.keys import RULES
-    from fewgen.learners.dg import dg_rows
 
     cfg = load_config("domainfusion", preset_overrides)
     want = json.loads(json.dumps(RULES["dg-result"].fields(cfg)))
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.from_run)
         config_note = str(run_dir / "config.yaml")
     else:
+        from fewgen.app.runner import run
         from fewgen.config import load_config
-        from fewgen.pipeline import run
 
         cfg = load_config("domainfusion", args.set)
         run(cfg, args.run_dir, overwrite=True, progress=False)

@@ -1,6 +1,6 @@
 """Few-shot image generation: TGAN, FreezeD, CDC and DCL side by side, plus a metrics check.
 
-Runs the ``dcl-omniglot`` and ``dcl-pacs`` presets through ``fewgen.pipeline.run`` (every
+Runs the ``dcl-omniglot`` and ``dcl-pacs`` presets through ``fewgen.app.runner.run`` (every
 method adapts the same cached source GAN for the same iterations and is measured with the
 same samples count, feature network and held-out target images), prints one table per setup
 and writes the rows and the tracked curves as JSON. ``--metrics-check`` also compares
@@ -57,8 +57,8 @@ def metrics_check(n: int = 1000, dim: int = 64, seed: int = 0) -> list[dict]:
 
 
 def run_preset(preset: str, out_dir: Path, overrides: list[str]) -> dict:
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(preset, overrides)
     t = time.time()
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--metrics-check", action="store_true", help="also compare FID/KID with the reference ways")
     p.add_argument("--out", default="benchmarks/results/bench_fsig.json")
     a = p.parse_args()
-    from fewgen.generators.gan_steps import format_generation_table
+    from fewgen.reports.tables import format_generation_table
 
     result: dict = {"setups": []}
     if a.metrics_check:

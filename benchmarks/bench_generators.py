@@ -54,8 +54,8 @@ from fewgen.generators.datadream import (
     train_datadream,
 )
 from fewgen.generators.diffusion import SAMPLERS, DiffusionConfig, DiffusionGenerator
-from fewgen.generators.steps import pixel_sample_fn, sampling_streams
-from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec, write_png
+from fewgen.generators.sampling import pixel_sample_fn, sampling_streams
+from fewgen.synthesis.store import SynthesisCache, SynthesisSpec, write_png
 
 
 def feature_scores(real_test, real_labels, fake, fake_labels, feature_net, n_classes):

@@ -1,7 +1,7 @@
 """IER vs cross-entropy pretraining on Omniglot (development split), side by side.
 
 Trains ``ce`` (the reference: RFS-style CE with rotation classes), ``ier`` and ``ier-distill``
-with the same epochs and data through ``fewgen.pipeline.run`` on the ``omniglot`` preset, so
+with the same epochs and data through ``fewgen.app.runner.run`` on the ``omniglot`` preset, so
 every recipe is evaluated on the same saved episodes with the same frozen-feature
 classifiers. Each variant runs in its own subprocess so its peak RSS (``ru_maxrss``) is its
 own. Prints a table and writes JSON (rows, per-epoch loss curves, timings, peak memory).
@@ -55,14 +55,14 @@ def common_overrides(a: argparse.Namespace) -> list[str]:
 
 def run_one(a: argparse.Namespace) -> None:
     """Child process: one variant through the pipeline; JSON result on stdout's last line."""
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(a.preset, VARIANTS[a.one] + common_overrides(a))
     cfg.name = a.one
     t0 = time.time()
     r = run(cfg, out_dir=Path(a.workdir) / a.one, overwrite=True, progress=False, quiet=True)
-    pb = r.artifacts["backbone"]
+    pb = r.state.backbone
     out = {
         "variant": a.one, "overrides": VARIANTS[a.one] + common_overrides(a), "wall_s": round(time.time() - t0, 1),
         "pretrain_s": r.timings.get("pretrain"), "evaluate_s": r.timings.get("evaluate"),

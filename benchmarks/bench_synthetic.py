@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fewgen.app.runner import load_data, run
 from fewgen.cache import ArtifactCache
 from fewgen.config import load_config
 from fewgen.data.fewshot import few_shot_indices, few_shot_set
 from fewgen.evaluation.features import extract_features
-from fewgen.pipeline import load_data, run
 
 GENERATORS = {
     "class-token+lora": ["generator.kind=diffusion"],
@@ -140,17 +140,17 @@ def main(argv: list[str] | None = None) -> int:
             r = run(cfg, out_root / f"{gen_name}-{mode}".replace(" ", "_"), progress=False, quiet=True)
             r_novel = r.data.novel
             shots = few_shot_set(r_novel, args.shots, 0)
-            syn = r.artifacts["synthetic"][(0, args.shots)]
+            syn = r.state.synthetic[(0, args.shots)]
             held = torch.ones(len(r_novel), dtype=torch.bool)
             held[few_shot_indices(r_novel, args.shots, 0).reshape(-1)] = False
             cache = ArtifactCache(cfg.cache_dir)
-            gen = r.artifacts["generator"]
+            gen = r.state.generator
             gen_info = cache.done_info(cache.root / "generators" / gen.trained_key) if gen.trained_key else {}
             sets = json.loads((r.dir / "synthetic_sets.json").read_text())
             syn_info = cache.done_info(Path(sets[f"seed0_{args.shots}shot"]["path"]))
-            adapt_s = sum(cache.done_info(e).get("train_s", 0.0) for e in r.artifacts.get("adapter_entries", []))
+            adapt_s = sum(cache.done_info(e).get("train_s", 0.0) for e in r.state.adapter_entries)
             row = {"generator": gen_name, "mode": mode if mode == "noise" else f"sdedit {strengths}",
-                   **scores(r.artifacts["backbone"].backbone, shots, syn, r_novel.images[held], r_novel.labels[held],
+                   **scores(r.state.backbone.backbone, shots, syn, r_novel.images[held], r_novel.labels[held],
                             r_novel.num_classes),
                    "images": len(syn), "images_per_s": round(syn_info["generated"] / syn_info["seconds"], 1)
                    if syn_info.get("generated") else None,

@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fewgen.app.runner import run
 from fewgen.config import load_config
-from fewgen.pipeline import run
-from fewgen.runs import best_of_each_kind
+from fewgen.reports.tables import best_of_each_kind
 
 
 def main(argv: list[str] | None = None) -> int:

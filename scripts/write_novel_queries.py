@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from fewgen.data.datasets import DATASETS
     from fewgen.data.fewshot import few_shot_indices
     from fewgen.data.novel import load_novel
-    from fewgen.synthesis.cache import write_png
+    from fewgen.synthesis.store import write_png
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a finished run with an exported classifier")

@@ -13,8 +13,8 @@ import torch
 from fewgen.data.base import ArrayDataset
 from fewgen.generators.datadream import DataDreamConfig, train_datadream
 from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
-from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec
 from fewgen.synthesis.sharding import process_context
+from fewgen.synthesis.store import SynthesisCache, SynthesisSpec
 
 TINY = dict(image_size=8, channels=1, block_out_channels=[8, 16], attention_levels=[False, True],
             norm_num_groups=4, cond_dim=8, attention_head_dim=4, cond_mode="class")
@@ -73,7 +73,7 @@ def exemplar_job(slow: float = 0.0):
     """A tiny exemplar generator drawing 8 images per class from toy shots, half by SDEdit."""
     from test_exemplar import tiny_exemplar, toy_base
 
-    from fewgen.generators.steps import exemplar_sample_fn
+    from fewgen.generators.sampling import exemplar_sample_fn
 
     gen = tiny_exemplar()
     shots = toy_base(n_classes=3, per_class=2)

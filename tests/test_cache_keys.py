@@ -34,7 +34,7 @@ CASES = {
 
 @functools.lru_cache(maxsize=1)
 def _vocabularies():
-    from fewgen.pipeline import vocabularies
+    from fewgen.app.runner import vocabularies
 
     return vocabularies()
 

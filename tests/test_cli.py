@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from fewgen.cli import main
+from fewgen.app.cli import main
 
 TINY = ["pretrain.epochs=2", "pretrain.val_episodes=20", "eval.episodes=30", "seeds=[0,1]", "generator.train_steps=10",
         "synthesis.synthetic_per_class=4", "synthesis.steps=4", "learner.augmented_copies_per_class=4", "--no-progress",
@@ -144,12 +144,12 @@ def test_a_failing_overwrite_keeps_the_finished_run(tmp_path, capsys):
 
 def _break_step(monkeypatch, name, exc):
     """Make pipeline step ``name`` raise ``exc`` (``monkeypatch.undo()`` restores it)."""
-    from fewgen import pipeline
+    from fewgen.app import runner
 
     def boom(run):
         raise exc
 
-    monkeypatch.setitem(pipeline.STEPS._items, name, boom)
+    monkeypatch.setitem(runner.STEPS._items, name, boom)
 
 
 @pytest.mark.slow
@@ -196,7 +196,7 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fewgen.cli", "run", "demo", "data.dataset=nosuch",
+    proc = subprocess.run([sys.executable, "-m", "fewgen.app.cli", "run", "demo", "data.dataset=nosuch",
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config key 'data.dataset': unknown dataset")

@@ -53,7 +53,7 @@ def test_clip_lora_trains_two_steps_and_saves(clip_dir, tmp_path):
     from fewgen.data import load_dataset
     from fewgen.data.fewshot import few_shot_set
     from fewgen.learners.clip import CLIPClassifier
-    from fewgen.learners.datadream import datadream_batches, datadream_loss_fn
+    from fewgen.learners.datadream_classifier import datadream_batches, datadream_loss_fn
     from fewgen.learners.finetune import FinetuneSettings, finetune
 
     data = load_dataset("digits")

@@ -87,7 +87,7 @@ def test_ddim_does_not_clip_x0_and_its_sets_get_a_new_key():
     """Clipping x0 at every DDIM step saturated Omniglot strokes (FID 575 vs 297); the fixed
     sampler must never reuse images cached under the old one."""
     from fewgen.generators.diffusion import build_noise_scheduler, build_sampler
-    from fewgen.synthesis.cache import SynthesisSpec
+    from fewgen.synthesis.store import SynthesisSpec
 
     noise = build_noise_scheduler(DiffusionConfig(**TINY))
     assert build_sampler(noise, "ddim").config.clip_sample is False
@@ -106,8 +106,8 @@ def test_base_generator_key_ignores_adaptation_settings():
     import dataclasses
     from types import SimpleNamespace
 
+    from fewgen.app.steps.generate import generator_parts
     from fewgen.config import GeneratorConfig, RunConfig
-    from fewgen.generators.steps import generator_parts
 
     def parts(**kw):
         cfg = RunConfig()
@@ -203,7 +203,7 @@ def test_datadream_adapter_keys_totals_and_diffusers_loading(mode, tmp_path):
 
 @pytest.mark.slow
 def test_generate_cli_end_to_end(tmp_path, monkeypatch):
-    from fewgen.cli import main
+    from fewgen.app.cli import main
 
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
     argv = ["generate", "generate", "seeds=[0]", "eval.n_shots=[1]", "generator.cond_mode=class",

@@ -12,16 +12,14 @@ import torch
 
 from fewgen.backbones import create_backbone
 from fewgen.data.base import ArrayDataset
-from fewgen.learners.dg import DGClassifier, dg_rows, leave_one_domain_out
-from fewgen.learners.domainfusion import (
-    DenoisingModel,
+from fewgen.dg.domainfusion import (
     OnlineAugmenter,
-    PixelDiffusionAdapter,
-    freeze,
     latent_distillation_loss,
     select_candidates,
     style_content,
 )
+from fewgen.dg.protocol import DGClassifier, dg_rows, leave_one_domain_out
+from fewgen.generators.denoisers import DenoisingModel, PixelDiffusionAdapter, freeze
 from tests.conftest import DATA_ROOT, requires_data
 
 
@@ -187,8 +185,8 @@ def write_tiny_domains(root, per_class: int = 3):
 
 
 def test_preset_runs_on_tiny_imagefolder_domains(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     root = tmp_path / "domains"
     write_tiny_domains(root)
@@ -207,8 +205,8 @@ def test_preset_runs_on_tiny_imagefolder_domains(tmp_path):
 
 @requires_data("pacs64", "PACS")
 def test_preset_runs_on_tiny_real_pacs_subset(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     src = DATA_ROOT / "pacs64" / "PACS"
     dst = tmp_path / "data" / "pacs64" / "PACS"
@@ -225,9 +223,9 @@ def test_preset_runs_on_tiny_real_pacs_subset(tmp_path):
 
 def test_preset_runs_with_a_stable_diffusion_folder(tmp_path):
     """domainfusion.generator: the frozen latent model serves every target; nothing is trained for it."""
+    from fewgen.app.runner import run
     from fewgen.config import load_config
     from fewgen.errors import FewgenError
-    from fewgen.pipeline import run
     from tests.tiny_sd import build_tiny_pipeline
 
     root = tmp_path / "domains"
@@ -249,9 +247,9 @@ def test_preset_runs_with_a_stable_diffusion_folder(tmp_path):
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
     from fewgen.errors import FewgenError
-    from fewgen.pipeline import run
 
     root = tmp_path / "domains"
     write_tiny_domains(root, per_class=2)
@@ -268,7 +266,7 @@ def test_latent_adapter_with_tiny_stable_diffusion_components():
     """The Stable Diffusion path: tiny random UNet + VAE (diffusers' dummy-component sizes)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from fewgen.learners.domainfusion import LatentDiffusionAdapter
+    from fewgen.generators.denoisers import LatentDiffusionAdapter
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
@@ -295,10 +293,10 @@ def test_latent_adapter_with_tiny_stable_diffusion_components():
 def test_pretrained_backbone_checkpoint_is_loaded(tmp_path):
     from types import SimpleNamespace
 
+    from fewgen.app.steps.domainfusion import new_classifier
     from fewgen.checkpoint import save_model
     from fewgen.config import load_config
     from fewgen.errors import FewgenError
-    from fewgen.learners.domainfusion_steps import new_classifier
 
     ckpt = tmp_path / "backbone.safetensors"
     ref = create_backbone("conv4", in_chans=3, hidden=8, out_channels=8)

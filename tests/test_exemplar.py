@@ -150,16 +150,16 @@ TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "se
 def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     """pretrain -> exemplar generator -> synthesis from the shots -> frozen classifiers with the
     generated images in the support; a set's key holds its shots and the conditioning mode."""
+    from fewgen.app.runner import run
+    from fewgen.app.steps.generate import run_synthesis_spec
     from fewgen.config import load_config
-    from fewgen.generators.steps import run_synthesis_spec
-    from fewgen.pipeline import run
-    from fewgen.synthesis.cache import SynthesisCache
+    from fewgen.synthesis.store import SynthesisCache
 
     cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "learner.augmented_control=true",
                                "learner.augmented_copies_per_class=3", "export.extra=synthetic+copies",
                                "pipeline=[pretrain,generator,synthesize,learn,evaluate,export]"])
     r = run(cfg, tmp_path / "run", progress=False, quiet=True)
-    syn = r.artifacts["synthetic"]
+    syn = r.state.synthetic
     assert set(syn) == {(0, 1), (0, 2)} and all(len(s) == 4 * 5 for s in syn.values())
     assert "exemplar-both-sdedit0.5+1" in syn[(0, 1)].name
     rows = {(row["method"], row["classifier"], row["n_shot"], bool(row.get("all_way"))): row for row in r.rows}
@@ -168,10 +168,10 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     control = rows[("frozen+augmented-copies", "logreg", 2, True)]  # the generator-free control, same episodes
     assert control["uses_synthetic"] is False and control["synthetic_per_class"] == 3
     both = rows[("frozen+synthetic+copies", "logreg", 2, True)]
-    exported = r.artifacts["classifier"].info  # fitted as that row's classifier: the same all-way accuracy
+    exported = r.state.classifier.info  # fitted as that row's classifier: the same all-way accuracy
     assert exported["fit"]["uses_synthetic"] and exported["all_way"]["accuracy"] == both["seed_accuracies"][0]
     assert (tmp_path / "run" / "grids" / "seed0_1shot" / "overview.png").exists()
-    gen = r.artifacts["generator"]
+    gen = r.state.generator
     from fewgen.data.fewshot import few_shot_set
 
     novel = r.data.novel
@@ -183,16 +183,16 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     other = load_config(DIGITS, [*TINY, *EXEMPLAR, "generator.exemplar_cond=channels", f"cache_dir={tmp_path / 'c2'}",
                                  "pipeline=[pretrain,generator]"])
     r2 = run(other, tmp_path / "run2", progress=False, quiet=True)
-    assert r2.artifacts["generator"].state_key() != gen.state_key()
+    assert r2.state.generator.state_key() != gen.state_key()
     again = run(cfg, tmp_path / "run3", progress=False, quiet=True)  # everything from the cache, same images
-    assert torch.equal(again.artifacts["synthetic"][(0, 1)].images, syn[(0, 1)].images)
+    assert torch.equal(again.state.synthetic[(0, 1)].images, syn[(0, 1)].images)
     assert "generator from cache" in (tmp_path / "run3" / "log.txt").read_text()
 
 
 def test_exemplar_generator_with_features_needs_pretraining_first(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "pipeline=[generator]"])
-    with pytest.raises(FewgenError, match="put 'pretrain' before 'generator'"):
+    with pytest.raises(FewgenError, match="the generator step needs the run's backbone: put 'pretrain' before it"):
         run(cfg, tmp_path / "run", progress=False, quiet=True)

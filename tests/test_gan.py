@@ -9,10 +9,10 @@ import torch
 
 from fewgen.cache import ArtifactCache
 from fewgen.errors import FewgenError
-from fewgen.generators.cdc import distance_consistency_loss
-from fewgen.generators.dcl import discriminator_contrastive_loss, generator_contrastive_loss
-from fewgen.generators.gan import (
-    ADAPTERS,
+from fewgen.gan.methods.cdc import distance_consistency_loss
+from fewgen.gan.methods.dcl import discriminator_contrastive_loss, generator_contrastive_loss
+from fewgen.gan.model import (
+    GAN_METHODS,
     AdaptSettings,
     Discriminator,
     GANArch,
@@ -167,7 +167,7 @@ def test_adaptation_resumes_to_the_same_weights(tmp_path, source_gan):
 
 
 def test_registry_and_bad_freeze():
-    assert set(ADAPTERS.names()) >= {"tgan", "freezed", "cdc", "dcl"}
+    assert set(GAN_METHODS.names()) >= {"tgan", "freezed", "cdc", "dcl"}
     with pytest.raises(FewgenError, match="dlc"):
         create_adapter("dlc")
     with pytest.raises(FewgenError, match="FreezeD"):

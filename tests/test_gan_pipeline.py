@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fewgen.cli import main
+from fewgen.app.cli import main
 from fewgen.config import load_config
 from tests.conftest import DIGITS
 

@@ -287,7 +287,7 @@ def test_generation_loads_frozen_teacher_and_trains_student(digits, tmp_path):
 
 
 def test_ier_through_the_pipeline(tmp_path):
-    from fewgen.pipeline import run
+    from fewgen.app.runner import run
 
     cfg = load_config(DIGITS, ["pretrain.recipe=ier", *TINY, "eval.episodes=10", "seeds=[0]", "eval.n_shots=[1]",
                                f"cache_dir={tmp_path / 'cache'}", "eval.all_way=false"])

@@ -108,7 +108,7 @@ def digits():
 
 def test_datadream_batches_repeat_real_to_balance(digits):
     from fewgen.data.fewshot import few_shot_set
-    from fewgen.learners.datadream import datadream_batches, real_repeats
+    from fewgen.learners.datadream_classifier import datadream_batches, real_repeats
 
     real = few_shot_set(digits.novel, 1, seed=0)  # 5 images
     syn = few_shot_set(digits.novel, 20, seed=1)  # 100 "synthetic" images
@@ -189,8 +189,8 @@ TINY = ["seeds=[0]", "pretrain.epochs=1", "pretrain.val_episodes=10", "pretrain.
 @pytest.mark.slow
 def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
     """The whole learner table on digits, with augmented copies standing in for a generator."""
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,augmented-copies,learn,report]", "learner.sweep=[0,5,12,50]",
                                f"cache_dir={tmp_path / 'cache'}"])
@@ -220,7 +220,7 @@ def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
 def test_keep_consistent_keeps_each_class_most_likely_images_in_order():
     from fewgen.data.base import ArrayDataset
     from fewgen.errors import FewgenError
-    from fewgen.learners.steps import first_per_class, keep_consistent
+    from fewgen.learners.synthetic import first_per_class, keep_consistent
 
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     syn = ArrayDataset(torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous(), labels,
@@ -237,8 +237,8 @@ def test_keep_consistent_keeps_each_class_most_likely_images_in_order():
 
 
 def test_learn_step_filters_synthetic_images_by_the_shot_classifier(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,augmented-copies,learn]", "learner.methods=[datadream]",
                                "learner.synthetic_keep=0.5", "learner.frozen_synthetic=false",
@@ -251,9 +251,9 @@ def test_learn_step_filters_synthetic_images_by_the_shot_classifier(tmp_path):
 
 
 def test_learn_step_errors_without_synthetic(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
     from fewgen.errors import FewgenError
-    from fewgen.pipeline import run
 
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,learn]", f"cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(FewgenError, match="synthesize"):
@@ -273,8 +273,8 @@ def shared_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["datadream", "diffalign"])
 def test_presets_run_end_to_end_on_digits(preset, tmp_path, shared_cache):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(preset, ["data.dataset=digits", "data.image_size=null", "eval.n_ways=[5]", *TINY,
                                *PRESET_TINY, f"cache_dir={shared_cache}"])
@@ -308,7 +308,7 @@ def _write_class_folders(root, counts: dict[str, int], size: int = 12) -> None:
 def test_import_synthetic_reads_a_folder_in_novel_class_order(tmp_path):
     from fewgen.data.base import ArrayDataset
     from fewgen.errors import FewgenError
-    from fewgen.learners.steps import import_synthetic
+    from fewgen.learners.synthetic import import_synthetic
 
     novel = ArrayDataset(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["7", "5"], name="n")
     _write_class_folders(tmp_path / "syn", {"5": 4, "7": 3, "other": 2})
@@ -330,8 +330,8 @@ def test_import_synthetic_reads_a_folder_in_novel_class_order(tmp_path):
 
 
 def test_import_synthetic_step_feeds_the_learner(tmp_path):
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     _write_class_folders(tmp_path / "syn", {str(d): 6 for d in range(5, 10)}, size=16)
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,import-synthetic,learn]", "learner.methods=[datadream]",

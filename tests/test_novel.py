@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fewgen.cli import main
+from fewgen.app.cli import main
+from fewgen.app.runner import load_data
 from fewgen.config import load_config
 from fewgen.errors import FewgenError
-from fewgen.pipeline import load_data
 from tests.conftest import DIGITS, requires_data
 
 TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "seeds=[0]", "eval.n_shots=[1,2]",
@@ -92,7 +92,7 @@ def test_runs_export_a_classifier_that_reloads_and_predicts_identically(tmp_path
             (queries / f.parent.name / f.name).write_bytes(f.read_bytes())
     (queries / "bar" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "pred.csv"
-    proc = subprocess.run([sys.executable, "-m", "fewgen.cli", "predict", str(clf_dir), str(queries), "--out",
+    proc = subprocess.run([sys.executable, "-m", "fewgen.app.cli", "predict", str(clf_dir), str(queries), "--out",
                            str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     table = list(csv.DictReader(out.open()))

@@ -114,7 +114,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_best_of_each_kind_compares_rows_with_and_without_generated_images():
-    from fewgen.runs import best_of_each_kind, format_best
+    from fewgen.reports.tables import best_of_each_kind, format_best
 
     def row(method, acc, ci, gen, **kw):
         return {"method": method, "classifier": "proto", "n_way": 20, "n_shot": 1, "accuracy": acc, "ci95": ci,

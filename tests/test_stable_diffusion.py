@@ -72,7 +72,7 @@ def test_datadream_lora_saves_and_loads_into_pipeline(tiny_pipeline_dir, tmp_pat
     after = pipe(**kw).images
     assert not torch.allclose(before, after)
     # and synthesis through the backend uses it
-    from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec
+    from fewgen.synthesis.store import SynthesisCache, SynthesisSpec
 
     spec = SynthesisSpec(gen.state_key(), ["cat", "dog"], gen.prompts_for(["cat", "dog"]), per_class=2,
                          image_shape=(3, 16, 16), adapter_key=adapter.key, steps=2, chunk=2)

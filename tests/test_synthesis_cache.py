@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fewgen.errors import FewgenError
-from fewgen.synthesis.cache import SynthesisCache, SynthesisSpec
 from fewgen.synthesis.sharding import shard
+from fewgen.synthesis.store import SynthesisCache, SynthesisSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_worker import sample_fn_for, spec_for, tiny_generator, toy_few_shot  # noqa: E402
@@ -210,7 +210,7 @@ def test_parallel_streams_write_the_same_bytes_as_one(tmp_path):
     switches LoRA weights per class, write the bytes one stream writes; torch's thread count is
     split among the streams and restored."""
     from fewgen.generators.datadream import DataDreamConfig, train_datadream
-    from fewgen.generators.steps import pixel_sample_fn
+    from fewgen.generators.sampling import pixel_sample_fn
 
     gen = tiny_generator()
     adapter = train_datadream(gen, toy_few_shot(), DataDreamConfig(mode="cls", rank=2, alpha=2.0, steps_per_class=2,
@@ -259,7 +259,7 @@ def test_a_failing_stream_stops_the_others_and_raises(tmp_path):
 
 
 def test_sampling_streams_default_and_bad_value():
-    from fewgen.generators.steps import sampling_streams
+    from fewgen.generators.sampling import sampling_streams
 
     assert sampling_streams(None, "cpu") == min(8, torch.get_num_threads())
     assert sampling_streams(None, "cuda") == 1 and sampling_streams(3, "cpu") == 3
@@ -280,7 +280,7 @@ def test_sdedit_starts_from_the_shots(tmp_path):
     """Strength 0 returns each class's shots unchanged; larger strengths move away from them; the
     set's key holds the shots, so other shots are another set."""
     from fewgen.generators.datadream import DataDreamConfig, train_datadream
-    from fewgen.generators.steps import pixel_sample_fn
+    from fewgen.generators.sampling import pixel_sample_fn
 
     gen = tiny_generator()
     few = toy_few_shot()

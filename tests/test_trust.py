@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from fewgen.app.runner import load_data, run
 from fewgen.cache import ArtifactCache
 from fewgen.config import load_config
-from fewgen.pipeline import load_data, run
 from fewgen.pretrain import pretrain_key
 from fewgen.utils import stable_hash
 from tests.conftest import DATA_ROOT, DIGITS, requires_data
@@ -202,7 +202,7 @@ def test_a_damaged_generator_is_rebuilt_before_it_draws(tmp_path):
     cache = tmp_path / "cache"
     cfg = load_config("generate", [*GENERATE, f"cache_dir={cache}"])
     first = run(cfg, tmp_path / "first", progress=False, quiet=True)
-    images = first.artifacts["synthetic"][(0, 1)].images.clone()
+    images = first.state.synthetic[(0, 1)].images.clone()
     (gen_entry,) = [p.parent for p in cache.glob("generators/*/done")]
     flip_bytes(gen_entry / "generator.safetensors", 4096)
     for p in cache.glob("synthetic/*"):  # new images must come from a sound generator
@@ -211,7 +211,7 @@ def test_a_damaged_generator_is_rebuilt_before_it_draws(tmp_path):
         shutil.rmtree(p)
     second = run(cfg, tmp_path / "second", progress=False, quiet=True)
     assert "generator.safetensors does not match the checksum" in _log(second)
-    assert torch.equal(second.artifacts["synthetic"][(0, 1)].images, images)
+    assert torch.equal(second.state.synthetic[(0, 1)].images, images)
 
 
 def test_a_damaged_synthetic_manifest_is_regenerated(tmp_path):
@@ -222,7 +222,7 @@ def test_a_damaged_synthetic_manifest_is_regenerated(tmp_path):
     manifest.write_text(manifest.read_text().replace('"class": 0', '"class": 1', 1))  # a label moved
     second = run(cfg, tmp_path / "second", progress=False, quiet=True)
     assert "regenerating" in _log(second)
-    a, b = first.artifacts["synthetic"][(0, 1)], second.artifacts["synthetic"][(0, 1)]
+    a, b = first.state.synthetic[(0, 1)], second.state.synthetic[(0, 1)]
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 

@@ -4,7 +4,7 @@
 the training loops or the CLI. The public API lives in the subpackages, which follow the
 pipeline: ``fewgen.data`` -> ``fewgen.backbones`` / ``fewgen.pretrain`` ->
 ``fewgen.generators`` -> ``fewgen.synthesis`` -> ``fewgen.learners`` -> ``fewgen.evaluation``
--> ``fewgen.reports``. ``fewgen.pipeline.run`` runs a whole config, as ``fewgen run`` does.
+-> ``fewgen.reports``. ``fewgen.app.runner.run`` runs a whole config, as ``fewgen run`` does.
 """
 
 __version__ = "0.1.0"

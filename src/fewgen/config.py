@@ -18,22 +18,18 @@ from typing import Any
 
 import yaml
 
+from fewgen.dg.domainfusion import (
+    LatentDistillationOptions,
+    OfflineOptions,
+    OnlineAugmentationOptions,
+)
 from fewgen.errors import FewgenError
-
-
-def opt(default: Any, help: str, *, min: float | None = None, gt: float | None = None,  # noqa: A002
-        max: float | None = None, choices: tuple | str | None = None, nonempty: bool = False) -> Any:
-    """A dataclass field with a default (copied if mutable), help text and the values it admits.
-
-    ``min`` / ``gt`` / ``max`` bound a number (each element of a list); ``choices`` is a tuple of
-    values or the name of a vocabulary the runner resolves (a registry: ``"dataset"``, ...);
-    ``nonempty`` asks a list for at least one element. ``None`` always passes where the type allows
-    it. :func:`check_values` enforces them before a run writes anything.
-    """
-    meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "nonempty": nonempty}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+from fewgen.gan.methods.cdc import CDCOptions
+from fewgen.gan.methods.dcl import DCLOptions
+from fewgen.gan.methods.freezed import FreezeDOptions
+from fewgen.learners.datadream_classifier import DataDreamOptions
+from fewgen.learners.diffalign import DiffAlignOptions
+from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -119,13 +115,13 @@ class EvalConfig:
 
 
 @dataclass
-class LearnerConfig:
-    """Learning with synthetic data (fewgen.learners): DataDream and DiffAlign fine-tuning."""
+class LearnerConfig(DiffAlignOptions, DataDreamOptions):
+    """Learning with synthetic data (fewgen.learners): the fine-tuning methods and the frozen classifiers
+    with synthetic supports. Each method's own options are defined beside it and inherited here
+    (``DataDreamOptions`` in learners/datadream_classifier.py, ``DiffAlignOptions`` in learners/diffalign.py)."""
 
     methods: list[str] = opt(["real-only", "synthetic-only", "datadream", "diffalign"],
                              "fine-tuning methods: real-only, synthetic-only, datadream (real+synthetic), diffalign", choices="learner method")
-    ablations: list[str] = opt(["synthetic", "hallucination", "mmd"],
-                               "DiffAlign terms switched off one at a time (real, synthetic, hallucination, mmd)", choices=("real", "synthetic", "hallucination", "mmd"))
     model: str = opt("backbone", "backbone (the pretrained backbone + cosine head) or clip (CLIP + LoRA)", choices=("backbone", "clip"))
     clip_path: str | None = opt(None, "local CLIP model folder or hub id (model=clip)")
     clip_lora_rank: int = opt(16, "LoRA rank on both CLIP towers", min=1)
@@ -135,22 +131,12 @@ class LearnerConfig:
                                "classifier (logreg, proto) on the fine-tuned features", choices="learner evaluation")
     steps: int = opt(150, "optimizer steps per fine-tuning run", min=1)
     batch_size: int = opt(64, "real (or DataDream mixed) images per step", min=1)
-    synthetic_batch_size: int = opt(64, "synthetic images per step (DiffAlign)", min=1)
-    base_batch_size: int = opt(64, "base images per step for the hallucination term (DiffAlign)", min=1)
     lr_backbone: float = opt(0.025, "SGD learning rate of the backbone (DiffAlign: 0.025)", min=0)
     lr_head: float = opt(0.05, "SGD learning rate of the head (DiffAlign: 0.05)", min=0)
     momentum: float = opt(0.9, "SGD momentum", min=0)
     weight_decay: float = opt(5e-4, "weight decay", min=0)
     augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)", choices="augmentation")
     head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random", choices=("prototypes", "random"))
-    datadream_lambda: float = opt(0.8, "DataDream weight of the real-image CE (1 - lambda on synthetic)", min=0, max=1)
-    w_real: float = opt(1.0, "DiffAlign weight: CE on the real shots", min=0)
-    w_synthetic: float = opt(1.0, "DiffAlign weight: label-smoothed CE on synthetic images", min=0)
-    w_hallucination: float = opt(1.0, "DiffAlign weight: KL to the hallucinated soft labels of base images", min=0)
-    w_mmd: float = opt(1.0, "DiffAlign weight: multi-kernel MMD between real and synthetic features", min=0)
-    label_smoothing: float = opt(0.1, "label smoothing of the synthetic CE", min=0, max=0.99)
-    mmd_bandwidths: list[float] = opt([0.5, 1.0, 2.0], "Gaussian kernel bandwidths of the MMD (on L2-normalised features)", gt=0, nonempty=True)
-    hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels", gt=0)
     synthetic_per_class: int | None = opt(None, "use at most this many synthetic images per class (null: all)", min=1)
     synthetic_keep: float = opt(1.0, "share of each class's synthetic images kept, those a logistic regression fitted "
                                 "on the few shots finds most likely their own class (1 = all; before the sweep)", gt=0, max=1)
@@ -171,8 +157,10 @@ class LearnerConfig:
 
 
 @dataclass
-class DomainFusionConfig:
-    """Domain generalization on a domain dataset (leave-one-domain-out) and DomainFusion (ECCV 2024)."""
+class DomainFusionConfig(OfflineOptions, OnlineAugmentationOptions, LatentDistillationOptions):
+    """Domain generalization on a domain dataset (leave-one-domain-out) and DomainFusion (ECCV 2024).
+    The options of DomainFusion's two parts and of the offline baseline are defined beside them
+    (fewgen/dg/domainfusion.py) and inherited here."""
 
     methods: list[str] = opt(["erm", "erm+offline", "df-ld", "df-aug", "df"],
                              "erm, erm+offline (offline img2img images), df-ld (latent distillation), "
@@ -196,22 +184,11 @@ class DomainFusionConfig:
     gen_lr: float = opt(1e-3, "diffusion learning rate", gt=0)
     gen_guidance: float = opt(1.0, "classifier-free guidance of img2img (1: plain conditional model)")
     sample_steps: int = opt(10, "DDIM steps of img2img (strength s runs round(s * steps) of them)", min=1)
-    ld_weight: float = opt(1.0, "lambda of the latent distillation loss", min=0)
-    ld_t_min: int = opt(50, "smallest timestep of latent distillation", min=0, max=999)
-    ld_t_max: int = opt(400, "largest timestep of latent distillation", min=0, max=999)
-    ld_batch: int = opt(16, "images of each batch that get the latent distillation term (cost control)", min=1)
-    aug_synthetic: int = opt(200, "size M of the online synthetic set (random source training images)", min=1)
-    aug_every: int = opt(3, "refresh the synthetic set every T epochs", min=1)
-    aug_candidates: int = opt(3, "img2img candidates N per synthetic image per refresh", min=1)
-    aug_strength: float = opt(0.5, "img2img strength s (0: unchanged, 1: pure noise)", min=0, max=1)
-    aug_feature_level: int = opt(1, "backbone block whose maps give style and content", min=0)
-    aug_content_weight: float = opt(1.0, "weight of content closeness against style difference")
-    offline_factor: float = opt(2.0, "offline baseline images = factor x the images df-aug generates per run", min=0)
 
 
 @dataclass
-class GANConfig:
-    """Few-shot GAN adaptation (steps gan-source and gan-adapt; fewgen.generators.gan and its methods)."""
+class GANConfig(DCLOptions, CDCOptions, FreezeDOptions):
+    """Few-shot GAN adaptation (steps gan-source and gan-adapt; fewgen.gan.model and its methods)."""
 
     setup: str = opt("class-range", "how source and target come from the run's data: class-range (target = classes "
                      "[target_range[0], target_range[1]) of the whole dataset, source = every other class), domains "
@@ -236,11 +213,6 @@ class GANConfig:
     adapt_iters: int = opt(500, "adaptation iterations (the same for every method)", min=1)
     adapt_batch_size: int = opt(16, "latents per adaptation iteration", min=1)
     methods: list[str] = opt(["tgan", "freezed", "cdc", "dcl"], "adaptation methods, each from the same source GAN", choices="GAN adaptation method", nonempty=True)
-    freezed_layers: int = opt(2, "FreezeD: discriminator blocks frozen from the input side", min=0)
-    cdc_weight: float = opt(1000.0, "CDC: weight of the distance-consistency loss", min=0)
-    dcl_lambda1: float = opt(2.0, "DCL: weight of the generator-side contrastive loss", min=0)
-    dcl_lambda2: float = opt(0.5, "DCL: weight of the discriminator-side contrastive loss", min=0)
-    dcl_temperature: float = opt(0.07, "DCL: contrastive temperature", gt=0)
     track_every: int = opt(50, "adaptation iterations between tracked realism / intra-diversity / FID", min=1)
     track_samples: int = opt(500, "samples per tracking point", min=2)
     eval_samples: int = opt(1000, "samples for the final metrics (intra-LPIPS protocol: 1000)", min=2)
@@ -414,43 +386,6 @@ def update_dataclass(obj: Any, updates: dict[str, Any], path: str = "") -> None:
         setattr(obj, key, _coerce(value, tp))
 
 
-def check_values(cfg: Any, vocabularies: dict[str, Any] | None = None, path: str = "") -> None:
-    """Raise one clear :class:`FewgenError` for the first value outside what its field admits
-    (``opt``'s bounds and choices). ``vocabularies`` maps a named choice (``"dataset"``) to the
-    names it allows."""
-    vocabularies = vocabularies or {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        key = f"{path}{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_values(value, vocabularies, f"{key}.")
-            continue
-        m = f.metadata
-        if value is None:
-            continue
-        items = value if isinstance(value, list) else [value]
-        if m.get("nonempty") and not items:
-            raise FewgenError(f"config key '{key}' must list at least one value, got []")
-        for v in items:
-            number = isinstance(v, int | float) and not isinstance(v, bool)
-            if number and m.get("min") is not None and v < m["min"]:
-                raise FewgenError(f"config key '{key}' must be at least {m['min']}, got {v}")
-            if number and m.get("gt") is not None and v <= m["gt"]:
-                raise FewgenError(f"config key '{key}' must be greater than {m['gt']}, got {v}")
-            if number and m.get("max") is not None and v > m["max"]:
-                raise FewgenError(f"config key '{key}' must be at most {m['max']}, got {v}")
-            choices = m.get("choices")
-            if choices is None:
-                continue
-            allowed = list(vocabularies[choices]) if isinstance(choices, str) else list(choices)
-            if v not in allowed:
-                close = difflib.get_close_matches(str(v), [str(a) for a in allowed], n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                what = f"{choices} " if isinstance(choices, str) else "value "
-                raise FewgenError(f"config key '{key}': unknown {what}{v!r}.{hint} "
-                                  f"Available: {', '.join(str(a) for a in allowed)}.")
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -474,7 +409,7 @@ def nest(keys: list[str], value: Any) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("fewgen.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("fewgen.app.presets").iterdir() if p.name.endswith(".yaml"))
 
 
 def read_yaml_config(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -493,7 +428,7 @@ def read_yaml_config(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[dic
         except OSError as e:
             raise FewgenError(f"cannot read config file {path} ({e.strerror or e})") from None
     else:
-        res = resources.files("fewgen.presets") / f"{name_or_path}.yaml"
+        res = resources.files("fewgen.app.presets") / f"{name_or_path}.yaml"
         if not res.is_file():
             names = preset_names()
             close = difflib.get_close_matches(name_or_path, names, n=1)

@@ -164,7 +164,7 @@ few-shot set (digest ``few_shot``)."""
 
 
 def _synthetic_parts(cfg, inputs) -> dict[str, Any]:
-    from fewgen.synthesis.cache import synthesis_spec
+    from fewgen.synthesis.store import synthesis_spec
 
     return synthesis_spec(cfg.synthesis, cfg.generator, **inputs).parts()
 
@@ -192,7 +192,7 @@ SYNTHETIC = rule(
             "synthesis.import_dir": "images made elsewhere are read by import-synthetic; they make no cache entry"},
     ignore_if=_synthetic_ignores, derive=_synthetic_parts,
 )
-"""A synthetic set: carried by :class:`fewgen.synthesis.cache.SynthesisSpec` (its own parts)."""
+"""A synthetic set: carried by :class:`fewgen.synthesis.store.SynthesisSpec` (its own parts)."""
 
 _DIFFALIGN_WEIGHTS = ("learner.w_real", "learner.w_synthetic", "learner.w_hallucination", "learner.w_mmd",
                       "learner.label_smoothing", "learner.mmd_bandwidths", "learner.hallucination_temperature")
@@ -238,7 +238,7 @@ LEARNER = rule(
 
 
 def _gan_source_parts(cfg, inputs) -> dict[str, Any]:
-    from fewgen.generators.gan import gan_arch, gan_train_settings, source_gan_key
+    from fewgen.gan.model import gan_arch, gan_train_settings, source_gan_key
 
     return source_gan_key(inputs["images"], gan_arch(cfg.gan, inputs["channels"]), gan_train_settings(cfg.gan))
 
@@ -259,15 +259,17 @@ GAN_SOURCE = rule(
 
 
 def _gan_adapted_parts(cfg, inputs) -> dict[str, Any]:
-    from fewgen.generators.gan import adapted_gan_key
+    from fewgen.gan.model import adapted_gan_key
 
     return adapted_gan_key(cfg.gan, **inputs)
 
 
 def _gan_method_ignores(cfg, inputs) -> dict[str, str]:
-    from fewgen.generators.gan import METHOD_OPTIONS
+    import fewgen.gan  # noqa: F401  (the methods register their options)
+    from fewgen.gan.model import GAN_METHODS
 
-    used = {f"gan.{f}" for f in METHOD_OPTIONS.get(inputs.get("method", ""), {}).values()}
+    name = inputs.get("method", "")
+    used = {f"gan.{f}" for f in (GAN_METHODS.get(name).options.values() if name in GAN_METHODS else ())}
     options = ("gan.freezed_layers", "gan.cdc_weight", "gan.dcl_lambda1", "gan.dcl_lambda2", "gan.dcl_temperature")
     return {f: "an option of another adaptation method" for f in options if f not in used}
 

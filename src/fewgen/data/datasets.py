@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fewgen.data.base import ArrayDataset, FewShotData
+from fewgen.data.images import resize, to_uint8
 from fewgen.errors import FewgenError
 from fewgen.registry import Registry
 
@@ -115,15 +115,8 @@ def load_dataset(
 
 
 def _resize_float(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, C, H, W) float in [0, 1] -> uint8 at size x size (area when shrinking)."""
-    if x.shape[-1] != size or x.shape[-2] != size:
-        mode = "area" if x.shape[-1] > size else "bilinear"
-        out = []
-        for chunk in torch.split(x, 2048):
-            kw = {} if mode == "area" else {"align_corners": False}
-            out.append(F.interpolate(chunk, size=(size, size), mode=mode, **kw))
-        x = torch.cat(out)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    """(n, C, H, W) float in [0, 1] -> uint8 at size x size (fewgen.data.images)."""
+    return to_uint8(resize(x, size))
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fewgen.data.base import ArrayDataset, FewShotData
+from fewgen.data.images import convert_images
 from fewgen.errors import FewgenError
 
 #: the largest factor novel images are enlarged by to reach the base side's size
@@ -48,26 +49,6 @@ def check_convertible(src_side: int, dst_side: int, where: str) -> None:
             f"the novel images of {where} are {src_side}x{src_side} but the base side works at {dst_side}x{dst_side}: "
             f"enlarging {dst_side / src_side:.1f}x (more than {MAX_UPSCALE:g}x) has no sensible result; use a base "
             f"side with a smaller data.image_size or larger novel images")
-
-
-def convert_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 (n, C, H, W) -> uint8 (n, *shape) by :func:`conversion_rule`."""
-    import torch.nn.functional as F
-
-    c, h, w = shape
-    x = images.float() / 255.0
-    if x.shape[1] != c:
-        if c == 3 and x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        elif c == 1 and x.shape[1] == 3:
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        else:
-            raise FewgenError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
-    if x.shape[-2:] != (h, w):
-        mode = "area" if x.shape[-1] > w else "bilinear"
-        kw = {} if mode == "area" else {"align_corners": False}
-        x = torch.cat([F.interpolate(chunk, size=(h, w), mode=mode, **kw) for chunk in torch.split(x, 2048)])
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def read_file(path: str | Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:

@@ -315,3 +315,22 @@ def train_datadream(base: DiffusionGenerator, few_shot: ArrayDataset, cfg: DataD
     table = torch.stack([merged[c][1] for c in range(n_cls)])
     history = [merged[c][2] for c in range(n_cls)]
     return DataDreamAdapter(cfg, names, loras, table, key, history)
+
+
+def cached_adapter(entry: Path, cache, train: Callable[[], DataDreamAdapter], ctx: ProcessContext | None = None,
+                   log: Callable[[str], None] | None = None, what: str = "DataDream adapter") -> DataDreamAdapter:
+    """The adapter in cache entry ``entry`` when it is ready there; else ``train()`` it (every process),
+    save it from the main process, mark the entry done (with the training time) and return it."""
+    ctx = ctx or ProcessContext()
+    if cache.ready(entry, log):
+        if log:
+            log(f"{what} from cache {entry}")
+        return DataDreamAdapter.load(entry)
+    t0 = time.time()
+    adapter = train()
+    if ctx.is_main:
+        adapter.save(entry)
+        cache.mark_done(entry, {"mode": adapter.cfg.mode, "classes": len(adapter.class_names),
+                                "train_s": round(time.time() - t0, 1)})
+    ctx.barrier()
+    return adapter

@@ -480,6 +480,27 @@ class DiffusionGenerator:
             raise FewgenError(f"labels must be in [-1, {len(self.class_names) - 1}] (the generator knows "
                               f"{len(self.class_names)} classes), got [{labels.min()}, {labels.max()}]")
 
+    # ------------------------------------------------------------------ the generator protocol
+    parallel_sampling = True  # small UNets: in-process streams, each with its own copy, sample faster
+
+    def adapt(self, few_shot, cfg, entry: str | Path, cache=None, ctx=None, log: Callable[[str], None] | None = None):
+        """DataDream LoRA and class tokens for ``few_shot`` (``fewgen.generators.datadream``), cached in ``entry``."""
+        from fewgen.cache import ArtifactCache
+        from fewgen.generators.datadream import cached_adapter, train_datadream
+
+        entry = Path(entry)
+        if log:
+            log(f"DataDream {cfg.mode}: {few_shot.num_classes} classes x {len(few_shot) // few_shot.num_classes} "
+                f"shots, {cfg.steps_per_class * few_shot.num_classes} steps in total")
+        return cached_adapter(entry, cache or ArtifactCache(entry.parent.parent),
+                              lambda: train_datadream(self, few_shot, cfg, ctx, log), ctx, log,
+                              f"DataDream {cfg.mode} adapter")
+
+    def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
+        from fewgen.generators.sampling import pixel_sample_fn
+
+        return pixel_sample_fn(self, spec, adapter, sources)
+
     # ------------------------------------------------------------------ persistence
     def state_key(self) -> str:
         return self.trained_key or stable_hash({"cfg": dataclasses.asdict(self.cfg), "classes": self.class_names})

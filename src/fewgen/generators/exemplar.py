@@ -391,6 +391,25 @@ class ExemplarDiffusion:
         """One image per exemplar from pure noise (:meth:`sdedit` at strength 1)."""
         return self.sdedit(exemplars, 1.0, seeds, **kw)
 
+    # ------------------------------------------------------------------ the generator protocol
+    parallel_sampling = True
+
+    def adapt(self, few_shot: ArrayDataset, cfg, entry: str | Path, cache=None, ctx=None,
+              log: Callable[[str], None] | None = None):
+        """DataDream's LoRA fitted to ``few_shot`` (:func:`train_exemplar_datadream`), cached in ``entry``."""
+        from fewgen.cache import ArtifactCache
+        from fewgen.generators.datadream import cached_adapter
+
+        entry = Path(entry)
+        return cached_adapter(entry, cache or ArtifactCache(entry.parent.parent),
+                              lambda: train_exemplar_datadream(self, few_shot, cfg, ctx, log), ctx, log,
+                              f"exemplar DataDream {cfg.mode} adapter")
+
+    def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
+        from fewgen.generators.sampling import exemplar_sample_fn
+
+        return exemplar_sample_fn(self, spec, adapter, sources)
+
     # ------------------------------------------------------------------ persistence
     def state_key(self) -> str:
         return self.trained_key or stable_hash({"cfg": dataclasses.asdict(self.cfg), "kind": self.kind})

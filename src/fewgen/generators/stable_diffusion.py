@@ -90,6 +90,7 @@ class StableDiffusionGenerator:
     """Text-to-image, img2img and DataDream LoRA on a Stable Diffusion pipeline."""
 
     kind = "stable-diffusion"
+    parallel_sampling = False  # one pipeline per process
 
     def __init__(self, model: str | Path, device: torch.device | str = "cpu", dtype: str = "auto",
                  prompt: str = "a photo of a {}", resolution: int | None = None):
@@ -331,7 +332,7 @@ class StableDiffusionGenerator:
                             sources: list[torch.Tensor] | None = None):
         """sample_fn for the synthesis cache: text-to-image, or img2img from class c's shots
         ``sources[c]`` when ``spec.strengths`` is set (DA-Fusion)."""
-        from fewgen.synthesis.cache import sdedit_or_sample
+        from fewgen.synthesis.store import sdedit_or_sample
 
         def fn(c, seeds, indices):
             self.use_adapter(adapter, c)

@@ -9,7 +9,7 @@ with E_img / E_txt the CLIP image and text towers (projected embeddings) carryin
 adapters of rank 16 on every attention projection (q, k, v, out), ``r_c`` a learned
 residual that starts at zero (so the head starts exactly at the zero-shot text classifier
 of the class prompts) and ``s`` CLIP's logit scale. Training follows DataDream's loss
-(:mod:`fewgen.learners.datadream`) through the shared loop (:mod:`fewgen.learners.finetune`).
+(:mod:`fewgen.learners.datadream_classifier`) through the shared loop (:mod:`fewgen.learners.finetune`).
 
 Loads a local pretrained model (e.g. ViT-B/16) with ``from_pretrained``; tests build a tiny
 random ``CLIPConfig`` in-process. Only the LoRA weights and the head are saved

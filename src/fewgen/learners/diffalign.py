@@ -33,9 +33,30 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.learners.finetune import Batch, IndexStream
 from fewgen.learners.losses import hallucination_kl, label_smoothed_ce, mmd
+from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod, MethodSpec
+from fewgen.options import opt
 from fewgen.utils import make_generator
 
 TERMS = ("real", "synthetic", "hallucination", "mmd")
+
+
+@dataclass
+class DiffAlignOptions:
+    """DiffAlign's options (``learner.*`` keys)."""
+
+    ablations: list[str] = opt(["synthetic", "hallucination", "mmd"],
+                               "DiffAlign terms switched off one at a time (real, synthetic, hallucination, mmd)",
+                               choices=TERMS)
+    synthetic_batch_size: int = opt(64, "synthetic images per step (DiffAlign)", min=1)
+    base_batch_size: int = opt(64, "base images per step for the hallucination term (DiffAlign)", min=1)
+    w_real: float = opt(1.0, "DiffAlign weight: CE on the real shots", min=0)
+    w_synthetic: float = opt(1.0, "DiffAlign weight: label-smoothed CE on synthetic images", min=0)
+    w_hallucination: float = opt(1.0, "DiffAlign weight: KL to the hallucinated soft labels of base images", min=0)
+    w_mmd: float = opt(1.0, "DiffAlign weight: multi-kernel MMD between real and synthetic features", min=0)
+    label_smoothing: float = opt(0.1, "label smoothing of the synthetic CE", min=0, max=0.99)
+    mmd_bandwidths: list[float] = opt([0.5, 1.0, 2.0], "Gaussian kernel bandwidths of the MMD (on L2-normalised "
+                                      "features)", gt=0, nonempty=True)
+    hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels", gt=0)
 
 
 @dataclass
@@ -130,3 +151,36 @@ def diffalign_loss_fn(w: DiffAlignWeights) -> Callable[[nn.Module, Batch], dict[
         return terms
 
     return loss_fn
+
+
+def diffalign_weights(lc) -> DiffAlignWeights:
+    """The loss weights of ``learner.*`` options ``lc`` (a :class:`DiffAlignOptions`)."""
+    return DiffAlignWeights(real=lc.w_real, synthetic=lc.w_synthetic, hallucination=lc.w_hallucination, mmd=lc.w_mmd,
+                            label_smoothing=lc.label_smoothing, bandwidths=tuple(lc.mmd_bandwidths),
+                            temperature=lc.hallucination_temperature)
+
+
+@LEARNER_METHODS.register("diffalign")
+class DiffAlign(LearnerMethod):
+    """The full loss above, then each term of ``learner.ablations`` switched off in turn."""
+
+    def specs(self, lc) -> list[MethodSpec]:
+        w = diffalign_weights(lc)
+        return [MethodSpec("diffalign", "diffalign", w),
+                *[MethodSpec(f"diffalign-no-{term}", "diffalign", w.without(term)) for term in lc.ablations]]
+
+    def uses_real(self, spec) -> bool:
+        return spec.weights.real > 0
+
+    def uses_synthetic(self, spec) -> bool:
+        return spec.weights.uses_synthetic
+
+    def hallucinates(self, spec) -> bool:
+        return spec.weights.hallucination > 0
+
+    def objective(self, spec, lc, src):
+        w = spec.weights
+        base_images, base_soft = (src.base_images, src.base_soft()) if w.hallucination > 0 else (None, None)
+        return (diffalign_batches(src.real, src.synthetic, base_images, base_soft, src.batch_size,
+                                  lc.synthetic_batch_size, lc.base_batch_size, *src.seed_parts),
+                diffalign_loss_fn(w))

@@ -21,6 +21,7 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import Episodes
+from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod
 from fewgen.utils import make_generator, seed_hash
 
 Batch = dict[str, torch.Tensor]
@@ -231,3 +232,25 @@ def finetuned_episode_accuracies(model: nn.Module, novel: ArrayDataset, episodes
                 kw = (classifier_kwargs or {}).get(clf)
                 out[clf].append(episode_accuracies(feats, ep, clf, classifier_kwargs=kw))
     return out
+
+
+@LEARNER_METHODS.register("real-only")
+class RealOnly(LearnerMethod):
+    """Cross-entropy on the real shots only."""
+
+    def objective(self, spec, lc, src):
+        return ce_batches(src.real, src.batch_size, *src.seed_parts), ce_loss
+
+
+@LEARNER_METHODS.register("synthetic-only")
+class SyntheticOnly(LearnerMethod):
+    """Cross-entropy on the synthetic images only."""
+
+    def uses_real(self, spec) -> bool:
+        return False
+
+    def uses_synthetic(self, spec) -> bool:
+        return True
+
+    def objective(self, spec, lc, src):
+        return ce_batches(src.synthetic, src.batch_size, *src.seed_parts), ce_loss

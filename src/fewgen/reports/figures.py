@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -193,3 +194,37 @@ def curves_figure(pretrain_history: list[dict] | None, learn_histories: dict | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_gan_curves(tracking: dict[str, dict[int, list[dict]]], path: Path, title: str = "") -> None:
+    """Realism, intra-diversity and FID against adaptation iterations: per method the mean over
+    seeds (line) and the range (band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fewgen.utils import atomic_path
+
+    keys = [("realism", "realism (P(target))"), ("intra_diversity", "intra-cluster diversity"), ("fid", "FID")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    for ax, (k, label) in zip(axes, keys):
+        for method, by_seed in tracking.items():
+            runs = [pts for pts in by_seed.values() if pts]
+            if not runs:
+                continue
+            xs = [p["iter"] for p in runs[0]]
+            vals = np.array([[p[k] for p in pts] for pts in runs if len(pts) == len(xs)])
+            line, = ax.plot(xs, vals.mean(0), marker="o", ms=3, label=method)
+            if len(vals) > 1:
+                ax.fill_between(xs, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("adaptation iteration")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fewgen.reports import figures
-from fewgen.runs import best_of_each_kind
+from fewgen.reports.tables import best_of_each_kind
 from fewgen.utils import atomic_path
 
 
@@ -68,7 +68,7 @@ def results_table(rows: list[dict]) -> str:
 
 
 def best_table(summary: list[dict]) -> str:
-    """Per setting, the best row without and with generated images (``fewgen.runs.best_of_each_kind``)."""
+    """Per setting, the best row without and with generated images (``fewgen.app.rundir.best_of_each_kind``)."""
     def cell(r: dict) -> str:
         name = f"{r['method']} [{r['classifier']}]" if r.get("classifier") else str(r["method"])
         return f"{r['accuracy']:.2f} &plusmn; {r['ci95']:.2f} <span class='meta'>{html.escape(name)}</span>"
@@ -206,7 +206,7 @@ def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[
             parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_cell(d.get(k))}</td>" for k in keys)
                          + "</tr>")
         parts.append("</tbody></table><p class='meta'>Synthetic-set diagnostics in the pretrained feature space, "
-                     "computed from the few shots only (see fewgen.learners.steps.synthetic_diagnostics).</p>")
+                     "computed from the few shots only (see fewgen.app.steps.learn.synthetic_diagnostics).</p>")
     if made["examples"]:
         parts.append(f"<figure><img src='{html.escape(Path(made['examples']).name)}' alt='examples'>"
                      f"<figcaption>{captions['examples']}</figcaption></figure>")

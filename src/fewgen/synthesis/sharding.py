@@ -4,7 +4,7 @@ Work is a list of units (a class's chunk of images, a class's adapter) in a fixe
 order; process ``rank`` of ``world`` takes the units with ``index % world == rank``. Every
 unit's randomness comes from its own seed (class, image index), never from the process, so
 the files written are the same bytes whatever the number of processes. Launch with
-``accelerate launch --num_processes N -m fewgen.cli generate ...`` or ``torchrun``; on CPU the
+``accelerate launch --num_processes N -m fewgen.app.cli generate ...`` or ``torchrun``; on CPU the
 process group uses gloo.
 """
 

@@ -34,7 +34,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewgen.generators.gan import ADAPTERS, AdaptMethod, AdaptStep, ns_d_loss, ns_g_loss
+from fewgen.gan.model import GAN_METHODS, AdaptMethod, AdaptStep, ns_d_loss, ns_g_loss
+from fewgen.options import opt
+
+
+@dataclass
+class DCLOptions:
+    """DCL's options (``gan.*`` keys)."""
+
+    dcl_lambda1: float = opt(2.0, "DCL: weight of the generator-side contrastive loss", min=0)
+    dcl_lambda2: float = opt(0.5, "DCL: weight of the discriminator-side contrastive loss", min=0)
+    dcl_temperature: float = opt(0.07, "DCL: contrastive temperature", gt=0)
 
 
 def generator_contrastive_loss(adapted_feats: torch.Tensor, source_feats: torch.Tensor,
@@ -71,7 +81,7 @@ def discriminator_contrastive_loss(adapted_feats: torch.Tensor, source_feats: to
     return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
 
 
-@ADAPTERS.register("dcl")
+@GAN_METHODS.register("dcl")
 @dataclass
 class DCL(AdaptMethod):
     """Dual contrastive learning on top of fine-tuning (Zhao et al. 2022)."""
@@ -81,6 +91,7 @@ class DCL(AdaptMethod):
     temperature: float = 0.07
     d_side: bool = True  # D minimises lambda2 * L_CL2 as well
     name = "dcl"
+    options = {"lambda1": "dcl_lambda1", "lambda2": "dcl_lambda2", "temperature": "dcl_temperature"}
 
     def _d_layer(self, s: AdaptStep) -> int:
         return int(torch.randint(0, len(s.D.blocks), (1,), generator=s.rng))
@@ -118,7 +129,7 @@ class DCL(AdaptMethod):
         return losses
 
 
-@ADAPTERS.register("dcl-g")
+@GAN_METHODS.register("dcl-g")
 @dataclass
 class DCLGeneratorOnly(DCL):
     """DCL with L_CL2 minimised by G only; D trains on the adversarial loss alone."""
@@ -127,10 +138,11 @@ class DCLGeneratorOnly(DCL):
     name = "dcl-g"
 
 
-@ADAPTERS.register("dcl-cl1")
+@GAN_METHODS.register("dcl-cl1")
 @dataclass
 class DCLGeneratorSide(DCL):
     """DCL's generator-side term alone (lambda2 = 0): fine-tuning plus L_CL1."""
 
     lambda2: float = 0.0
     name = "dcl-cl1"
+    options = {"lambda1": "dcl_lambda1", "temperature": "dcl_temperature"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +24,15 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.learners.finetune import Batch, IndexStream
 from fewgen.learners.losses import datadream_loss
+from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod
+from fewgen.options import opt
+
+
+@dataclass
+class DataDreamOptions:
+    """DataDream's classifier options (``learner.*`` keys)."""
+
+    datadream_lambda: float = opt(0.8, "DataDream weight of the real-image CE (1 - lambda on synthetic)", min=0, max=1)
 
 
 def real_repeats(n_real: int, n_synthetic: int) -> int:
@@ -68,3 +78,15 @@ def datadream_loss_fn(lam: float = 0.8) -> Callable[[nn.Module, Batch], dict[str
         return datadream_loss(logits[:n_real], batch["y_real"], logits[n_real:], batch["y_syn"], lam)
 
     return loss_fn
+
+
+@LEARNER_METHODS.register("datadream")
+class DataDream(LearnerMethod):
+    """lambda CE(real) + (1 - lambda) CE(synthetic) on the pooled union (module docstring)."""
+
+    def uses_synthetic(self, spec) -> bool:
+        return True
+
+    def objective(self, spec, lc, src):
+        return (datadream_batches(src.real, src.synthetic, src.batch_size, *src.seed_parts),
+                datadream_loss_fn(lc.datadream_lambda))

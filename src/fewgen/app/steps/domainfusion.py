@@ -16,31 +16,23 @@ import time
 
 import torch
 
+from fewgen.app.runner import Run, step
 from fewgen.backbones import create_backbone
 from fewgen.checkpoint import load_model, load_tensors, save_tensors
 from fewgen.config import DomainFusionConfig
-from fewgen.errors import FewgenError
-from fewgen.keys import key_parts
-from fewgen.learners.dg import (
+from fewgen.data.images import resize
+from fewgen.dg.algorithms import DG_ALGORITHMS, train_algorithm
+from fewgen.dg.protocol import (
     DGClassifier,
     DGSplit,
     DGTrainSettings,
     dg_rows,
     leave_one_domain_out,
-    predict,
-    train_dg_classifier,
 )
-from fewgen.learners.domainfusion import (
-    OnlineAugmenter,
-    PixelDiffusionAdapter,
-    freeze,
-    latent_distillation_loss,
-    offline_synthetic,
-    resize_images,
-)
-from fewgen.pipeline import STEPS, Run
+from fewgen.errors import FewgenError
+from fewgen.generators.denoisers import PixelDiffusionAdapter, freeze
+from fewgen.keys import key_parts
 from fewgen.utils import (
-    make_generator,
     path_digest,
     seed_everything,
     seed_hash,
@@ -48,14 +40,14 @@ from fewgen.utils import (
     write_json,
 )
 
-METHODS = ("erm", "erm+offline", "df-ld", "df-aug", "df")
-USES_GENERATOR = {"erm+offline", "df-ld", "df-aug", "df"}
+
+def uses_generator(method: str) -> bool:
+    return DG_ALGORITHMS.get(method).uses_generator
 
 
 def check_config(d: DomainFusionConfig, image_size: int, domain_names: list[str]) -> None:
-    unknown = [m for m in d.methods if m not in METHODS]
-    if unknown:
-        raise FewgenError(f"unknown domainfusion method(s) {unknown}; choose from {', '.join(METHODS)}")
+    for m in d.methods:
+        DG_ALGORITHMS.get(m)
     bad = [t for t in d.targets or [] if t not in domain_names]
     if bad:
         raise FewgenError(f"unknown target domain(s) {bad}; the dataset has {domain_names}")
@@ -71,7 +63,7 @@ def check_config(d: DomainFusionConfig, image_size: int, domain_names: list[str]
 def stable_diffusion_generator(run: Run):
     """``domainfusion.generator`` (Stable Diffusion) as a frozen latent denoiser, with its cache key.
     Never trained here, so the same model serves every target (DomainFusion's setting)."""
-    from fewgen.learners.domainfusion import LatentDiffusionAdapter
+    from fewgen.generators.denoisers import LatentDiffusionAdapter
 
     d = run.cfg.domainfusion
     if "{}" not in d.prompt:
@@ -107,7 +99,7 @@ def source_generator(run: Run, target: str):
         from fewgen.data.base import ArrayDataset
 
         src = full.select_domains(sources)
-        low = resize_images(src.float_images(), d.gen_image_size)
+        low = resize(src.float_images(), d.gen_image_size)
         train = ArrayDataset((low * 255).round().to(torch.uint8), src.labels, src.class_names, name=f"{src.name}-gen")
         gen = DiffusionGenerator(gcfg, full.class_names, device=run.device)
         run.log(f"[domainfusion] training the diffusion model of sources {sources} ({len(train)} images at "
@@ -142,67 +134,32 @@ def new_classifier(run: Run, num_classes: int, seed: int, target: str) -> DGClas
 
 
 def train_method(run: Run, method: str, split: DGSplit, seed: int, generator) -> dict:
-    """Train one method on one split; returns correctness on the target and the run's counts."""
+    """Train one registered method (``fewgen.dg.algorithms``) on one split."""
     d = run.cfg.domainfusion
     settings = DGTrainSettings(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, optimizer=d.optimizer,
                                weight_decay=d.weight_decay, augment=list(d.augment), seed=seed)
-    model = new_classifier(run, split.train.num_classes, seed, split.target)
-    t0 = time.time()
-    extra_loss = epoch_data = None
-    augmenter = None
-    offline_count = 0
-    strength, steps = d.aug_strength, d.sample_steps
-    if method in ("df-ld", "df"):
-        def extra_loss(model, x, y, logits, step):
-            g = make_generator("dg-ld", seed, split.target, step)
-            k = min(d.ld_batch, len(x))
-            return {"ld": d.ld_weight * latent_distillation_loss(generator, x[:k], y[:k], logits[:k],
-                                                                 (d.ld_t_min, d.ld_t_max), g)}
-    if method in ("df-aug", "df"):
-        g = make_generator("dg-synthetic-set", seed, split.target)
-        pick = torch.randperm(len(split.train), generator=g)[:d.aug_synthetic]
-        augmenter = OnlineAugmenter(generator, split.train.images[pick], split.train.labels[pick], d.aug_every,
-                                    d.aug_candidates, strength, steps, d.aug_feature_level, d.aug_content_weight,
-                                    seed=seed_hash("dg-online", seed, split.target))
-
-        def epoch_data(epoch, model):
-            augmenter.maybe_refresh(epoch, model.backbone)
-            return augmenter.images, augmenter.labels
-    if method == "erm+offline":
-        offline_count = int(round(d.offline_factor * OnlineAugmenter.planned_images(
-            d.epochs, d.aug_every, min(d.aug_synthetic, len(split.train)), d.aug_candidates)))
-        off = offline_synthetic(generator, split.train.images, split.train.labels, offline_count, strength, steps,
-                                seed=seed_hash("dg-offline", seed, split.target))
-
-        def epoch_data(epoch, model):
-            return off
-    result = train_dg_classifier(split, model, settings, extra_loss=extra_loss, epoch_data=epoch_data,
-                                 device=run.device, log=run.log if run.progress else (lambda m: None),
-                                 label=f"{method} {split.target} seed {seed}")
-    correct = predict(result.model, split.test, run.device) == split.test.labels
-    generated = augmenter.images_generated if augmenter is not None else offline_count
-    return {"correct": correct, "best_epoch": result.best_epoch, "best_val": round(result.best_val, 3),
-            "images_generated": int(generated), "wall_s": round(time.time() - t0, 1), "history": result.history}
+    return train_algorithm(method, split, new_classifier(run, split.train.num_classes, seed, split.target), settings,
+                           d, generator, seed, run.device, run.log if run.progress else (lambda m: None))
 
 
 def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -> dict:
     d = run.cfg.domainfusion
     parts = key_parts("dg-result", run.cfg, data=run.data.full.digest(), target=split.target, seed=seed,
-                      method=method, generator=gen_state[1] if method in USES_GENERATOR else None,
+                      method=method, generator=gen_state[1] if uses_generator(method) else None,
                       pretrained=path_digest(d.pretrained) if d.pretrained else None)
     entry = run.cache.entry("dg-result", parts)
     path = entry / "result.safetensors"
     if run.cache.ready(entry, run.log):
         tensors, meta = load_tensors(path)
         return {"correct": tensors["correct"].bool(), **meta}
-    out = train_method(run, method, split, seed, gen_state[0] if method in USES_GENERATOR else None)
+    out = train_method(run, method, split, seed, gen_state[0] if uses_generator(method) else None)
     meta = {k: v for k, v in out.items() if k != "correct"}
     save_tensors(path, {"correct": out["correct"].to(torch.uint8)}, meta)
     run.cache.mark_done(entry, {"method": method, "target": split.target, "seed": seed})
     return out
 
 
-@STEPS.register("domainfusion", generative=True)
+@step("domainfusion", generative=True)
 def step_domainfusion(run: Run) -> None:
     """Leave-one-domain-out: every method x target x seed; rows per method and target + average."""
     d = run.cfg.domainfusion
@@ -216,7 +173,7 @@ def step_domainfusion(run: Run) -> None:
     correct = {m: {t: [] for t in targets} for m in d.methods}
     info = {m: {t: [] for t in targets} for m in d.methods}
     gen_seconds = {}
-    needs_generator = any(m in USES_GENERATOR for m in d.methods)
+    needs_generator = any(uses_generator(m) for m in d.methods)
     shared = stable_diffusion_generator(run) if needs_generator and d.generator else None
     for target in targets:
         gen_state = None
@@ -239,9 +196,9 @@ def step_domainfusion(run: Run) -> None:
                 "wall_s": round(sum(i["wall_s"] for i in info[method][t]) / len(seeds), 1),
                 "best_epochs": [i["best_epoch"] for i in info[method][t]],
                 "source_val": round(sum(i["best_val"] for i in info[method][t]) / len(seeds), 3),
-                "generator_train_s": gen_seconds.get(t, 0.0) if method in USES_GENERATOR else 0.0}
+                "generator_train_s": gen_seconds.get(t, 0.0) if uses_generator(method) else 0.0}
             for t in targets}
-        rows += dg_rows(method, correct[method], seeds, per_target, uses_synthetic=method in USES_GENERATOR)
+        rows += dg_rows(method, correct[method], seeds, per_target, uses_synthetic=uses_generator(method))
     if run.dir is not None:
         write_json(run.dir / "domainfusion.json", {"info": info, "generator_train_s": gen_seconds,
                                                    "config": dataclasses.asdict(d)})

@@ -15,10 +15,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fewgen.generators.gan import ADAPTERS, AdaptMethod, Discriminator
+from fewgen.gan.model import GAN_METHODS, AdaptMethod, Discriminator
+from fewgen.options import opt
 
 
-@ADAPTERS.register("tgan")
+@dataclass
+class FreezeDOptions:
+    """FreezeD's option (``gan.*`` keys)."""
+
+    freezed_layers: int = opt(2, "FreezeD: discriminator blocks frozen from the input side", min=0)
+
+
+@GAN_METHODS.register("tgan")
 @dataclass
 class TGAN(AdaptMethod):
     """Plain fine-tuning of G and D (Wang et al. 2018)."""
@@ -26,7 +34,7 @@ class TGAN(AdaptMethod):
     name = "tgan"
 
 
-@ADAPTERS.register("freezed")
+@GAN_METHODS.register("freezed")
 @dataclass
 class FreezeD(AdaptMethod):
     """Fine-tuning with D's first ``layers`` blocks frozen (Mo et al. 2020).
@@ -37,6 +45,7 @@ class FreezeD(AdaptMethod):
 
     layers: int = 2
     name = "freezed"
+    options = {"layers": "freezed_layers"}
 
     def trainable_d_parameters(self, D: Discriminator) -> list[nn.Parameter]:
         blocks = D.layers()

@@ -3,13 +3,13 @@ synthetic slot without fewgen's generator: ``augmented-copies``, ``import-synthe
 
 ``learn``, per few-shot seed and shot count K, fine-tunes one classifier per method on that
 seed's few-shot set (all novel classes) plus the synthetic set of ``synthesize``
-(``run.artifacts["synthetic"][(seed, K)]``), then evaluates it on the run's shared episodes
+(``run.state.synthetic[(seed, K)]``), then evaluates it on the run's shared episodes
 of that seed: with its own head restricted to each episode's N classes (``classifier:
 head``) and with frozen-feature classifiers fitted on the episode supports in the
 fine-tuned feature space (``classifier: logreg`` / ``proto``). Rows:
 
 * ``real-only``, ``synthetic-only``: cross-entropy on one source;
-* ``datadream``: real + synthetic with DataDream's loss (``datadream.py``);
+* ``datadream``: real + synthetic with DataDream's loss (``learners/datadream_classifier.py``);
 * ``diffalign`` and ``diffalign-no-<term>``: DiffAlign's full loss and each term off in turn;
 * ``frozen+synthetic``: the pretrained backbone's frozen-feature classifiers with the
   synthetic images of the episode classes added to the support;
@@ -25,92 +25,45 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fewgen.app.runner import Run, step
+from fewgen.app.steps.core import evaluate_frozen, novel_features
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import few_shot_set
 from fewgen.errors import FewgenError
 from fewgen.keys import key_parts
-from fewgen.learners.datadream import datadream_batches, datadream_loss_fn
-from fewgen.learners.diffalign import DiffAlignWeights, diffalign_batches, diffalign_loss_fn
 from fewgen.learners.finetune import (
     BackboneClassifier,
     FinetuneSettings,
-    ce_batches,
-    ce_loss,
     finetune,
     finetuned_episode_accuracies,
     model_features,
 )
 from fewgen.learners.losses import hallucinate_labels
-from fewgen.pipeline import STEPS, Run, evaluate_frozen, novel_features
-from fewgen.utils import seed_hash, write_json
-
-KNOWN_METHODS = ("real-only", "synthetic-only", "datadream", "diffalign")
-
-
-@dataclass
-class MethodSpec:
-    """One fine-tuning recipe: ``kind`` is real-only, synthetic-only, datadream or diffalign."""
-
-    name: str
-    kind: str
-    weights: DiffAlignWeights | None = None
-
-    @property
-    def uses_real(self) -> bool:
-        return self.kind in ("real-only", "datadream") or (self.kind == "diffalign" and self.weights.real > 0)
-
-    @property
-    def uses_synthetic(self) -> bool:
-        return self.kind in ("synthetic-only", "datadream") or (self.kind == "diffalign" and self.weights.uses_synthetic)
-
-    def key(self) -> dict:
-        return {"name": self.name, "kind": self.kind,
-                "weights": dataclasses.asdict(self.weights) if self.weights else None}
+from fewgen.learners.registry import MethodSpec, Sources, method_specs
+from fewgen.learners.synthetic import (
+    augmented_copies,
+    first_per_class,
+    images_per_class,
+    import_synthetic,
+    keep_consistent,
+    shot_classifier,
+    synthetic_diagnostics,
+)
+from fewgen.utils import write_json
 
 
-def diffalign_weights(lc) -> DiffAlignWeights:
-    return DiffAlignWeights(real=lc.w_real, synthetic=lc.w_synthetic, hallucination=lc.w_hallucination, mmd=lc.w_mmd,
-                            label_smoothing=lc.label_smoothing, bandwidths=tuple(lc.mmd_bandwidths),
-                            temperature=lc.hallucination_temperature)
-
-
-def method_specs(lc) -> list[MethodSpec]:
-    """The methods of ``learner.methods``, DiffAlign followed by its ablations."""
-    specs = []
-    for name in lc.methods:
-        if name not in KNOWN_METHODS:
-            import difflib
-
-            close = difflib.get_close_matches(name, KNOWN_METHODS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise FewgenError(f"unknown learner method {name!r}.{hint} Known: {', '.join(KNOWN_METHODS)}")
-        if name == "diffalign":
-            w = diffalign_weights(lc)
-            specs.append(MethodSpec("diffalign", "diffalign", w))
-            for term in lc.ablations:
-                specs.append(MethodSpec(f"diffalign-no-{term}", "diffalign", w.without(term)))
-        else:
-            specs.append(MethodSpec(name, name))
-    return specs
-
-
-def first_per_class(data: ArrayDataset, m: int | None) -> ArrayDataset:
-    """The first ``m`` images of every class (all when ``m`` is None)."""
-    if m is None:
-        return data
-    idx = torch.cat([ix[:m] for ix in data.indices_by_class()])
-    return data.subset(idx.sort().values, name=f"{data.name}/first{m}")
+def finetune_settings(lc, seed: int) -> FinetuneSettings:
+    return FinetuneSettings(steps=lc.steps, lr_backbone=lc.lr_backbone, lr_head=lc.lr_head, momentum=lc.momentum,
+                            weight_decay=lc.weight_decay, augment=list(lc.augment), seed=seed)
 
 
 def synthetic_set(run: Run, seed: int, n_shot: int, required: bool) -> ArrayDataset | None:
     """The synthetic images of ``synthesize`` for (seed, K), checked against the novel classes."""
-    store = run.artifacts.get("synthetic") or {}
-    syn = store.get((seed, n_shot))
+    syn = run.state.synthetic.get((seed, n_shot))
     if syn is None:
         if required:
             raise FewgenError(
@@ -127,17 +80,10 @@ def synthetic_set(run: Run, seed: int, n_shot: int, required: bool) -> ArrayData
     return syn
 
 
-def finetune_settings(lc, seed: int) -> FinetuneSettings:
-    return FinetuneSettings(steps=lc.steps, lr_backbone=lc.lr_backbone, lr_head=lc.lr_head, momentum=lc.momentum,
-                            weight_decay=lc.weight_decay, augment=list(lc.augment), seed=seed)
-
-
 def new_model(run: Run, n_classes: int) -> nn.Module:
     lc = run.cfg.learner
     if lc.model == "backbone":
-        if "backbone" not in run.artifacts:
-            raise FewgenError("the learn step needs a backbone: put 'pretrain' before it in pipeline")
-        return BackboneClassifier(copy.deepcopy(run.artifacts["backbone"].backbone).cpu(), n_classes)
+        return BackboneClassifier(copy.deepcopy(run.state.backbone.backbone).cpu(), n_classes)
     if lc.model == "clip":
         from fewgen.learners.clip import CLIPClassifier
 
@@ -172,7 +118,7 @@ class SeedContext:
             if lc.model == "backbone":
                 from fewgen.evaluation.features import cached_features
 
-                pb = run.artifacts["backbone"]
+                pb = run.state.backbone
                 base = cached_features(run.cache, pb.key, pb.backbone, run.data.base, run.device, run.log)
             else:
                 base = model_features(t, run.data.base.images, device=run.device)
@@ -194,12 +140,11 @@ def train_one(ctx: SeedContext, spec: MethodSpec, synthetic: ArrayDataset | None
     if spec.uses_synthetic and (syn is None or len(syn) == 0):
         raise FewgenError(f"method {spec.name} needs synthetic images but the synthetic set is empty")
     settings = finetune_settings(lc, ctx.seed)
-    hallucinates = spec.kind == "diffalign" and spec.weights.hallucination > 0
     parts = key_parts("learners", run.cfg, method=spec.key(), seed=ctx.seed,
-                      backbone=run.artifacts["backbone"].key if "backbone" in run.artifacts else None,
+                      backbone=run.state.backbone.key if run.state.backbone is not None else None,
                       real=real.digest() if real is not None else None,
                       synthetic=syn.digest() if syn is not None else None,
-                      base=run.data.base.digest() if hallucinates else None)
+                      base=run.data.base.digest() if spec.hallucinates else None)
     model = new_model(run, n_classes)
     cacheable = lc.model == "backbone"
     entry = run.cache.entry("learners", parts) if cacheable else None
@@ -218,20 +163,8 @@ def train_one(ctx: SeedContext, spec: MethodSpec, synthetic: ArrayDataset | None
         model.head.init_prototypes(model_features(ctx.teacher(), x, device=run.device), y)
     elif lc.head_init != "random":
         raise FewgenError(f"unknown learner.head_init {lc.head_init!r}; use prototypes or random")
-    if spec.kind == "real-only":
-        batch_fn, loss_fn = ce_batches(real, lc.batch_size, *sp), ce_loss
-    elif spec.kind == "synthetic-only":
-        batch_fn, loss_fn = ce_batches(syn, lc.batch_size, *sp), ce_loss
-    elif spec.kind == "datadream":
-        batch_fn, loss_fn = datadream_batches(real, syn, lc.batch_size, *sp), datadream_loss_fn(lc.datadream_lambda)
-    else:
-        w = spec.weights
-        base_images = base_soft = None
-        if w.hallucination > 0:
-            base_images, base_soft = run.data.base.images, ctx.base_soft_labels()
-        batch_fn = diffalign_batches(real, syn, base_images, base_soft, lc.batch_size, lc.synthetic_batch_size,
-                                     lc.base_batch_size, *sp)
-        loss_fn = diffalign_loss_fn(w)
+    sources = Sources(real, syn, run.data.base.images, ctx.base_soft_labels, lc.batch_size, sp)
+    batch_fn, loss_fn = spec.method.objective(spec, lc, sources)
     history = finetune(model, batch_fn, loss_fn, settings, run.data.novel.image_shape, run.device,
                        log=run.log, name=f"{spec.name} seed {ctx.seed} {ctx.n_shot}-shot")
     seconds = round(time.time() - t0, 2)
@@ -273,14 +206,10 @@ class Results:
         return out
 
 
-def _per_class(data: ArrayDataset | None) -> int:
-    return int(data.counts().min()) if data is not None and len(data) else 0
-
-
 def generated(run: Run) -> bool:
     """Whether the run's synthetic slot holds generated images (``synthesize`` or imported), not
     the generator-free control (``augmented-copies``): what ``uses_synthetic`` says of a row."""
-    return run.artifacts.get("synthetic_kind", "generated") != "augmented-copies"
+    return (run.state.synthetic_kind or "generated") != "augmented-copies"
 
 
 def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: str, weight: float | None = None,
@@ -296,7 +225,7 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     from fewgen.evaluation.features import cached_features
     from fewgen.evaluation.protocol import ExtraSupport
 
-    pb = run.artifacts["backbone"]
+    pb = run.state.backbone
     n_shots = [k for k in run.cfg.eval.n_shots if all((s, k) in sets for s in run.cfg.seeds)]
     if not n_shots:
         return []
@@ -310,7 +239,7 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     sub = copy.copy(run)  # same episodes and data, restricted shot counts
     sub.cfg = copy.deepcopy(run.cfg)
     sub.cfg.eval.n_shots = n_shots
-    per_class = min(_per_class(s) for s in sets.values())
+    per_class = min(images_per_class(s) for s in sets.values())
     extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight,
                          weights=weights)
     uses = generated(run) if uses_synthetic is None else uses_synthetic
@@ -320,75 +249,13 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
                                          "uses_synthetic": uses and per_class > 0})
 
 
-@torch.no_grad()
-def shot_classifier(run: Run, real: ArrayDataset, syn: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L2-normalised pretrained features of the real shots and the synthetic images, and the
-    probabilities over all novel classes that a logistic regression fitted on the shots gives
-    each synthetic image: (real feats, synthetic feats, (n_synthetic, n_classes))."""
-    import torch.nn.functional as F
-
-    from fewgen.evaluation.classifiers import LogisticRegression
-    from fewgen.evaluation.features import extract_features
-
-    pb = run.artifacts["backbone"]
-    fr = F.normalize(extract_features(pb.backbone, real, device=run.device), dim=-1)
-    fs = F.normalize(extract_features(pb.backbone, syn, device=run.device), dim=-1)
-    clf = LogisticRegression(c=run.cfg.eval.logreg_c, max_iter=run.cfg.eval.logreg_iters)
-    clf.fit(fr[None], real.labels[None], n_classes=run.data.novel.num_classes)
-    return fr, fs, clf.predict_proba(fs[None])[0]
+def _learn_needs(cfg) -> tuple[str, ...]:
+    lc = cfg.learner
+    uses_syn = any(s.uses_synthetic for s in method_specs(lc)) or any(m > 0 for m in lc.sweep) or lc.frozen_synthetic
+    return (*(("backbone",) if lc.model == "backbone" else ()), *(("synthetic",) if uses_syn else ()))
 
 
-def keep_consistent(syn: ArrayDataset, own_prob: torch.Tensor, keep: float) -> ArrayDataset:
-    """The share ``keep`` of each class's synthetic images with the highest probability of their
-    own class under the shot classifier (at least one per class), in their original order, so
-    ``first_per_class`` and the sweep still take a prefix."""
-    if not 0 < keep <= 1:
-        raise FewgenError(f"learner.synthetic_keep must be in (0, 1], got {keep}")
-    if keep == 1:
-        return syn
-    chosen = []
-    for idx in syn.indices_by_class():
-        if len(idx):
-            m = max(1, int(round(keep * len(idx))))
-            chosen.append(idx[own_prob[idx].argsort(descending=True, stable=True)[:m]])
-    idx = torch.cat(chosen).sort().values
-    return syn.subset(idx, name=f"{syn.name}/keep{keep:g}")
-
-
-@torch.no_grad()
-def synthetic_diagnostics(run: Run, real: ArrayDataset, syn: ArrayDataset) -> dict:
-    """How usable a synthetic set is, judged with the few shots only (never the test images).
-
-    In the pretrained feature space: ``label_fidelity`` - the share of synthetic images that a
-    logistic regression fitted on the real shots assigns to their own label (all novel classes);
-    ``nn_cosine_to_shots`` - mean cosine similarity of each synthetic image to the nearest real
-    shot of its class (1 = copies); ``intra_class_cosine`` - mean pairwise cosine among the
-    synthetic images of a class (diversity: lower is more diverse); ``shots_intra_class_cosine``
-    - the same among the real shots (needs K > 1); ``mmd_real_synthetic`` - the multi-kernel MMD
-    between real shots and synthetic images (L2-normalised features).
-    """
-    from fewgen.learners.losses import mmd
-
-    fr, fs, prob = shot_classifier(run, real, syn)
-    n = run.data.novel.num_classes
-    fidelity = float((prob.argmax(1) == syn.labels).double().mean())
-    nn_cos, intra, shots_intra = [], [], []
-    for c in range(n):
-        r, s_ = fr[real.labels == c], fs[syn.labels == c]
-        if len(s_):
-            nn_cos.append(float((s_ @ r.t()).max(1).values.mean()))
-        for group, out in ((s_, intra), (r, shots_intra)):
-            if len(group) > 1:
-                sim = group @ group.t()
-                out.append(float((sim.sum() - sim.diag().sum()) / (len(group) * (len(group) - 1))))
-    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
-    return {"label_fidelity": round(fidelity, 4), "nn_cosine_to_shots": mean(nn_cos),
-            "intra_class_cosine": mean(intra), "shots_intra_class_cosine": mean(shots_intra),
-            "mmd_real_synthetic": round(float(mmd(fr, fs, run.cfg.learner.mmd_bandwidths)), 4),
-            "synthetic_per_class": _per_class(syn), "n_synthetic": len(syn)}
-
-
-@STEPS.register("learn")
+@step("learn", needs=_learn_needs, makes=("learn_histories",))
 def step_learn(run: Run) -> None:
     """Fine-tune and evaluate every learner method (module docstring) for each seed and K."""
     cfg, lc = run.cfg, run.cfg.learner
@@ -418,7 +285,7 @@ def step_learn(run: Run) -> None:
         for clf, per_set in accs.items():
             for n_way, acc in zip(cfg.eval.n_ways, per_set):
                 results.add(name, clf, n_way, ctx.n_shot, acc, seconds, len(syn) if syn is not None else 0,
-                            _per_class(syn), **fields)
+                            images_per_class(syn), **fields)
 
     used_sets: dict[tuple, ArrayDataset] = {}
     diagnostics: dict[str, dict] = {}
@@ -428,13 +295,17 @@ def step_learn(run: Run) -> None:
             ctx = SeedContext(run, seed, n_shot, None)
             syn_all = synthetic_set(run, seed, n_shot, required=needs_syn)
             if syn_all is not None and len(syn_all) and lc.synthetic_keep < 1:
-                own = shot_classifier(run, ctx.real, syn_all)[2].gather(1, syn_all.labels[:, None])[:, 0]
+                own = shot_classifier(run.state.backbone.backbone, ctx.real, syn_all, novel.num_classes,
+                                      cfg.eval.logreg_c, cfg.eval.logreg_iters,
+                                      run.device)[2].gather(1, syn_all.labels[:, None])[:, 0]
                 syn_all = keep_consistent(syn_all, own, lc.synthetic_keep)
             syn = ctx.synthetic = first_per_class(syn_all, lc.synthetic_per_class) if syn_all is not None else None
             if syn is not None:
                 used_sets[(seed, n_shot)] = syn
             if syn is not None and len(syn) and lc.model == "backbone":
-                diagnostics[f"seed{seed}_{n_shot}shot"] = d = synthetic_diagnostics(run, ctx.real, syn)
+                diagnostics[f"seed{seed}_{n_shot}shot"] = d = synthetic_diagnostics(
+                    run.state.backbone.backbone, ctx.real, syn, novel.num_classes, cfg.eval.logreg_c,
+                    cfg.eval.logreg_iters, lc.mmd_bandwidths, run.device)
                 run.log(f"synthetic set seed {seed} {n_shot}-shot: " + ", ".join(f"{k} {v}" for k, v in d.items()))
             for spec in specs:
                 model, history, seconds = train_one(ctx, spec, syn)
@@ -446,9 +317,9 @@ def step_learn(run: Run) -> None:
                 continue
             for m in lc.sweep:
                 sub = first_per_class(syn_all, m) if syn_all is not None else None
-                if m > 0 and (sub is None or _per_class(sub) < m):
+                if m > 0 and (sub is None or images_per_class(sub) < m):
                     run.log(f"sweep: skipping {m} synthetic images per class (the synthetic set has "
-                            f"{_per_class(syn_all)} per class); raise the synthesis count to include it")
+                            f"{images_per_class(syn_all)} per class); raise the synthesis count to include it")
                     continue
                 if lc.sweep_method != "frozen":  # fine-tune at each point; "frozen": the frozen rows only
                     spec = MethodSpec("real-only", "real-only") if m == 0 else sweep_spec(lc)
@@ -477,7 +348,7 @@ def step_learn(run: Run) -> None:
                 row["sweep"] = True
                 rows.append(row)
     run.add_rows(rows)
-    run.artifacts["learn_histories"] = histories
+    run.state.learn_histories = histories
     if run.dir is not None:
         write_json(run.dir / "learn_history.json", histories)
         if diagnostics:
@@ -489,153 +360,33 @@ def sweep_spec(lc) -> MethodSpec:
     return method_specs(dataclasses.replace(lc, methods=[lc.sweep_method], ablations=[]))[0]
 
 
-def augmented_copies(real: ArrayDataset, per_class: int, seed: int) -> ArrayDataset:
-    """``per_class`` random affine distortions of each class's real shots (cycled), labels kept.
-
-    A no-generator baseline for the synthetic set: it shows what plain augmentation of the
-    few shots buys, the bar a generator has to clear.
-    """
-    import kornia.augmentation as K
-
-    aug = K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=10, p=1.0)
-    parts_x, parts_y = [], []
-    for c, idx in enumerate(real.indices_by_class()):
-        if not len(idx):
-            continue
-        src = idx[torch.arange(per_class) % len(idx)]
-        torch.manual_seed(seed_hash("augmented-copies", real.name, seed, c))
-        x = aug(real.float_images(src))
-        parts_x.append(x.mul(255).round().clamp(0, 255).to(torch.uint8))
-        parts_y.append(torch.full((per_class,), c, dtype=torch.long))
-    return ArrayDataset(torch.cat(parts_x), torch.cat(parts_y), list(real.class_names),
-                        name=f"{real.name}/augmented-copies{per_class}")
-
-
-@STEPS.register("augmented-copies")
+@step("augmented-copies", makes=("synthetic",))
 def step_augmented_copies(run: Run) -> None:
-    """Fill ``run.artifacts["synthetic"]`` with augmented copies of each seed's real shots
+    """Fill ``run.state.synthetic`` with augmented copies of each seed's real shots
     (``learner.augmented_copies_per_class`` per class): the generator-free control."""
-    store = run.artifacts.setdefault("synthetic", {})
     m = run.cfg.learner.augmented_copies_per_class
     for n_shot in run.cfg.eval.n_shots:
         for seed in run.cfg.seeds:
-            store[(seed, n_shot)] = augmented_copies(few_shot_set(run.data.novel, n_shot, seed), m, seed)
-    run.artifacts["synthetic_source"] = f"augmented copies of the real shots ({m} per class, random affine)"
-    run.artifacts["synthetic_kind"] = "augmented-copies"
-    run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
+            run.state.synthetic[(seed, n_shot)] = augmented_copies(few_shot_set(run.data.novel, n_shot, seed), m, seed)
+    run.state.synthetic_source = f"augmented copies of the real shots ({m} per class, random affine)"
+    run.state.synthetic_kind = "augmented-copies"
+    run.log(f"synthetic set: {run.state.synthetic_source}")
 
 
-def import_synthetic(folder: str, novel: ArrayDataset, per_class: int) -> ArrayDataset:
-    """The first ``per_class`` images (by sorted file name) of each novel class from
-    ``folder/<class name>/*.png|jpg``, at the novel data's size and channels, labelled in the
-    novel classes' order. Only those files are read; other class folders are ignored."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from fewgen.data.datasets import image_files, read_image
-
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise FewgenError(f"synthesis.import_dir={folder!r} is not a folder; give a folder with one subfolder "
-                          "per novel class (<dir>/<class>/*.png)")
-    missing = [c for c in novel.class_names if not (root / c).is_dir()]
-    if missing:
-        raise FewgenError(f"{root} has no folder for novel class(es) {', '.join(map(repr, missing[:5]))}; "
-                          f"its subfolders must be named as the novel classes: {', '.join(novel.class_names[:10])}")
-    c, h, _ = novel.image_shape
-    files = []
-    for name in novel.class_names:
-        found = image_files(root / name)
-        if len(found) < per_class:
-            raise FewgenError(f"{root / name} has {len(found)} images but synthesis.synthetic_per_class={per_class}; "
-                              "add images or lower synthesis.synthetic_per_class")
-        files += found[:per_class]
-    images = torch.from_numpy(np.stack([read_image(f, str(f), h, c) for f in files]))
-    labels = torch.arange(len(novel.class_names)).repeat_interleave(per_class)
-    return ArrayDataset(images, labels, list(novel.class_names), name=f"imported:{root.name}/{per_class}")
-
-
-@STEPS.register("import-synthetic")
+@step("import-synthetic", makes=("synthetic",))
 def step_import_synthetic(run: Run) -> None:
-    """Fill ``run.artifacts["synthetic"]`` with images made elsewhere (``synthesis.import_dir``),
+    """Fill ``run.state.synthetic`` with images made elsewhere (``synthesis.import_dir``),
     the same set for every seed and K: e.g. a GPU's Stable Diffusion output, or real images of
     the classes from another source as an upper bound on what a generator could give."""
     sc = run.cfg.synthesis
     if not sc.import_dir:
         raise FewgenError("the import-synthetic step needs synthesis.import_dir=<folder>/<class>/*.png")
     syn = import_synthetic(sc.import_dir, run.data.novel, sc.synthetic_per_class)
-    store = run.artifacts.setdefault("synthetic", {})
     for n_shot in run.cfg.eval.n_shots:
         for seed in run.cfg.seeds:
-            store[(seed, n_shot)] = syn
-    run.artifacts["synthetic_source"] = f"imported from {sc.import_dir} ({sc.synthetic_per_class} per class)"
-    run.artifacts["synthetic_kind"] = "imported"
-    run.log(f"synthetic set: {run.artifacts['synthetic_source']}")
+            run.state.synthetic[(seed, n_shot)] = syn
+    run.state.synthetic_source = f"imported from {sc.import_dir} ({sc.synthetic_per_class} per class)"
+    run.state.synthetic_kind = "imported"
+    run.log(f"synthetic set: {run.state.synthetic_source}")
 
 
-@STEPS.register("export")
-def step_export(run: Run) -> None:
-    """``<run>/classifier/``: the pretrained backbone and a head fitted on every novel class's shots
-    (``export.n_shot``, ``export.seed``) and what ``export.extra`` adds (the run's generated images of
-    those shots, augmented copies of them, or both, weighted as the learn step weights them): the fit
-    of the run's all-way row of the same classifier and extra images. Its accuracy on the remaining
-    novel images (when there are any) is recorded."""
-    import yaml
-
-    from fewgen.classifier import fit_classifier
-    from fewgen.evaluation.features import cached_features
-    from fewgen.evaluation.protocol import ExtraSupport
-
-    cfg, ec = run.cfg, run.cfg.export
-    if "backbone" not in run.artifacts:
-        raise FewgenError("the export step needs a backbone: put 'pretrain' before it in pipeline")
-    n_shot = max(cfg.eval.n_shots) if ec.n_shot is None else ec.n_shot
-    seed = cfg.seeds[0] if ec.seed is None else ec.seed
-    if n_shot not in cfg.eval.n_shots or seed not in cfg.seeds:
-        raise FewgenError(f"export.n_shot={n_shot} and export.seed={seed} must be among eval.n_shots "
-                          f"{cfg.eval.n_shots} and seeds {cfg.seeds}")
-    pb, novel, lc = run.artifacts["backbone"], run.data.novel, cfg.learner
-    shots = few_shot_set(novel, n_shot, seed)
-    parts, weights = [], []  # in the order of the learn step's rows: copies, then generated images
-    if "copies" in ec.extra:
-        copies = augmented_copies(shots, lc.augmented_copies_per_class, seed)
-        parts.append(copies)
-        weights.append(torch.full((len(copies),), lc.augmented_weight))
-    syn = (run.artifacts.get("synthetic") or {}).get((seed, n_shot)) if "synthetic" in ec.extra else None
-    if syn is not None and len(syn):
-        parts.append(syn)
-        weights.append(torch.full((len(syn),), lc.synthetic_weight))
-    extra = None
-    uses_synthetic = syn is not None and len(syn) > 0 and generated(run)
-    if parts:
-        more = ArrayDataset.concat(parts, name=f"{shots.name}+extra") if len(parts) > 1 else parts[0]
-        feats = cached_features(run.cache, pb.key, pb.backbone, more, run.device, run.log)
-        w = torch.cat(weights)
-        extra = ExtraSupport({(seed, n_shot): feats}, {(seed, n_shot): more.labels},
-                             weights={(seed, n_shot): w}).for_all_way(seed, n_shot, novel.num_classes)
-    info = {"fit": {"n_shot": n_shot, "seed": seed, "shots": len(shots), "extra": ec.extra,
-                    "synthetic": 0 if syn is None else len(syn),
-                    "copies": lc.augmented_copies_per_class * novel.num_classes if "copies" in ec.extra else 0,
-                    "synthetic_weight": lc.synthetic_weight, "copies_weight": lc.augmented_weight,
-                    "uses_synthetic": uses_synthetic},
-            "novel": run.data.protocol, "run": cfg.name}
-    clf = fit_classifier(pb.backbone, {"name": cfg.backbone.name, "kwargs": dict(cfg.backbone.kwargs)}, shots.images,
-                         shots.labels, list(novel.class_names), ec.head, cfg.eval.logreg_c, cfg.eval.logreg_iters,
-                         extra=extra, info=info)
-    queries = len(novel) - len(shots)
-    if queries > 0:  # the same images the all-way evaluation classifies
-        from fewgen.data.fewshot import all_way_split
-
-        _, qry = all_way_split(novel, n_shot, seed)
-        feats = cached_features(run.cache, pb.key, pb.backbone, novel, run.device, run.log)[qry]
-        pred = clf._head().predict(feats[None])[0]
-        clf.info["all_way"] = {"queries": int(len(qry)),
-                               "accuracy": round(float((pred == novel.labels[qry]).double().mean() * 100), 3)}
-    if run.dir is not None:
-        folder = clf.save(run.dir / "classifier", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        acc = clf.info.get("all_way")
-        run.log(f"classifier ({ec.head}, {novel.num_classes} classes, {len(shots)} shots"
-                f"{f' + {len(extra[0])} more ({ec.extra})' if extra is not None else ''}) in {folder.name}/"
-                + (f"; {acc['accuracy']:.2f}% on the other {acc['queries']} novel images" if acc else ""))
-    run.artifacts["classifier"] = clf

@@ -1,50 +1,100 @@
-"""``fewgen run``: a config's pipeline steps, in order, in one run directory.
+"""The runner of ``fewgen run``: a config's pipeline steps, in order, in one run directory.
 
-Steps are registered functions of a :class:`Run`; each reads and writes artifacts through
-the content-addressed cache, so a rerun or a second preset reuses what exists. The core
-steps (``pretrain``, ``evaluate``) live here; later stages register theirs in their own
-modules, listed in ``STEP_MODULES``.
+Steps are registered functions of a :class:`Run` (``fewgen.app.steps``), each declaring which
+fields of the typed :class:`RunState` it needs and which it makes, so a pipeline in the wrong order
+is refused before anything runs. Each step reads and writes its results through the content-addressed
+cache, so a rerun or a second preset reuses what exists.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fewgen.cache import ArtifactCache
-from fewgen.config import RunConfig
-from fewgen.data.base import FewShotData
-from fewgen.data.fewshot import Episodes, check_setting, sample_episodes
-from fewgen.errors import FewgenError
-from fewgen.registry import Registry
-from fewgen.runs import (
+from fewgen.app.rundir import (
     RunLog,
-    best_of_each_kind,
     check_run_dir,
     environment,
-    format_best,
-    format_table,
     prepare_staging,
     publish_run,
     write_config,
     write_metrics,
 )
+from fewgen.cache import ArtifactCache
+from fewgen.config import RunConfig
+from fewgen.data.base import ArrayDataset, FewShotData
+from fewgen.data.fewshot import Episodes, check_setting, sample_episodes
+from fewgen.data.loading import load_data
+from fewgen.errors import FewgenError
+from fewgen.registry import Registry
+from fewgen.reports.tables import best_of_each_kind, format_best, format_table
 from fewgen.utils import resolve_device, seed_everything, write_json
 
 STEPS: Registry = Registry("pipeline step")
 EPISODE_STEPS = {"evaluate", "learn"}  # steps that draw few-shot episodes from cfg.eval
-STEP_MODULES: tuple[str, ...] = (  # modules that register more steps when imported
-    "fewgen.learners.steps",
-    "fewgen.reports.steps",
-    "fewgen.learners.domainfusion_steps",
-    "fewgen.generators.gan_steps",
-    "fewgen.generators.steps",
+STEP_MODULES: tuple[str, ...] = (  # the modules that register the steps
+    "fewgen.app.steps.core",
+    "fewgen.app.steps.generate",
+    "fewgen.app.steps.learn",
+    "fewgen.app.steps.export",
+    "fewgen.app.steps.gan",
+    "fewgen.app.steps.domainfusion",
+    "fewgen.app.steps.report",
 )
+
+
+@dataclass
+class RunState:
+    """What the steps of a run hand each other. A step declares the fields it needs and makes
+    (:func:`step`); the runner checks the pipeline's order against them before anything runs."""
+
+    backbone: Any = None  # fewgen.pretrain.PretrainedBackbone
+    generator: Any = None  # a generator (fewgen.generators.protocol.Generator)
+    adapters: dict[tuple[int, int], Any] = field(default_factory=dict)  # (seed, K) -> DataDream adapter
+    adapter_entries: list[Path] = field(default_factory=list)  # their cache entries
+    synthetic: dict[tuple[int, int], ArrayDataset] = field(default_factory=dict)  # (seed, K) -> images
+    synthetic_kind: str | None = None  # generated | augmented-copies | imported
+    synthetic_source: str | None = None  # a sentence for the log and the report
+    learn_histories: dict | None = None
+    classifier: Any = None  # fewgen.classifier.FewgenClassifier
+    gan_setups: dict | None = None  # seed -> fewgen.gan.setup.GenerationSetup
+    gan_source: Any = None  # fewgen.gan.model.SourceGAN
+
+
+Needs = tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]]
+
+
+def step(name: str, needs: Needs = (), makes: tuple[str, ...] = (), generative: bool = False):
+    """Register a pipeline step: ``needs`` (fields of :class:`RunState`, or a function of the config
+    giving them) must have been made by earlier steps; ``makes`` are the fields it fills;
+    ``generative``: it needs the gen extra (diffusers, transformers, peft)."""
+    unknown = [f for f in (*makes, *(needs if not callable(needs) else ())) if f not in RunState.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"step {name!r} names unknown run state fields {unknown}")
+    return STEPS.register(name, needs=needs, makes=tuple(makes), generative=generative)
+
+
+def step_needs(name: str, cfg: RunConfig) -> tuple[str, ...]:
+    needs = STEPS.meta(name).get("needs", ())
+    return tuple(needs(cfg) if callable(needs) else needs)
+
+
+def check_pipeline(cfg: RunConfig) -> None:
+    """Every step's needs are made by a step before it, or one clear error naming who makes them."""
+    made: set[str] = set()
+    for name in cfg.pipeline:
+        for need in step_needs(name, cfg):
+            if need not in made:
+                makers = [s for s in STEPS.names() if need in STEPS.meta(s).get("makes", ())]
+                raise FewgenError(f"the {name} step needs the run's {need}: put "
+                                  f"{' or '.join(repr(m) for m in makers)} before it in pipeline")
+        made.update(STEPS.meta(name).get("makes", ()))
 
 
 @dataclass
@@ -56,7 +106,7 @@ class Run:
     log: RunLog
     progress: bool = True
     data: FewShotData | None = None
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    state: RunState = field(default_factory=RunState)
     rows: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     _episodes: dict[tuple, Episodes] = field(default_factory=dict)
@@ -85,28 +135,9 @@ class Run:
             write_metrics(self.dir, self.rows, {"timings_s": self.timings})
 
 
-def load_data(cfg: RunConfig) -> FewShotData:
-    from fewgen.data import load_dataset
-
-    d = cfg.data
-    foreign = d.novel_dataset is not None
-    if foreign and (d.base_classes is None) != (d.val_classes is None):
-        raise FewgenError("with data.novel_dataset give both data.base_classes and data.val_classes, or neither")
-    data = load_dataset(d.dataset, d.root, d.image_size, base_classes=d.base_classes, val_classes=d.val_classes,
-                        novel_classes=([] if d.base_classes is not None else None) if foreign else d.novel_classes,
-                        download=d.download, channels=d.channels)
-    if foreign:
-        from fewgen.data.novel import load_novel, with_novel_dataset
-
-        novel, rule = load_novel(d.novel_dataset, d.root, data.base.image_shape, d.novel_classes, d.novel_root)
-        data = with_novel_dataset(data, novel, rule, d.novel_dataset)
-    if d.eval_split == "val":  # model selection: the val classes stand in for the novel ones, never seen here
-        import dataclasses
-
-        data = dataclasses.replace(data, novel=data.val, full=None,
-                                   protocol=f"{data.protocol}; episodes from the VALIDATION classes "
-                                            "(data.eval_split=val, for choosing hyperparameters)")
-    return data
+def import_steps() -> None:
+    for module in STEP_MODULES:
+        importlib.import_module(module)
 
 
 def check_eval_settings(cfg: RunConfig, data: FewShotData) -> None:
@@ -123,105 +154,25 @@ def check_eval_settings(cfg: RunConfig, data: FewShotData) -> None:
         CLASSIFIERS.get(c)
 
 
-@STEPS.register("pretrain")
-def step_pretrain(run: Run) -> None:
-    from fewgen.pretrain import pretrain_backbone
-
-    pb = pretrain_backbone(run.cfg, run.data, run.cache, run.device, run.log, run.progress)
-    run.artifacts["backbone"] = pb
-    if run.dir is not None:
-        write_json(run.dir / "pretrain_history.json",
-                   {"history": pb.history, "best_epoch": pb.best_epoch, "best_val": pb.best_val, "cache_key": pb.key})
-        link = run.dir / "checkpoints" / "backbone.safetensors"
-        if not link.exists():
-            link.symlink_to(pb.path.resolve())
-
-
-def novel_features(run: Run) -> torch.Tensor:
-    from fewgen.evaluation.features import cached_features
-
-    pb = run.artifacts["backbone"]
-    return cached_features(run.cache, pb.key, pb.backbone, run.data.novel, run.device, run.log)
-
-
-def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, extra_fields=None) -> list[dict]:
-    """Rows for every (classifier, N, K) and all-way, on the run's shared episodes.
-
-    ``extra``: an :class:`~fewgen.evaluation.protocol.ExtraSupport` (synthetic images added to
-    every support, weighted), or None. ``extra_fields`` go into every row (``uses_synthetic``
-    among them; False by default)."""
-    from fewgen.data.fewshot import all_way_split
-    from fewgen.evaluation.protocol import all_way_accuracy, episode_accuracies, summary_row
-
-    cfg, novel = run.cfg, run.data.novel
-    n_classes = novel.num_classes
-    kw = {"logreg": {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters}}
-    fields = {"uses_synthetic": False, **(extra_fields or {})}
-    rows = []
-    bar = None
-    if run.progress:
-        from tqdm.auto import tqdm
-
-        total = len(cfg.eval.classifiers) * len(cfg.eval.n_ways) * len(cfg.eval.n_shots) * len(cfg.seeds)
-        bar = tqdm(total=total, desc=f"evaluate {method}", leave=False)
-    for clf in cfg.eval.classifiers:
-        for n_way in cfg.eval.n_ways:
-            for n_shot in cfg.eval.n_shots:
-                per_seed = []
-                for seed in cfg.seeds:
-                    if bar is not None:
-                        bar.update()
-                    ep = run.episodes(n_way, n_shot, seed)
-                    es = None if extra is None else \
-                        (lambda classes, s=seed, k=n_shot: extra.for_episodes(classes, s, k, n_classes))
-                    per_seed.append(episode_accuracies(features, ep, clf, classifier_kwargs=kw.get(clf), extra_support=es))
-                rows.append(summary_row(method, n_way, n_shot, per_seed, cfg.seeds, classifier=clf,
-                                        n_query=cfg.eval.n_query, **fields))
-        if cfg.eval.all_way:
-            for n_shot in cfg.eval.n_shots:
-                correct = []
-                for seed in cfg.seeds:
-                    sup, qry = all_way_split(novel, n_shot, seed)
-                    more = None if extra is None else extra.for_all_way(seed, n_shot, n_classes)
-                    correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf), extra=more))
-                row = summary_row(method, n_classes, n_shot, correct, cfg.seeds, classifier=clf, all_way=True, **fields)
-                row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
-                row["seed_accuracies"] = [round(float(c.mean()) * 100, 3) for c in correct]
-                rows.append(row)
-    if bar is not None:
-        bar.close()
-    return rows
-
-
-@STEPS.register("evaluate")
-def step_evaluate(run: Run) -> None:
-    if "backbone" not in run.artifacts:
-        raise FewgenError("the evaluate step needs a backbone: put 'pretrain' before it in pipeline")
-    feats = novel_features(run)
-    rows = evaluate_frozen(run, feats, method=run.cfg.pretrain.recipe)
-    run.add_rows(rows)
-
-
 def vocabularies() -> dict[str, list[str]]:
-    """The names each registry-valued config key admits (``fewgen.config.opt(choices=...)``)."""
+    """The names each registry-valued config key admits (``fewgen.options.opt(choices=...)``)."""
+    from fewgen.app.steps.generate import GENERATOR_KINDS
     from fewgen.backbones.registry import BACKBONES
     from fewgen.data.augment import AUGMENTATIONS
     from fewgen.data.datasets import DATASETS
+    from fewgen.dg.algorithms import DG_ALGORITHMS
     from fewgen.evaluation.classifiers import CLASSIFIERS
-    from fewgen.generators import cdc, dcl, freezed  # noqa: F401  (registration)
+    from fewgen.gan import GAN_METHODS
     from fewgen.generators.diffusion import SAMPLERS
-    from fewgen.generators.gan import ADAPTERS
-    from fewgen.generators.steps import GENERATOR_KINDS
-    from fewgen.learners.domainfusion_steps import METHODS as DG_METHODS
-    from fewgen.learners.steps import KNOWN_METHODS
+    from fewgen.learners import LEARNER_METHODS
     from fewgen.pretrain import RECIPES
 
     return {"dataset": DATASETS.names(), "backbone": BACKBONES.names(), "recipe": RECIPES.names(),
             "augmentation": list(AUGMENTATIONS), "classifier": CLASSIFIERS.names(),
-            "learner method": list(KNOWN_METHODS), "learner evaluation": ["head", *CLASSIFIERS.names()],
-            "sweep method": [*KNOWN_METHODS, "frozen"],
-            "GAN adaptation method": ADAPTERS.names(), "generator kind": list(GENERATOR_KINDS),
-            "sampler": list(SAMPLERS), "pipeline step": STEPS.names(), "domainfusion method": list(DG_METHODS)}
+            "learner method": LEARNER_METHODS.names(), "learner evaluation": ["head", *CLASSIFIERS.names()],
+            "sweep method": [*LEARNER_METHODS.names(), "frozen"],
+            "GAN adaptation method": GAN_METHODS.names(), "generator kind": list(GENERATOR_KINDS),
+            "sampler": list(SAMPLERS), "pipeline step": STEPS.names(), "domainfusion method": DG_ALGORITHMS.names()}
 
 
 def check_device(name: str) -> None:
@@ -245,9 +196,9 @@ def check_config(cfg: RunConfig) -> None:
     """Every name and range in ``cfg`` (registries, devices, counts, threads), before anything runs."""
     from fewgen.config import check_values
 
-    for module in STEP_MODULES:
-        importlib.import_module(module)
+    import_steps()
     check_values(cfg, vocabularies())
+    check_pipeline(cfg)
     check_device(cfg.device)
     if cfg.data.eval_split == "val":
         whole = [s for s in cfg.pipeline if s in ("domainfusion", "gan-source", "gan-adapt")]

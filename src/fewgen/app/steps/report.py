@@ -7,14 +7,14 @@ images when a synthetic set exists.
 
 from __future__ import annotations
 
+from fewgen.app.rundir import write_metrics
+from fewgen.app.runner import Run, step
 from fewgen.data.fewshot import few_shot_set
-from fewgen.pipeline import STEPS, Run
 from fewgen.reports.figures import examples_figure
 from fewgen.reports.html import write_report
-from fewgen.runs import write_metrics
 
 
-@STEPS.register("report")
+@step("report")
 def step_report(run: Run) -> None:
     if run.dir is None:
         return
@@ -23,11 +23,11 @@ def step_report(run: Run) -> None:
     out.mkdir(exist_ok=True)
     seed, n_shot = run.cfg.seeds[0], max(run.cfg.eval.n_shots)
     real = few_shot_set(run.data.novel, n_shot, seed)
-    syn = (run.artifacts.get("synthetic") or {}).get((seed, n_shot))
+    syn = run.state.synthetic.get((seed, n_shot))
     examples = examples_figure(real.images, real.labels, syn.images if syn is not None else None,
                                syn.labels if syn is not None else None, real.class_names, out / "examples.png")
     notes = [f"dataset: {run.data.protocol}"]
-    if run.artifacts.get("synthetic_source"):
-        notes.append(f"synthetic images: {run.artifacts['synthetic_source']}")
+    if run.state.synthetic_source:
+        notes.append(f"synthetic images: {run.state.synthetic_source}")
     page = write_report(run.dir, examples, notes)
     run.log(f"report: {page.relative_to(run.dir)} in the run folder")

@@ -17,16 +17,14 @@ with no ``accuracy`` / ``ci95`` keys (they are not classification results).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fewgen.data.base import ArrayDataset
+from fewgen.app.runner import Run, step
 from fewgen.errors import FewgenError
-from fewgen.generators.gan import (
+from fewgen.gan.model import (
     AdaptSettings,
     Generator,
     adapt_gan,
@@ -38,120 +36,27 @@ from fewgen.generators.gan import (
     pretrained_source_gan,
     sample,
 )
+from fewgen.gan.setup import GenerationSetup, generation_setup
 from fewgen.keys import key_parts
-from fewgen.pipeline import STEPS, Run
+from fewgen.reports.figures import plot_gan_curves as plot_curves
+from fewgen.reports.grids import save_grid
+from fewgen.reports.tables import format_generation_table
 from fewgen.utils import content_digest, path_digest, write_json
 
 METRIC_KEYS = ("fid", "kid", "intra_diversity", "realism", "precision", "recall", "nearest_shot_distance")
 
 
-@dataclass
-class GenerationSetup:
-    """A few-shot generation task. All images uint8 (n, C, H, W) at the GAN's size.
-
-    ``shots`` are the only target images any generator learns from; ``target_eval`` are
-    other real target images (metrics and the realism classifier only).
-    """
-
-    name: str
-    source: torch.Tensor
-    shots: torch.Tensor
-    target_eval: torch.Tensor
-    description: str
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    x = images.float().div(255)
-    mode = "area" if images.shape[-1] > size else "bilinear"
-    out = F.interpolate(x, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def draw_shots(pool: ArrayDataset, n_shots: int, seed: int) -> torch.Tensor:
-    """Indices of ``n_shots`` target images: one from each of ``n_shots`` random classes when there are
-    that many classes, else ``n_shots`` random images."""
-    g = torch.Generator().manual_seed(seed)
-    if len(pool) < n_shots + 5:
-        raise FewgenError(f"the target has {len(pool)} images; it needs n_shots ({n_shots}) plus at least 5 "
-                          "held-out images for the metrics")
-    present = [c for c, idx in enumerate(pool.indices_by_class()) if len(idx)]
-    if len(present) >= n_shots:
-        by_class = pool.indices_by_class()
-        classes = [present[i] for i in torch.randperm(len(present), generator=g)[:n_shots].tolist()]
-        return torch.stack([by_class[c][torch.randint(0, len(by_class[c]), (1,), generator=g)][0] for c in classes])
-    return torch.randperm(len(pool), generator=g)[:n_shots]
-
-
-def generation_setup(run: Run, seed: int) -> GenerationSetup:
-    """Source / shots (drawn with the few-shot ``seed``) / held-out target from ``run.data`` as ``gan.setup`` says."""
-    gc, data = run.cfg.gan, run.data
-    full = data.full if data.full is not None else ArrayDataset.concat([data.base, data.val, data.novel])
-    if gc.setup == "class-range":
-        lo, hi = (gc.target_range + [None, None])[:2]
-        if lo is None or hi is None or not 0 <= lo < hi <= full.num_classes:
-            raise FewgenError(f"gan.target_range={gc.target_range} must be [first, end) class ids within "
-                              f"[0, {full.num_classes}] of {data.name}")
-        in_range = (full.labels >= lo) & (full.labels < hi)
-        source, target = full.subset(in_range.logical_not().nonzero().squeeze(1)), full.subset(in_range.nonzero().squeeze(1))
-        desc = f"{data.name}: target classes [{lo}, {hi}) ({hi - lo} classes), source the other {full.num_classes - hi + lo}"
-    elif gc.setup == "domains":
-        if not gc.source_domains or not gc.target_domain:
-            raise FewgenError("gan.setup=domains needs gan.source_domains (a list) and gan.target_domain")
-        if gc.target_domain in gc.source_domains:
-            raise FewgenError(f"gan.target_domain {gc.target_domain!r} is also a source domain")
-        source, target = full.select_domains(gc.source_domains), full.select_domains([gc.target_domain])
-        desc = f"{data.name}: source {'+'.join(gc.source_domains)}, target {gc.target_domain}"
-    elif gc.setup == "folder":
-        if not gc.target_root:
-            raise FewgenError("gan.setup=folder needs gan.target_root=<image folder, one subfolder per class>")
-        from fewgen.data import load_dataset
-
-        tdata = load_dataset("imagefolder", gc.target_root, gc.image_size, channels=full.image_shape[0])
-        source, target = full, tdata.full
-        desc = f"source {data.name}, target folder {gc.target_root}"
-    else:
-        raise FewgenError(f"unknown gan.setup {gc.setup!r}; use class-range, domains or folder")
-    shot_idx = draw_shots(target, gc.n_shots, seed)
-    keep = torch.ones(len(target), dtype=torch.bool)
-    keep[shot_idx] = False
-    size = gc.image_size
-    name = run.cfg.name
-    return GenerationSetup(name, _resize(source.images, size), _resize(target.images[shot_idx], size),
-                           _resize(target.images[keep], size),
-                           f"{desc}; {gc.n_shots} shots (seed {seed}), {int(keep.sum())} held-out target images")
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
-    """uint8 (n, C, H, W) -> one PNG grid."""
-    import numpy as np
-    from PIL import Image
-
-    from fewgen.utils import atomic_path
-
-    n, c, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    grid = torch.zeros(c, rows * (h + 1), nrow * (w + 1), dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, r * (h + 1): r * (h + 1) + h, col * (w + 1): col * (w + 1) + w] = images[i]
-    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
-
-
-@STEPS.register("gan-source")
+@step("gan-source", makes=("gan_source", "gan_setups"))
 def step_gan_source(run: Run) -> None:
     gc = run.cfg.gan
-    setups = {seed: generation_setup(run, seed) for seed in run.cfg.seeds}
+    setups = {seed: generation_setup(gc, run.data, seed, run.cfg.name) for seed in run.cfg.seeds}
     for setup in setups.values():
         run.log(f"generation setup: {setup.description}")
     setup = setups[run.cfg.seeds[0]]  # the source images are the same for every seed
     arch = gan_arch(gc, setup.source.shape[1])
     src = pretrained_source_gan(setup.source, arch, gan_train_settings(gc), run.cache, run.log, run.device)
-    run.artifacts["gan_setups"] = setups
-    run.artifacts["gan_source"] = src
+    run.state.gan_setups = setups
+    run.state.gan_source = src
     if run.dir is not None:
         out = run.dir / "gan"
         for seed, st in setups.items():
@@ -171,8 +76,8 @@ def _metric_tools(run: Run, setup: GenerationSetup):
                                device=run.device, **run.cfg.backbone.kwargs)
         net_key = path_digest(gc.feature_net.removeprefix("clip:"))  # the weights' content, not their path
         backbone = net.backbone
-    elif "backbone" in run.artifacts:
-        pb = run.artifacts["backbone"]
+    elif run.state.backbone is not None:
+        pb = run.state.backbone
         net, net_key, backbone = load_feature_net(pb.backbone), pb.key, pb.backbone
     else:
         raise FewgenError("gan-adapt needs a metrics network: put 'pretrain' before it in pipeline, or set gan.feature_net")
@@ -185,15 +90,13 @@ def _metric_tools(run: Run, setup: GenerationSetup):
     return net, net_key, distance
 
 
-@STEPS.register("gan-adapt")
+@step("gan-adapt", needs=lambda cfg: ("gan_source",) if cfg.gan.feature_net else ("gan_source", "backbone"))
 def step_gan_adapt(run: Run) -> None:
     from fewgen.evaluation.generative import RealismClassifier, embed
 
-    if "gan_source" not in run.artifacts:
-        raise FewgenError("gan-adapt needs a source GAN: put 'gan-source' before it in pipeline")
     gc = run.cfg.gan
-    setups: dict[int, GenerationSetup] = run.artifacts["gan_setups"]
-    src = run.artifacts["gan_source"]
+    setups: dict[int, GenerationSetup] = run.state.gan_setups
+    src = run.state.gan_source
     first = setups[run.cfg.seeds[0]]
     net, net_key, distance = _metric_tools(run, first)
     lpips_key = path_digest(gc.lpips_weights) if gc.lpips_weights else None
@@ -266,7 +169,7 @@ def _final_metrics(gc, G: Generator, setup: GenerationSetup, net, distance, real
 
 def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: AdaptSettings, entry: Path, track):
     from fewgen.checkpoint import load_model, save_model
-    from fewgen.generators.gan import AdaptResult, Discriminator
+    from fewgen.gan.model import AdaptResult, Discriminator
     from fewgen.utils import read_json
 
     arch = src.generator.arch
@@ -286,54 +189,3 @@ def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: Adapt
     return result
 
 
-def format_generation_table(rows: list[dict]) -> str:
-    """Mean +- std over seeds of each metric, one line per method."""
-    cols = ["method", "fid", "kid", "intra_diversity", "realism", "precision", "recall", "nearest_shot_distance"]
-    head = ["method", "FID", "KID", "intra-div", "realism", "prec", "recall", "near-shot"]
-    lines = [head]
-    for r in rows:
-        cells = [r["method"]]
-        for c in cols[1:]:
-            v, sd = r.get(c), r.get(f"{c}_std")
-            digits = 2 if c in ("fid", "kid") else 3
-            cell = "-" if v is None else f"{v:.{digits}f}"
-            if v is not None and sd is not None and len(r.get("seeds", [])) > 1:
-                cell += f"+-{sd:.{digits}f}"
-            cells.append(cell)
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
-
-
-def plot_curves(tracking: dict[str, dict[int, list[dict]]], path: Path, title: str = "") -> None:
-    """Realism, intra-diversity and FID against adaptation iterations: per method the mean over
-    seeds (line) and the range (band)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fewgen.utils import atomic_path
-
-    keys = [("realism", "realism (P(target))"), ("intra_diversity", "intra-cluster diversity"), ("fid", "FID")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-    for ax, (k, label) in zip(axes, keys):
-        for method, by_seed in tracking.items():
-            runs = [pts for pts in by_seed.values() if pts]
-            if not runs:
-                continue
-            xs = [p["iter"] for p in runs[0]]
-            vals = np.array([[p[k] for p in pts] for pts in runs if len(pts) == len(xs)])
-            line, = ax.plot(xs, vals.mean(0), marker="o", ms=3, label=method)
-            if len(vals) > 1:
-                ax.fill_between(xs, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("adaptation iteration")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewgen.generators.gan import (
-    ADAPTERS,
+from fewgen.gan.model import (
+    GAN_METHODS,
     AdaptMethod,
     AdaptStep,
     Discriminator,
     ns_d_loss,
     ns_g_loss,
 )
+from fewgen.options import opt
 
 
 def distance_consistency_loss(source_feats: torch.Tensor, adapted_feats: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,14 @@ def distance_consistency_loss(source_feats: torch.Tensor, adapted_feats: torch.T
     return (log_p_s.exp() * (log_p_s - log_p_t)).sum(1).mean()
 
 
-@ADAPTERS.register("cdc")
+@dataclass
+class CDCOptions:
+    """CDC's option (``gan.*`` keys)."""
+
+    cdc_weight: float = opt(1000.0, "CDC: weight of the distance-consistency loss", min=0)
+
+
+@GAN_METHODS.register("cdc")
 @dataclass
 class CDC(AdaptMethod):
     """Cross-domain correspondence: distance consistency + anchor-based patch discriminator."""
@@ -68,6 +76,7 @@ class CDC(AdaptMethod):
     n_anchors: int = 10
     anchor_seed: int = 0
     name = "cdc"
+    options = {"weight": "cdc_weight"}
 
     def trainable_d_parameters(self, D: Discriminator) -> list[nn.Parameter]:
         return list(D.parameters())  # the patch head trains too

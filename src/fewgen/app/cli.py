@@ -13,8 +13,8 @@ from fewgen.errors import FewgenError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(args.config, args.overrides)
     run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
@@ -53,8 +53,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     cfg = load_config(args.config, args.overrides)
     if args.zero_shot:
@@ -63,7 +63,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise FewgenError("zero-shot generation needs the class names: set generator.cond_mode=name or class+name")
     cfg.pipeline = ["generator", "synthesize"] if cfg.synthesis.zero_shot else ["generator", "adapt", "synthesize"]
     r = run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
-    sets = r.artifacts.get("synthetic", {})
+    sets = r.state.synthetic
     print(f"{len(sets)} synthetic set(s), {sum(len(d) for d in sets.values())} images; grids in {r.dir / 'grids'}")
     return 0
 
@@ -120,8 +120,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from fewgen.app.runner import run
     from fewgen.config import load_config
-    from fewgen.pipeline import run
 
     shots = Path(args.shots).expanduser()
     cfg = load_config(args.preset, ["data.novel_dataset=imagefolder", f"data.novel_root={shots}", "eval.n_shots=[0]",

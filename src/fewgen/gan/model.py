@@ -11,7 +11,7 @@ mirrors it and exposes the feature map after each block (``features``) plus a pa
 
 with a lazy R1 penalty ``gamma/2 * |grad_x D(x)|^2`` on real images (Mescheder et al. 2018).
 
-Adaptation methods (``ADAPTERS``, one file each: freezed.py, cdc.py, dcl.py) provide the
+Adaptation methods (``GAN_METHODS``, one file each: freezed.py, cdc.py, dcl.py) provide the
 discriminator and generator losses of one step; :func:`adapt_gan` runs them from the same
 source checkpoint, tracks metrics every K iterations, and checkpoints resumably.
 
@@ -35,7 +35,7 @@ from torch import nn
 from fewgen.errors import FewgenError
 from fewgen.registry import Registry
 
-ADAPTERS: Registry = Registry("GAN adaptation method")
+GAN_METHODS: Registry = Registry("GAN adaptation method")
 
 
 # ----------------------------------------------------------------------------- networks
@@ -383,19 +383,15 @@ def gan_adapt_settings(gc, seed: int) -> AdaptSettings:
                          track_every=gc.track_every, checkpoint_every=gc.track_every, seed=seed)
 
 
-#: the ``GANConfig`` field behind each option of each adaptation method
-METHOD_OPTIONS: dict[str, dict[str, str]] = {
-    "freezed": {"layers": "freezed_layers"},
-    "cdc": {"weight": "cdc_weight"},
-    "dcl": {"lambda1": "dcl_lambda1", "lambda2": "dcl_lambda2", "temperature": "dcl_temperature"},
-    "dcl-g": {"lambda1": "dcl_lambda1", "lambda2": "dcl_lambda2", "temperature": "dcl_temperature"},
-    "dcl-cl1": {"lambda1": "dcl_lambda1", "temperature": "dcl_temperature"},
-}
+def method_options(name: str) -> dict[str, str]:
+    """The ``GANConfig`` field behind each constructor option of adaptation method ``name`` (each
+    method declares them beside its definition, ``AdaptMethod.options``)."""
+    return dict(GAN_METHODS.get(name).options)
 
 
 def method_kwargs(gc, name: str) -> dict[str, Any]:
     """The constructor options of adaptation method ``name`` from a ``GANConfig``."""
-    return {kw: getattr(gc, f) for kw, f in METHOD_OPTIONS.get(name, {}).items()}
+    return {kw: getattr(gc, f) for kw, f in method_options(name).items()}
 
 
 def adapted_gan_key(gc, *, source: str, shots: str, target: str, method: str, seed: int, feature_net: str,
@@ -434,6 +430,8 @@ class AdaptMethod:
     """
 
     name = "base"
+    #: constructor option -> the ``gan.*`` config field it comes from (declared beside each method)
+    options: dict[str, str] = {}
 
     def trainable_d_parameters(self, D: Discriminator) -> list[nn.Parameter]:
         return [p for n, p in D.named_parameters() if not n.startswith("patch_head")]
@@ -533,6 +531,5 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
 
 def create_adapter(name: str, **kwargs: Any) -> AdaptMethod:
     """An adaptation method by registered name (tgan, freezed, cdc, dcl)."""
-    from fewgen.generators import cdc, dcl, freezed  # noqa: F401  (registration)
 
-    return ADAPTERS.get(name)(**kwargs)
+    return GAN_METHODS.get(name)(**kwargs)  # the methods register themselves (fewgen.gan imports them)

@@ -1,0 +1,87 @@
+"""The core steps: ``pretrain`` (the base-class backbone, through the cache) and ``evaluate`` (the
+frozen-feature classifiers on the run's episodes and the all-way problem), with the frozen
+evaluation the other steps reuse (:func:`evaluate_frozen`)."""
+
+from __future__ import annotations
+
+import torch
+
+from fewgen.app.runner import Run, step
+from fewgen.utils import write_json
+
+
+@step("pretrain", makes=("backbone",))
+def step_pretrain(run: Run) -> None:
+    from fewgen.pretrain import pretrain_backbone
+
+    pb = pretrain_backbone(run.cfg, run.data, run.cache, run.device, run.log, run.progress)
+    run.state.backbone = pb
+    if run.dir is not None:
+        write_json(run.dir / "pretrain_history.json",
+                   {"history": pb.history, "best_epoch": pb.best_epoch, "best_val": pb.best_val, "cache_key": pb.key})
+        link = run.dir / "checkpoints" / "backbone.safetensors"
+        if not link.exists():
+            link.symlink_to(pb.path.resolve())
+
+
+def novel_features(run: Run) -> torch.Tensor:
+    from fewgen.evaluation.features import cached_features
+
+    pb = run.state.backbone
+    return cached_features(run.cache, pb.key, pb.backbone, run.data.novel, run.device, run.log)
+
+
+def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, extra_fields=None) -> list[dict]:
+    """Rows for every (classifier, N, K) and all-way, on the run's shared episodes.
+
+    ``extra``: an :class:`~fewgen.evaluation.protocol.ExtraSupport` (synthetic images added to
+    every support, weighted), or None. ``extra_fields`` go into every row (``uses_synthetic``
+    among them; False by default)."""
+    from fewgen.data.fewshot import all_way_split
+    from fewgen.evaluation.protocol import all_way_accuracy, episode_accuracies, summary_row
+
+    cfg, novel = run.cfg, run.data.novel
+    n_classes = novel.num_classes
+    kw = {"logreg": {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters}}
+    fields = {"uses_synthetic": False, **(extra_fields or {})}
+    rows = []
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        total = len(cfg.eval.classifiers) * len(cfg.eval.n_ways) * len(cfg.eval.n_shots) * len(cfg.seeds)
+        bar = tqdm(total=total, desc=f"evaluate {method}", leave=False)
+    for clf in cfg.eval.classifiers:
+        for n_way in cfg.eval.n_ways:
+            for n_shot in cfg.eval.n_shots:
+                per_seed = []
+                for seed in cfg.seeds:
+                    if bar is not None:
+                        bar.update()
+                    ep = run.episodes(n_way, n_shot, seed)
+                    es = None if extra is None else \
+                        (lambda classes, s=seed, k=n_shot: extra.for_episodes(classes, s, k, n_classes))
+                    per_seed.append(episode_accuracies(features, ep, clf, classifier_kwargs=kw.get(clf), extra_support=es))
+                rows.append(summary_row(method, n_way, n_shot, per_seed, cfg.seeds, classifier=clf,
+                                        n_query=cfg.eval.n_query, **fields))
+        if cfg.eval.all_way:
+            for n_shot in cfg.eval.n_shots:
+                correct = []
+                for seed in cfg.seeds:
+                    sup, qry = all_way_split(novel, n_shot, seed)
+                    more = None if extra is None else extra.for_all_way(seed, n_shot, n_classes)
+                    correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf), extra=more))
+                row = summary_row(method, n_classes, n_shot, correct, cfg.seeds, classifier=clf, all_way=True, **fields)
+                row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
+                row["seed_accuracies"] = [round(float(c.mean()) * 100, 3) for c in correct]
+                rows.append(row)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+@step("evaluate", needs=("backbone",))
+def step_evaluate(run: Run) -> None:
+    feats = novel_features(run)
+    rows = evaluate_frozen(run, feats, method=run.cfg.pretrain.recipe)
+    run.add_rows(rows)

@@ -1,0 +1,47 @@
+"""The one way images change size and channels: area averaging when shrinking, bilinear
+(``align_corners=False``) when enlarging; gray -> RGB by repeating the channel, RGB -> gray by
+the luminance ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fewgen.errors import FewgenError
+
+
+def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Float images (n, C, H, W) -> (n, C, *size); unchanged when already that size."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if x.shape[-2:] == (h, w):
+        return x
+    mode = "area" if x.shape[-1] > w else "bilinear"
+    kw = {} if mode == "area" else {"align_corners": False}
+    return torch.cat([F.interpolate(chunk, size=(h, w), mode=mode, **kw) for chunk in torch.split(x, 2048)])
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8 (rounded, clamped)."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def resize_uint8(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """uint8 images (n, C, H, W) -> uint8 at ``size``."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if images.shape[-2:] == (h, w):
+        return images
+    return to_uint8(resize(images.float() / 255.0, (h, w)))
+
+
+def convert_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (n, C, H, W) -> uint8 (n, *shape): channels converted, then resized."""
+    c, h, w = shape
+    x = images.float() / 255.0
+    if x.shape[1] != c:
+        if c == 3 and x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        elif c == 1 and x.shape[1] == 3:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise FewgenError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    return to_uint8(resize(x, (h, w)))

@@ -1,0 +1,33 @@
+"""The data of a run from its config: the base dataset and its split, novel classes from another
+dataset when ``data.novel_dataset`` is set, and the validation classes in their place for model
+selection (``data.eval_split=val``)."""
+
+from __future__ import annotations
+
+from fewgen.data.base import FewShotData
+from fewgen.errors import FewgenError
+
+
+def load_data(cfg) -> FewShotData:
+    """The :class:`FewShotData` of a ``RunConfig`` (its ``data`` section)."""
+    from fewgen.data import load_dataset
+
+    d = cfg.data
+    foreign = d.novel_dataset is not None
+    if foreign and (d.base_classes is None) != (d.val_classes is None):
+        raise FewgenError("with data.novel_dataset give both data.base_classes and data.val_classes, or neither")
+    data = load_dataset(d.dataset, d.root, d.image_size, base_classes=d.base_classes, val_classes=d.val_classes,
+                        novel_classes=([] if d.base_classes is not None else None) if foreign else d.novel_classes,
+                        download=d.download, channels=d.channels)
+    if foreign:
+        from fewgen.data.novel import load_novel, with_novel_dataset
+
+        novel, rule = load_novel(d.novel_dataset, d.root, data.base.image_shape, d.novel_classes, d.novel_root)
+        data = with_novel_dataset(data, novel, rule, d.novel_dataset)
+    if d.eval_split == "val":  # model selection: the val classes stand in for the novel ones, never seen here
+        import dataclasses
+
+        data = dataclasses.replace(data, novel=data.val, full=None,
+                                   protocol=f"{data.protocol}; episodes from the VALIDATION classes "
+                                            "(data.eval_split=val, for choosing hyperparameters)")
+    return data

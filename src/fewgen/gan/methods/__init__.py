@@ -1,0 +1,1 @@
+"""GAN adaptation methods, one file each; importing ``fewgen.gan`` registers them."""
