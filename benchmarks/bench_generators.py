@@ -53,8 +53,13 @@ from fewgen.generators.datadream import (
     DataDreamConfig,
     train_datadream,
 )
-from fewgen.generators.diffusion import SAMPLERS, DiffusionConfig, DiffusionGenerator
-from fewgen.generators.sampling import pixel_sample_fn, sampling_streams
+from fewgen.generators.diffusion import (
+    SAMPLERS,
+    DiffusionConfig,
+    DiffusionGenerator,
+    pixel_sample_fn,
+)
+from fewgen.generators.sampling import sampling_streams
 from fewgen.synthesis.store import SynthesisCache, SynthesisSpec, write_png
 
 

@@ -73,7 +73,7 @@ def exemplar_job(slow: float = 0.0):
     """A tiny exemplar generator drawing 8 images per class from toy shots, half by SDEdit."""
     from test_exemplar import tiny_exemplar, toy_base
 
-    from fewgen.generators.sampling import exemplar_sample_fn
+    from fewgen.generators.exemplar import exemplar_sample_fn
 
     gen = tiny_exemplar()
     shots = toy_base(n_classes=3, per_class=2)

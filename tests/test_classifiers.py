@@ -143,3 +143,29 @@ def test_extra_support_joins_episodes_and_all_way():
     a = all_way_accuracy(feats, labels, sup, qry, "logreg").mean()
     b = all_way_accuracy(feats, labels, sup, qry, "logreg", extra=extra.for_all_way(0, 1, 4)).mean()
     assert b > a
+
+
+def test_proto_share_sets_the_extra_images_share_of_each_prototype():
+    from fewgen.evaluation.classifiers import PrototypeClassifier
+    from fewgen.evaluation.protocol import ExtraSupport
+
+    g = torch.Generator().manual_seed(3)
+    shots = F.normalize(torch.randn(3, 2, 8, generator=g), dim=-1)  # 3 classes x K=2 shots
+    extra_f = F.normalize(torch.randn(3 * 4, 8, generator=g), dim=-1)  # 4 extra images per class
+    extra_y = torch.arange(3).repeat_interleave(4)
+    w = torch.rand(12, generator=g) + 0.5  # unequal per-image weights: their relative sizes are kept
+    es = ExtraSupport({(0, 2): extra_f}, {(0, 2): extra_y}, weights={(0, 2): w}, proto_share=0.3)
+    xs, ys, ws = es.for_episodes(torch.arange(3)[None], 0, 2, 3, "proto")
+    support = torch.cat([shots.reshape(1, 6, 8), xs], 1)
+    y = torch.cat([torch.arange(3).repeat_interleave(2)[None], ys], 1)
+    sw = torch.cat([torch.ones(1, 6), ws], 1)
+    proto = PrototypeClassifier().fit(support, y, n_classes=3, sample_weight=sw).prototypes[0]
+    for c in range(3):
+        wc = w[extra_y == c]
+        want = 0.7 * shots[c].mean(0) + 0.3 * (wc[:, None] * extra_f[extra_y == c]).sum(0) / wc.sum()
+        assert torch.allclose(proto[c], F.normalize(want, dim=-1), atol=1e-5)
+    # logistic regression keeps the per-image weights
+    _, _, w_lr = es.for_episodes(torch.arange(3)[None], 0, 2, 3, "logreg")
+    assert torch.allclose(w_lr[0], w)
+    _, _, w_all = es.for_all_way(0, 2, 3, "proto")
+    assert torch.allclose(w_all.view(3, 4).sum(1), torch.full((3,), 0.3 / 0.7 * 2))

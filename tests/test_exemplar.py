@@ -7,7 +7,6 @@ import torch
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
-from fewgen.generators.diffusion import to_model_space
 from fewgen.generators.exemplar import (
     AdaptedExemplar,
     ExemplarConfig,
@@ -15,6 +14,7 @@ from fewgen.generators.exemplar import (
     pair_indices,
     train_exemplar_datadream,
 )
+from fewgen.generators.pixels import to_model_space
 from tests.conftest import DIGITS
 
 

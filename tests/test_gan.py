@@ -114,7 +114,7 @@ def source_gan():
                      "test", None)
 
 
-@pytest.mark.parametrize("name", ["tgan", "freezed", "cdc", "dcl", "dcl-g", "dcl-cl1"])
+@pytest.mark.parametrize("name", GAN_METHODS.names())
 def test_two_adaptation_iterations(name, source_gan):
     shots = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     calls = []

@@ -210,7 +210,7 @@ def test_parallel_streams_write_the_same_bytes_as_one(tmp_path):
     switches LoRA weights per class, write the bytes one stream writes; torch's thread count is
     split among the streams and restored."""
     from fewgen.generators.datadream import DataDreamConfig, train_datadream
-    from fewgen.generators.sampling import pixel_sample_fn
+    from fewgen.generators.diffusion import pixel_sample_fn
 
     gen = tiny_generator()
     adapter = train_datadream(gen, toy_few_shot(), DataDreamConfig(mode="cls", rank=2, alpha=2.0, steps_per_class=2,
@@ -280,7 +280,7 @@ def test_sdedit_starts_from_the_shots(tmp_path):
     """Strength 0 returns each class's shots unchanged; larger strengths move away from them; the
     set's key holds the shots, so other shots are another set."""
     from fewgen.generators.datadream import DataDreamConfig, train_datadream
-    from fewgen.generators.sampling import pixel_sample_fn
+    from fewgen.generators.diffusion import pixel_sample_fn
 
     gen = tiny_generator()
     few = toy_few_shot()

@@ -75,8 +75,10 @@ def _int_keys(state: dict) -> dict:
 
 
 def save_training_state(path: str | Path, modules: dict[str, nn.Module], optimizer=None, scheduler=None,
-                        extra: dict[str, Any] | None = None) -> None:
-    """Save everything needed to resume: module weights, optimizer, scheduler, counters."""
+                        extra: dict[str, Any] | None = None,
+                        optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
+    """Save everything needed to resume: module weights, the optimizer (or several, by name, as a
+    GAN's G and D optimizers), the scheduler and counters."""
     tensors: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         for k, v in m.state_dict().items():
@@ -84,12 +86,17 @@ def save_training_state(path: str | Path, modules: dict[str, nn.Module], optimiz
     meta: dict[str, Any] = {"extra": extra or {}}
     if optimizer is not None:
         meta["optimizer"] = _split_state("optim", optimizer.state_dict(), tensors)
+    if optimizers:
+        meta["optimizers"] = {n: _split_state(f"optim.{n}", o.state_dict(), tensors) for n, o in optimizers.items()}
     if scheduler is not None:
         meta["scheduler"] = _split_state("sched", scheduler.state_dict(), tensors)
     save_tensors(path, tensors, meta)
 
 
-def load_training_state(path: str | Path, modules: dict[str, nn.Module], optimizer=None, scheduler=None) -> dict:
+def load_training_state(path: str | Path, modules: dict[str, nn.Module], optimizer=None, scheduler=None,
+                        optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict:
+    """Restore what :func:`save_training_state` saved into ``modules`` and the optimizers; returns
+    the counters (``extra``)."""
     tensors, meta = load_tensors(path)
     for name, m in modules.items():
         prefix = f"model.{name}."
@@ -98,6 +105,10 @@ def load_training_state(path: str | Path, modules: dict[str, nn.Module], optimiz
         st = _join_state(meta["optimizer"], tensors)
         st["state"] = _int_keys(st["state"])
         optimizer.load_state_dict(st)
+    for name, opt in (optimizers or {}).items():
+        st = _join_state(meta["optimizers"][name], tensors)
+        st["state"] = _int_keys(st["state"])
+        opt.load_state_dict(st)
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(_join_state(meta["scheduler"], tensors))
     return meta.get("extra", {})

@@ -154,6 +154,9 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
                                   "the support (rows frozen+augmented-copies, uses_synthetic false): the "
                                   "generator-free control on the same episodes")
     augmented_weight: float = opt(1.0, "weight of each augmented copy in the frozen classifiers of the control", gt=0)
+    proto_share: float | None = opt(None, "proto only: the share of a class's synthetic and augmented support images "
+                                    "in its prototype, (1 - share) mean(shots) + share mean(extra), instead of the "
+                                    "per-image weights (null: per-image weights)", gt=0, max=0.95)
 
 
 @dataclass

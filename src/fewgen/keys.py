@@ -232,7 +232,8 @@ LEARNER = rule(
             "learner.frozen_synthetic": "an evaluation of the frozen backbone; trains nothing",
             "learner.synthetic_weight": "weights synthetic supports of the frozen classifiers; trains nothing",
             "learner.augmented_control": "a frozen-classifier evaluation; trains nothing",
-            "learner.augmented_weight": "a frozen-classifier evaluation; trains nothing"},
+            "learner.augmented_weight": "a frozen-classifier evaluation; trains nothing",
+            "learner.proto_share": "weights synthetic supports of the proto classifier; trains nothing"},
 )
 """A fine-tuned classifier: one method (its spec) on one seed's shots (``real``) and synthetic set."""
 

@@ -33,26 +33,41 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 def content_digest(*parts: Any, length: int = 16) -> str:
-    """The content key of tensors, arrays and JSON-able values: sha256 over each part's type,
-    dtype, shape and bytes (tensors, arrays) or canonical JSON (anything else), in order.
+    """The content key of tensors, arrays, bytes, dicts of those and JSON-able values: sha256 over
+    each part's type, dtype, shape and bytes (tensors, arrays, bytes), its sorted keys and values
+    (dicts holding tensors, arrays or bytes) or canonical JSON (anything else), in order.
 
-    The one content hash for data in cache keys: images and labels of a dataset, trained weights.
+    The one content hash for data in cache keys: images and labels of a dataset, trained weights
+    (a state dict), weight files.
     """
     h = hashlib.sha256()
     for part in parts:
-        if isinstance(part, torch.Tensor):
-            t = part.detach().cpu().contiguous()
-            if t.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: hash the raw bits
-                t = t.view(torch.int16)
-            h.update(f"tensor:{part.dtype}:{tuple(t.shape)}:".encode())
-            h.update(t.numpy().tobytes())
-        elif isinstance(part, np.ndarray):
-            a = np.ascontiguousarray(part)
-            h.update(f"array:{a.dtype}:{a.shape}:".encode())
-            h.update(a.tobytes())
-        else:
-            h.update(f"json:{canonical_json(part)}:".encode())
+        _digest_into(h, part)
     return h.hexdigest()[:length]
+
+
+def _digest_into(h, part: Any) -> None:
+    if isinstance(part, torch.Tensor):
+        t = part.detach().cpu().contiguous()
+        if t.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: hash the raw bits
+            t = t.view(torch.int16)
+        h.update(f"tensor:{part.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    elif isinstance(part, np.ndarray):
+        a = np.ascontiguousarray(part)
+        h.update(f"array:{a.dtype}:{a.shape}:".encode())
+        h.update(a.tobytes())
+    elif isinstance(part, bytes | bytearray):
+        h.update(f"bytes:{len(part)}:".encode())
+        h.update(part)
+    elif isinstance(part, dict) and any(isinstance(v, torch.Tensor | np.ndarray | bytes | bytearray)
+                                        for v in part.values()):
+        h.update(f"dict:{len(part)}:".encode())
+        for k in sorted(part):
+            h.update(f"key:{canonical_json(k)}:".encode())
+            _digest_into(h, part[k])
+    else:
+        h.update(f"json:{canonical_json(part)}:".encode())
 
 
 def seed_hash(*parts: Any) -> int:

@@ -156,7 +156,6 @@ def check_eval_settings(cfg: RunConfig, data: FewShotData) -> None:
 
 def vocabularies() -> dict[str, list[str]]:
     """The names each registry-valued config key admits (``fewgen.options.opt(choices=...)``)."""
-    from fewgen.app.steps.generate import GENERATOR_KINDS
     from fewgen.backbones.registry import BACKBONES
     from fewgen.data.augment import AUGMENTATIONS
     from fewgen.data.datasets import DATASETS
@@ -164,6 +163,7 @@ def vocabularies() -> dict[str, list[str]]:
     from fewgen.evaluation.classifiers import CLASSIFIERS
     from fewgen.gan import GAN_METHODS
     from fewgen.generators.diffusion import SAMPLERS
+    from fewgen.generators.protocol import GENERATOR_KINDS
     from fewgen.learners import LEARNER_METHODS
     from fewgen.pretrain import RECIPES
 

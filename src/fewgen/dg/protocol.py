@@ -30,6 +30,7 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.training import cosine_factor
 from fewgen.utils import make_generator, seed_hash
 
 
@@ -167,7 +168,7 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
             # cosine over the fraction of training done, so methods that add images per epoch
             # follow the same schedule per epoch as ERM
             for group in opt.param_groups:
-                group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * (epoch + i / n_steps) / s.epochs))
+                group["lr"] = s.lr * cosine_factor((epoch + i / n_steps) / s.epochs)
             idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
             x = augment(images[idx].to(device).float().div_(255.0))
             y = labels[idx].to(device)

@@ -40,6 +40,9 @@ class ExtraSupport:
         per_class: use the first ``per_class`` extra images of each class (default: as many as the
             smallest class has), so every class gets the same number.
         weights: per (seed, K), a weight per extra image (M,), instead of ``weight`` for all.
+        proto_share: for ``proto`` only: the share of a class's extra images in its prototype,
+            ``(1 - share) * mean(shots) + share * mean(extra)`` (their relative weights kept), instead
+            of per-image weights; logistic regression keeps the per-image weights.
     """
 
     features: dict[tuple[int, int], torch.Tensor]
@@ -47,6 +50,7 @@ class ExtraSupport:
     weight: float = 1.0
     per_class: int | None = None
     weights: dict[tuple[int, int], torch.Tensor] | None = None
+    proto_share: float | None = None
     _tables: dict = field(default_factory=dict, repr=False)
 
     def _weights(self, key: tuple[int, int], idx: torch.Tensor) -> torch.Tensor:
@@ -65,19 +69,31 @@ class ExtraSupport:
             self._tables[key] = torch.stack([ix[:m] for ix in by_class])
         return self._tables[key]
 
-    def for_episodes(self, classes: torch.Tensor, seed: int, n_shot: int, n_classes: int):
+    def _for(self, classifier: str | None, w: torch.Tensor, n_shot: int) -> torch.Tensor:
+        """Weights (..., n_classes, m) as ``classifier`` reads them: for proto with ``proto_share``,
+        each class's extra weights rescaled to sum to share / (1 - share) * K (the shots' total)."""
+        if classifier != "proto" or self.proto_share is None:
+            return w
+        total = w.sum(-1, keepdim=True).clamp_min(1e-12)
+        return w / total * (self.proto_share / (1.0 - self.proto_share) * n_shot)
+
+    def for_episodes(self, classes: torch.Tensor, seed: int, n_shot: int, n_classes: int,
+                     classifier: str | None = None):
         """(features (e, N*m, D), episode labels (e, N*m), weights (e, N*m)) for episode classes (e, N)."""
         idx = self.table(seed, n_shot, n_classes)[classes]  # (e, N, m)
         e, n, m = idx.shape
         xs = self.features[(seed, n_shot)][idx.reshape(e, -1)]
         ys = torch.arange(n).repeat_interleave(m).expand(e, -1)
-        return xs, ys, self._weights((seed, n_shot), idx.reshape(e, -1))
+        w = self._weights((seed, n_shot), idx.reshape(e, -1)).view(e, n, m)
+        return xs, ys, self._for(classifier, w, n_shot).reshape(e, -1)
 
-    def for_all_way(self, seed: int, n_shot: int, n_classes: int):
+    def for_all_way(self, seed: int, n_shot: int, n_classes: int, classifier: str | None = None):
         """(features (M, D), novel labels (M,), weights (M,)) of every class's extra images."""
-        idx = self.table(seed, n_shot, n_classes).reshape(-1)
+        table = self.table(seed, n_shot, n_classes)
+        idx = table.reshape(-1)
+        w = self._weights((seed, n_shot), idx).view(table.shape)
         return self.features[(seed, n_shot)][idx], self.labels[(seed, n_shot)][idx], \
-            self._weights((seed, n_shot), idx)
+            self._for(classifier, w, n_shot).reshape(-1)
 
     def images_per_class(self, seed: int, n_shot: int, n_classes: int) -> int:
         return int(self.table(seed, n_shot, n_classes).shape[1])

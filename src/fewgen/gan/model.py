@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewgen.checkpoint import load_training_state, save_training_state
 from fewgen.errors import FewgenError
 from fewgen.registry import Registry
 
@@ -186,37 +187,6 @@ def sample(generator: Generator, n: int, seed: int, batch_size: int = 256, devic
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _save_state(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                extra: dict[str, Any]) -> None:
-    """Module weights, every optimizer's state and counters in one safetensors file (atomic)."""
-    from fewgen.checkpoint import _split_state, save_tensors
-
-    tensors: dict[str, torch.Tensor] = {}
-    for name, m in modules.items():
-        for k, v in m.state_dict().items():
-            tensors[f"model.{name}.{k}"] = v
-    meta = {"extra": extra, "optimizers": {n: _split_state(f"optim.{n}", o.state_dict(), tensors)
-                                           for n, o in optimizers.items()}}
-    save_tensors(path, tensors, meta)
-
-
-def _load_state(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
-    from fewgen.checkpoint import _join_state, load_tensors
-
-    tensors, meta = load_tensors(path)
-    for name, m in modules.items():
-        prefix = f"model.{name}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    for name, opt in optimizers.items():
-        st = _join_state(meta["optimizers"][name], tensors)
-        st["state"] = {int(k): v for k, v in st["state"].items()}
-        opt.load_state_dict(st)
-    return meta["extra"]
-
-
 # ----------------------------------------------------------------------------- source pretraining
 
 
@@ -276,7 +246,7 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
     start, history = 0, []
     state_path = entry / "state.safetensors" if entry is not None else None
     if state_path is not None and state_path.exists():
-        extra = _load_state(state_path, modules, optims)
+        extra = load_training_state(state_path, modules, optimizers=optims)
         start, history = extra["step"], extra["history"]
         log(f"resuming source GAN at iteration {start}")
     real_all = to_gan_range(images)
@@ -308,7 +278,7 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
             acc = {"d": 0.0, "g": 0.0, "count": 0}
             log(f"source GAN iter {done}/{settings.iters}: d_loss {row['d_loss']:.3f} g_loss {row['g_loss']:.3f}")
             if state_path is not None:
-                _save_state(state_path, modules, optims, {"step": done, "history": history})
+                save_training_state(state_path, modules, optimizers=optims, extra={"step": done, "history": history})
     G_ema.eval()
     D.eval()
     return SourceGAN(G_ema, D, key="", path=entry, history=history)
@@ -480,7 +450,7 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
     state_path = entry / "state.safetensors" if entry is not None else None
     start, history, tracking = 0, [], []
     if state_path is not None and state_path.exists():
-        extra = _load_state(state_path, modules, optims)
+        extra = load_training_state(state_path, modules, optimizers=optims)
         start, history, tracking = extra["step"], extra["history"], extra["tracking"]
         log(f"resuming {method.name} adaptation at iteration {start}")
     shots_f = to_gan_range(shots).to(device)
@@ -525,7 +495,8 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
             shown = " ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "iter" and isinstance(v, float))
             log(f"{method.name} iter {done}/{settings.iters}: {shown}")
             if state_path is not None:
-                _save_state(state_path, modules, optims, {"step": done, "history": history, "tracking": tracking})
+                save_training_state(state_path, modules, optimizers=optims,
+                                    extra={"step": done, "history": history, "tracking": tracking})
     return AdaptResult(G.eval(), D.eval(), history, tracking)
 
 

@@ -27,24 +27,23 @@ Adapters are saved in the peft/diffusers layout: ``pytorch_lora_weights.safetens
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
-from fewgen.generators.diffusion import (
-    DiffusionGenerator,
-    clipped_step,
-    cosine_with_warmup,
-    to_model_space,
-)
+from fewgen.generators.pixels import to_model_space
 from fewgen.synthesis.sharding import ProcessContext, shard
-from fewgen.utils import make_generator, read_json, stable_hash, write_json
+from fewgen.training import clipped_step, cosine_schedule
+from fewgen.utils import content_digest, make_generator, read_json, stable_hash, write_json
+
+if TYPE_CHECKING:
+    from fewgen.generators.diffusion import DiffusionGenerator
 
 MODES = ("cls", "dset")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -110,15 +109,6 @@ def init_lora_state(unet, g: torch.Generator, rank: int) -> dict[str, torch.Tens
     return out
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and bytes of tensors (a content key for trained weights)."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def to_diffusers_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -153,8 +143,8 @@ class DataDreamAdapter:
     @property
     def key(self) -> str:
         return stable_hash({"datadream": asdict(self.cfg), "classes": self.class_names, "gen": self.generator_key,
-                            "weights": [tensor_digest(s) for s in self.lora],
-                            "embeddings": tensor_digest({"e": self.class_embeddings})})
+                            "weights": [content_digest(s) for s in self.lora],
+                            "embeddings": content_digest(self.class_embeddings)})
 
     def save(self, folder: str | Path) -> None:
         from fewgen.checkpoint import save_tensors
@@ -245,7 +235,7 @@ def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.
     table.requires_grad_(True)
     params = [*lora_params, table]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(min(cfg.warmup, steps // 2), steps))
+    sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
     x_all = to_model_space(images)
     gen.unet.train()
     losses = []

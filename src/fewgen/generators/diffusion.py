@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,13 +48,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewgen.errors import FewgenError
+from fewgen.generators.pixels import (  # noqa: F401  (SAMPLERS, PRECISIONS, FitResult: part of this module's API)
+    PRECISIONS,
+    SAMPLERS,
+    FitResult,
+    autocast,
+    build_noise_scheduler,
+    build_sampler,
+    check_unet_shape,
+    guided_noise,
+    per_image_noise,
+    to_model_space,
+    to_uint8,
+)
+from fewgen.training import clipped_step, cosine_schedule
 from fewgen.utils import make_generator, seed_hash, stable_hash
 
-#: ``dpmsolver++``: DPM-Solver++ (2M) on time-uniform steps, the default; ``dpmsolver++-logsnr``:
-#: the same on steps uniform in log-SNR (Lu et al. 2022's choice for pixel-space models);
-#: ``dpmsolver++-full``: time-uniform steps over the full noise range (no lambda clipping near t = T)
-SAMPLERS = ("ddim", "dpmsolver++", "dpmsolver++-logsnr", "dpmsolver++-full")
-PRECISIONS = ("float32", "bfloat16", "float16")
 COND_MODES = ("class", "name", "class+name")
 
 
@@ -87,17 +95,6 @@ class DiffusionConfig:
         return 2 if self.cond_mode == "class+name" else 1
 
 
-def check_unet_shape(image_size: int, block_out_channels: list[int], attention_levels: list[bool]) -> None:
-    """One attention flag per UNet level, and an image size each level can halve."""
-    if len(attention_levels) != len(block_out_channels):
-        raise FewgenError(f"attention_levels has {len(attention_levels)} entries but block_out_channels "
-                          f"has {len(block_out_channels)}; give one per level")
-    down = 2 ** (len(block_out_channels) - 1)
-    if image_size % down:
-        raise FewgenError(f"image_size {image_size} is not divisible by {down} "
-                          f"({len(block_out_channels)} UNet levels); use fewer levels or resize")
-
-
 def build_unet(cfg: DiffusionConfig):
     """The diffusers ``UNet2DConditionModel`` for ``cfg`` (cross-attention on condition tokens)."""
     from diffusers import UNet2DConditionModel
@@ -118,78 +115,6 @@ def build_unet(cfg: DiffusionConfig):
         class_embed_type="projection",
         projection_class_embeddings_input_dim=cfg.cond_dim * cfg.n_tokens,
     )
-
-
-def build_noise_scheduler(cfg: DiffusionConfig):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         clip_sample=True, prediction_type="epsilon")
-
-
-def build_sampler(noise_scheduler, sampler: str):
-    """A fresh inference scheduler sharing the training noise schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if sampler == "ddim":
-        # no clip_sample: DDIM recomputes eps from the clipped x0, and with the cosine schedule the
-        # early (high-noise) clips saturate strokes (Omniglot FID 575 clipped vs 297 for DPM-Solver++)
-        return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
-    if sampler in SAMPLERS[1:]:
-        # pixel space: clip the data prediction to [-1, 1] like DDIM's clip_sample (without it FID
-        # +89%). The default clips lambda near t = T where the cosine schedule's alpha_bar -> 0
-        # (diffusers' advice for cosine schedules), which starts the solver below the noise level of
-        # its pure-noise input: 20 steps land +7% FID over DDIM 50 on Omniglot novel classes
-        # (float32, 3 seeds). "-full" does not clip: +1.2%. "-logsnr" (steps uniform in log-SNR) is
-        # +1.8% on base classes but +6.3% on novel ones. The default stays for the cached sets and
-        # results made with it (README, Samplers).
-        return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
-                                                       solver_order=2, thresholding=True, sample_max_value=1.0,
-                                                       lambda_min_clipped=-float("inf") if sampler.endswith("full")
-                                                       else -5.1,
-                                                       use_lu_lambdas=sampler == "dpmsolver++-logsnr")
-    raise FewgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, C, H, W) -> float in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float in [-1, 1] -> uint8 (round half up, clamped)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + w (eps_c - eps_u); w = 1 is the plain conditional model."""
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
-
-
-def autocast(device: torch.device, precision: str):
-    """The context the UNet runs in while sampling: ``float32`` (exact, the default), or
-    ``bfloat16`` / ``float16`` autocast (matmuls and convolutions in half precision; the sampler's
-    state stays float32). ``bfloat16`` is 1.5-1.9x faster on CPUs with native bf16 (AVX512-BF16,
-    AMX); ``float16`` needs a GPU."""
-    import contextlib
-
-    if precision not in PRECISIONS:
-        raise FewgenError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "float32":
-        return contextlib.nullcontext()
-    if precision == "float16" and device.type != "cuda":
-        raise FewgenError("precision float16 needs a GPU; use bfloat16 on CPU")
-    return torch.autocast(device.type, dtype=getattr(torch, precision))
-
-
-def per_image_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Initial noise, one generator per image, shape (len(seeds), *shape): an image's noise depends
-    only on its own seed, so a set can be generated in any order or on any number of processes."""
-    out = torch.empty(len(seeds), *shape)
-    for i, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(s))
-        out[i] = torch.randn(shape, generator=g)
-    return out
 
 
 class Conditioner(nn.Module):
@@ -250,14 +175,6 @@ class Conditioner(nn.Module):
             tokens.append(torch.where(null[:, None], self.null_name.expand_as(name), name))
         tok = torch.stack(tokens, 1)
         return tok, tok.flatten(1)
-
-
-@dataclass
-class FitResult:
-    steps: int
-    losses: list[float]
-    seconds: float
-    images_per_s: float
 
 
 class DiffusionGenerator:
@@ -370,7 +287,7 @@ class DiffusionGenerator:
                               "with class_names=dataset.class_names")
         params = [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warmup, steps))
+        sched = cosine_schedule(opt, steps, warmup)
         start = 0
         if state_path is not None and Path(state_path).exists():
             start = int(load_training_state(state_path, self.modules(), opt, sched).get("step", 0))
@@ -497,8 +414,6 @@ class DiffusionGenerator:
                               f"DataDream {cfg.mode} adapter")
 
     def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
-        from fewgen.generators.sampling import pixel_sample_fn
-
         return pixel_sample_fn(self, spec, adapter, sources)
 
     # ------------------------------------------------------------------ persistence
@@ -548,22 +463,34 @@ class DiffusionGenerator:
         return gen
 
 
-def clipped_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, max_norm: float = 1.0) -> float:
-    """One optimiser step of the generators' training loops: backward, clip the gradient norm,
-    step the optimiser and the schedule; returns the loss value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.step()
-    sched.step()
-    return loss.item()
+def pixel_sample_fn(gen, spec, adapter=None, sources: list[torch.Tensor] | None = None):
+    """sample_fn(class index, seeds, image indices) for the synthesis cache: the adapted generator
+    (class tokens + LoRA) or the base one from class names (zero-shot); from pure noise, or SDEdit
+    from ``sources[c]`` (class c's shots, uint8 (K, C, H, W)) when ``spec.strengths`` is set."""
+    from fewgen.generators.datadream import AdaptedDiffusion
+    from fewgen.synthesis.store import sdedit_or_sample
 
+    if adapter is not None:
+        adapted = AdaptedDiffusion(gen, adapter)
+        model, labels, use_class = adapted.gen, adapted.labels, True
+    else:
+        import copy
 
-def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup, then cosine decay to 0 at ``total``."""
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if not gen.conditioner.use_name:
+            raise FewgenError("zero-shot synthesis needs a name-conditioned generator (generator.cond_mode=name or "
+                              "class+name); or adapt it first (put 'adapt' before 'synthesize')")
+        adapted = None
+        model = copy.deepcopy(gen)
+        labels, use_class = model.add_classes(spec.class_names), False
+    kw = {"steps": spec.steps, "guidance": spec.guidance, "sampler": spec.sampler, "batch_size": spec.chunk,
+          "precision": spec.precision, "use_class": use_class}
+
+    def fn(c, seeds, indices):
+        if adapted is not None:
+            adapted.use(c)
+        return sdedit_or_sample(
+            spec, None if sources is None else sources[c], seeds, indices,
+            sample=lambda s: model.sample([labels[c]] * len(s), seeds=list(s), **kw),
+            img2img=lambda x, strength, s: model.img2img(x, [labels[c]] * len(x), strength=strength, seeds=list(s),
+                                                          **kw))
     return fn

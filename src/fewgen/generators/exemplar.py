@@ -51,18 +51,17 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import AdaptedGenerator
-from fewgen.generators.diffusion import (
+from fewgen.generators.pixels import (
     FitResult,
     autocast,
     build_noise_scheduler,
     build_sampler,
     check_unet_shape,
-    clipped_step,
-    cosine_with_warmup,
     per_image_noise,
     to_model_space,
     to_uint8,
 )
+from fewgen.training import clipped_step, cosine_schedule
 from fewgen.utils import make_generator, stable_hash
 
 COND_MODES = ("features", "channels", "both")
@@ -308,7 +307,7 @@ class ExemplarDiffusion:
                               f"images but the dataset's are {dataset.image_shape}")
         params = [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warmup, steps))
+        sched = cosine_schedule(opt, steps, warmup)
         start = 0
         if state_path is not None and Path(state_path).exists():
             start = int(load_training_state(state_path, self.modules(), opt, sched).get("step", 0))
@@ -406,8 +405,6 @@ class ExemplarDiffusion:
                               f"exemplar DataDream {cfg.mode} adapter")
 
     def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
-        from fewgen.generators.sampling import exemplar_sample_fn
-
         return exemplar_sample_fn(self, spec, adapter, sources)
 
     # ------------------------------------------------------------------ persistence
@@ -479,7 +476,7 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(min(cfg.warmup, steps // 2), steps))
+        sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
         gen.unet.train()
         losses = []
         for step in range(steps):
@@ -530,3 +527,31 @@ class AdaptedExemplar(AdaptedGenerator):
 
     def sdedit(self, *args, **kw) -> torch.Tensor:
         return self.gen.sdedit(*args, **kw)
+
+
+def exemplar_sample_fn(gen, spec, adapter=None, sources: list[torch.Tensor] | None = None):
+    """sample_fn(class index, seeds, image indices) of an exemplar generator: image i of class c is
+    conditioned on its shot ``sources[c][i mod K]`` (or, ``exemplar_condition=mean``, on the mean
+    feature of the class's shots) and starts from pure noise or, with ``spec.strengths``, from
+    that shot noised to its strength (SDEdit)."""
+    if sources is None:
+        raise FewgenError("the exemplar generator draws from the shots: give each class's shots")
+    import copy
+
+    model = copy.deepcopy(gen) if adapter is None else AdaptedExemplar(gen, adapter)  # one copy per stream
+    mean = spec.extra.get("exemplar_condition") == "mean"
+
+    def fn(c, seeds, indices):
+        if adapter is not None:
+            model.use(c)
+        shots = sources[c]
+        starts = [spec.start(i, len(shots)) for i in indices]
+        exemplars = shots[torch.tensor([j for j, _ in starts])]
+        feats = None
+        if mean and gen.cfg.uses_features:
+            feats = model.gen.encode(to_model_space(shots)) if adapter is not None else model.encode(to_model_space(shots))
+            feats = feats.mean(0, keepdim=True).expand(len(seeds), -1)
+        return model.sdedit(exemplars, [1.0 if s is None else s for _, s in starts], list(seeds), steps=spec.steps,
+                            guidance=spec.guidance, sampler=spec.sampler, precision=spec.precision,
+                            batch_size=spec.chunk, feats=feats)
+    return fn

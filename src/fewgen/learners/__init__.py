@@ -11,7 +11,13 @@ from fewgen.learners.losses import (
     label_smoothed_ce,
     mmd,
 )
-from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod, MethodSpec, method_specs
+from fewgen.learners.registry import (
+    LEARNER_METHODS,
+    LearnerMethod,
+    MethodSpec,
+    Sources,
+    method_specs,
+)
 
 __all__ = ["LEARNER_METHODS", "LearnerMethod", "MethodSpec", "datadream_loss", "hallucinate_labels",
-           "hallucination_kl", "label_smoothed_ce", "method_specs", "mmd"]
+           "hallucination_kl", "label_smoothed_ce", "method_specs", "mmd", "Sources"]

@@ -10,7 +10,6 @@ augmentation from a per-step seed, so the same config and seed give the same wei
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import Episodes
 from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod
+from fewgen.training import cosine_schedule
 from fewgen.utils import make_generator, seed_hash
 
 Batch = dict[str, torch.Tensor]
@@ -144,7 +144,7 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Batch],
     augment = build_augmentation(s.augment, image_shape[-1], image_shape[0]).to(device)
     opt = torch.optim.SGD(model.param_groups(s.lr_backbone, s.lr_head), momentum=s.momentum,
                           weight_decay=s.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, s.steps))))
+    sched = cosine_schedule(opt, s.steps)
     history: list[dict] = []
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()

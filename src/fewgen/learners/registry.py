@@ -87,7 +87,6 @@ class LearnerMethod:
 
 
 def method_specs(lc) -> list[MethodSpec]:
-    """The rows of ``learner.methods``, in order (DiffAlign followed by its ablations)."""
-    import fewgen.learners  # noqa: F401  (registration)
-
+    """The rows of ``learner.methods``, in order (DiffAlign followed by its ablations). The methods
+    register when ``fewgen.learners`` is imported, which importing this module does first."""
     return [spec for name in lc.methods for spec in LEARNER_METHODS.get(name)().specs(lc)]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fewgen.pretrain import ce  # noqa: F401  (registration)
-from fewgen.pretrain.registry import RECIPES, PretrainContext
+from fewgen.pretrain.registry import RECIPES, PretrainContext, pretrain_key
 
 try:  # the IER recipes register themselves when present
     from fewgen.pretrain import ier  # noqa: F401
@@ -27,15 +27,6 @@ class PretrainedBackbone:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = -1
     best_val: float = float("nan")
-
-
-def pretrain_key(cfg, data) -> dict:
-    """The cache-key parts of the backbone ``cfg`` trains on ``data``: the backbone and pretrain
-    sections (IER options only for the IER recipes) and the content of the base and val images
-    (``fewgen.keys``), so another class split or changed images is another backbone."""
-    from fewgen.keys import key_parts
-
-    return key_parts("backbones", cfg, base=data.base.digest(), val=data.val.digest())
 
 
 def pretrain_backbone(cfg, data, cache, device: torch.device | str = "cpu",

@@ -36,8 +36,7 @@ Choices made here, each a config field in ``pretrain.ier``:
   for inputs of any rotation class (c, r): class (c, r + r' mod 4), f_Psi the absolute
   orientation r + r' mod 4.) ``drop`` trains the class head on the unrotated classes only,
   rotation-invariant as in the paper's natural-image setting; on Omniglot it loses the
-  rotation classes' 4x label information (val accuracy 94.6% against relabel's 97.6% at
-  the preset's 12 epochs, so relabel is the default).
+  rotation classes' 4x label information, so relabel is the default (docs/methods/ier.md).
 * The contrastive loss uses a log-sum-exp instead of the official ``+ 1e-6`` in the
   denominator; memory-bank rows are not renormalised after the update (as official).
 * Batch indices (for the memory bank) are recomputed from the training loop's seeded
@@ -62,7 +61,7 @@ from torch import nn
 
 from fewgen.errors import FewgenError
 from fewgen.pretrain.loop import TrainResult, TrainSettings
-from fewgen.pretrain.registry import RECIPES, PretrainContext
+from fewgen.pretrain.registry import RECIPES, PretrainContext, pretrain_key
 from fewgen.utils import make_generator, seed_hash
 
 # ----------------------------------------------------------------------------- losses (pure)
@@ -450,7 +449,6 @@ def train_ier(ctx: PretrainContext) -> TrainResult:
 def _cached_ier_model(ctx: PretrainContext) -> Path | None:
     """The final model of a finished ``ier`` run of the same config in the same cache, if any."""
     from fewgen.cache import ArtifactCache
-    from fewgen.pretrain import pretrain_key
 
     cfg = copy.deepcopy(ctx.cfg)
     cfg.pretrain.recipe = "ier"

@@ -9,7 +9,6 @@ optimizer and scheduler.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import sample_episodes
 from fewgen.evaluation.features import extract_features
 from fewgen.evaluation.protocol import episode_accuracies
+from fewgen.training import cosine_schedule
 from fewgen.utils import make_generator, seed_hash
 
 
@@ -71,9 +71,7 @@ def build_optimizer(params, s: TrainSettings, steps_total: int):
         from fewgen.errors import FewgenError
 
         raise FewgenError(f"unknown optimizer {s.optimizer!r}; use sgd or adam")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps_total) / max(1, steps_total)))
-    )
+    sched = cosine_schedule(opt, steps_total)
     return opt, sched
 
 

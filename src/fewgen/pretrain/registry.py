@@ -18,6 +18,15 @@ from fewgen.registry import Registry
 RECIPES: Registry = Registry("pretraining recipe")
 
 
+def pretrain_key(cfg, data) -> dict:
+    """The cache-key parts of the backbone ``cfg`` trains on ``data``: the backbone and pretrain
+    sections (IER options only for the IER recipes) and the content of the base and val images
+    (``fewgen.keys``), so another class split or changed images is another backbone."""
+    from fewgen.keys import key_parts
+
+    return key_parts("backbones", cfg, base=data.base.digest(), val=data.val.digest())
+
+
 @dataclass
 class PretrainContext:
     """What a recipe gets: the config, base training data, val classes and a place to write.

@@ -26,7 +26,8 @@ def shard(items: list[T], rank: int, world: int) -> list[T]:
 
 @dataclass
 class ProcessContext:
-    """Where this process stands: its rank, the world size, and a barrier."""
+    """Where this process stands: its rank and the world size (accelerate's ``PartialState`` when
+    there are several processes), with its barrier and object gather."""
 
     rank: int = 0
     world: int = 1
@@ -37,39 +38,28 @@ class ProcessContext:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            _state().wait_for_everyone()
 
     def gather_objects(self, obj):
         """Every process's ``obj``, as a list in rank order (``[obj]`` on one process)."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
+        from accelerate.utils import gather_object
 
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_object([obj])
+
+
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
 
 
 def process_context() -> ProcessContext:
-    """The current process group (initialised through accelerate when launched with several
-    processes and not initialised yet); a single process otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return ProcessContext(dist.get_rank(), dist.get_world_size())
+    """This process's place in the launch (``accelerate launch`` or ``torchrun``): accelerate's
+    ``PartialState`` when several processes were started, a single process otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        try:
-            from accelerate import PartialState
-
-            PartialState()
-            if dist.is_initialized():  # on CPU accelerate may report one process but start the group
-                return ProcessContext(dist.get_rank(), dist.get_world_size())
-        except Exception:  # accelerate missing or could not pick a backend: plain torch.distributed
-            pass
-        import torch
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return ProcessContext(dist.get_rank(), dist.get_world_size())
+        state = _state()
+        return ProcessContext(state.process_index, state.num_processes)
     return ProcessContext()

@@ -173,9 +173,8 @@ def parallel_streams(items: Sequence[Any], workers: Sequence[Any], run: Callable
     """``run(worker, item)`` for every item, one thread per worker, each taking the next item.
 
     With more than one worker, torch's CPU threads are split evenly among them for the duration
-    (on 2 cores, 2 streams of 1 thread sample the 1.5 M-parameter UNet 1.38x (float32) and 1.65x
-    (bfloat16) faster than one stream of 2: its convolutions are too small to keep two threads
-    busy; benchmarks/bench_generators.py --speed). ``progress(n)`` is
+    (a small UNet's convolutions are too small to keep several threads busy, so streams of one
+    thread each sample faster; ``benchmarks/bench_generators.py --speed`` measures it). ``progress(n)`` is
     called after each item with the number done. The first error stops the other workers after
     their current item and is raised.
     """

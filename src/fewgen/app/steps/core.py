@@ -60,7 +60,7 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, e
                         bar.update()
                     ep = run.episodes(n_way, n_shot, seed)
                     es = None if extra is None else \
-                        (lambda classes, s=seed, k=n_shot: extra.for_episodes(classes, s, k, n_classes))
+                        (lambda classes, s=seed, k=n_shot, c=clf: extra.for_episodes(classes, s, k, n_classes, c))
                     per_seed.append(episode_accuracies(features, ep, clf, classifier_kwargs=kw.get(clf), extra_support=es))
                 rows.append(summary_row(method, n_way, n_shot, per_seed, cfg.seeds, classifier=clf,
                                         n_query=cfg.eval.n_query, **fields))
@@ -69,7 +69,7 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, e
                 correct = []
                 for seed in cfg.seeds:
                     sup, qry = all_way_split(novel, n_shot, seed)
-                    more = None if extra is None else extra.for_all_way(seed, n_shot, n_classes)
+                    more = None if extra is None else extra.for_all_way(seed, n_shot, n_classes, clf)
                     correct.append(all_way_accuracy(features, novel.labels, sup, qry, clf, kw.get(clf), extra=more))
                 row = summary_row(method, n_classes, n_shot, correct, cfg.seeds, classifier=clf, all_way=True, **fields)
                 row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)

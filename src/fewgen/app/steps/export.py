@@ -52,11 +52,13 @@ def step_export(run: Run) -> None:
         feats = cached_features(run.cache, pb.key, pb.backbone, more, run.device, run.log)
         w = torch.cat(weights)
         extra = ExtraSupport({(seed, n_shot): feats}, {(seed, n_shot): more.labels},
-                             weights={(seed, n_shot): w}).for_all_way(seed, n_shot, novel.num_classes)
+                             weights={(seed, n_shot): w}, proto_share=lc.proto_share
+                             ).for_all_way(seed, n_shot, novel.num_classes, ec.head)
     info = {"fit": {"n_shot": n_shot, "seed": seed, "shots": len(shots), "extra": ec.extra,
                     "synthetic": 0 if syn is None else len(syn),
                     "copies": lc.augmented_copies_per_class * novel.num_classes if "copies" in ec.extra else 0,
                     "synthetic_weight": lc.synthetic_weight, "copies_weight": lc.augmented_weight,
+                    "proto_share": lc.proto_share,
                     "uses_synthetic": uses_synthetic},
             "novel": run.data.protocol, "run": cfg.name}
     clf = fit_classifier(pb.backbone, {"name": cfg.backbone.name, "kwargs": dict(cfg.backbone.kwargs)}, shots.images,

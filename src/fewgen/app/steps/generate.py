@@ -27,7 +27,6 @@ from fewgen.synthesis.sharding import process_context
 from fewgen.utils import write_json
 
 #: values of generator.kind
-GENERATOR_KINDS = ("diffusion", "exemplar", "stable-diffusion")
 
 
 def generator_parts(run: Run, encoder_key: str | None = None) -> dict:

@@ -241,10 +241,11 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
     sub.cfg.eval.n_shots = n_shots
     per_class = min(images_per_class(s) for s in sets.values())
     extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight,
-                         weights=weights)
+                         weights=weights, proto_share=run.cfg.learner.proto_share)
     uses = generated(run) if uses_synthetic is None else uses_synthetic
     return evaluate_frozen(sub, novel_features(run), method, extra=extra,
                            extra_fields={"synthetic_per_class": per_class, "synthetic_weight": extra.weight,
+                                         "proto_share": extra.proto_share,
                                          "n_synthetic": [len(s) for s in sets.values()],
                                          "uses_synthetic": uses and per_class > 0})
 

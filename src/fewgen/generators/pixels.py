@@ -1,0 +1,106 @@
+"""What the pixel diffusion models (``diffusion.py``, ``exemplar.py``) share: the UNet shape check,
+the DDPM noise schedule and the samplers, pixel <-> model space, per-image noise, the sampling
+precision, classifier-free guidance and the result of a training run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fewgen.errors import FewgenError
+
+#: ``dpmsolver++``: DPM-Solver++ (2M) on time-uniform steps, the default; ``dpmsolver++-logsnr``:
+#: the same on steps uniform in log-SNR (Lu et al. 2022's choice for pixel-space models);
+#: ``dpmsolver++-full``: time-uniform steps over the full noise range (no lambda clipping near t = T)
+SAMPLERS = ("ddim", "dpmsolver++", "dpmsolver++-logsnr", "dpmsolver++-full")
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def check_unet_shape(image_size: int, block_out_channels: list[int], attention_levels: list[bool]) -> None:
+    """One attention flag per UNet level, and an image size each level can halve."""
+    if len(attention_levels) != len(block_out_channels):
+        raise FewgenError(f"attention_levels has {len(attention_levels)} entries but block_out_channels "
+                          f"has {len(block_out_channels)}; give one per level")
+    down = 2 ** (len(block_out_channels) - 1)
+    if image_size % down:
+        raise FewgenError(f"image_size {image_size} is not divisible by {down} "
+                          f"({len(block_out_channels)} UNet levels); use fewer levels or resize")
+
+
+def build_noise_scheduler(cfg):
+    """The DDPM training schedule of a pixel model config (``num_train_timesteps``, ``beta_schedule``)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         clip_sample=True, prediction_type="epsilon")
+
+
+def build_sampler(noise_scheduler, sampler: str):
+    """A fresh inference scheduler sharing the training noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":
+        # no clip_sample: DDIM recomputes eps from the clipped x0, and with the cosine schedule the
+        # early (high-noise) clips saturate strokes
+        return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
+    if sampler in SAMPLERS[1:]:
+        # pixel space: the data prediction is clipped to [-1, 1] (as DDIM's clip_sample); the
+        # default clips lambda near t = T, where the cosine schedule's alpha_bar -> 0 (diffusers'
+        # advice for cosine schedules); "-full" does not; "-logsnr" spaces steps uniformly in log-SNR
+        return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
+                                                       solver_order=2, thresholding=True, sample_max_value=1.0,
+                                                       lambda_min_clipped=-float("inf") if sampler.endswith("full")
+                                                       else -5.1,
+                                                       use_lu_lambdas=sampler == "dpmsolver++-logsnr")
+    raise FewgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, C, H, W) -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float in [-1, 1] -> uint8 (round half up, clamped)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u); w = 1 is the plain conditional model."""
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the UNet runs in while sampling: ``float32`` (exact, the default), or
+    ``bfloat16`` / ``float16`` autocast (matmuls and convolutions in half precision; the sampler's
+    state stays float32). ``bfloat16`` is faster on CPUs with native bf16 (AVX512-BF16,
+    AMX); ``float16`` needs a GPU."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise FewgenError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "float16" and device.type != "cuda":
+        raise FewgenError("precision float16 needs a GPU; use bfloat16 on CPU")
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
+def per_image_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Initial noise, one generator per image, shape (len(seeds), *shape): an image's noise depends
+    only on its own seed, so a set can be generated in any order or on any number of processes."""
+    out = torch.empty(len(seeds), *shape)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        out[i] = torch.randn(shape, generator=g)
+    return out
+
+
+@dataclass
+class FitResult:
+    steps: int
+    losses: list[float]
+    seconds: float
+    images_per_s: float
