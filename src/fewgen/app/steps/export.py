@@ -71,12 +71,13 @@ def step_export(run: Run) -> None:
         _, qry = all_way_split(novel, n_shot, seed)
         feats = cached_features(run.cache, pb.key, pb.backbone, novel, run.device, run.log)[qry]
         pred = clf._head().predict(feats[None])[0]
-        clf.info["all_way"] = {"queries": int(len(qry)),
-                               "accuracy": round(float((pred == novel.labels[qry]).double().mean() * 100), 3)}
+        correct = int((pred == novel.labels[qry]).sum())
+        clf.info["all_way"] = {"queries": int(len(qry)), "correct": correct,
+                               "accuracy": round(100 * correct / len(qry), 3)}
     if run.dir is not None:
         folder = clf.save(run.dir / "classifier", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         acc = clf.info.get("all_way")
         run.log(f"classifier ({ec.head}, {novel.num_classes} classes, {len(shots)} shots"
                 f"{f' + {len(extra[0])} more ({ec.extra})' if extra is not None else ''}) in {folder.name}/"
-                + (f"; {acc['accuracy']:.2f}% on the other {acc['queries']} novel images" if acc else ""))
+                + (f"; {acc['correct']} of the other {acc['queries']} novel images right ({acc['accuracy']:.3f}%)" if acc else ""))
     run.state.classifier = clf
