@@ -15,6 +15,7 @@ from fewgen.utils import stable_hash
 #: representative inputs per kind; kinds whose rules depend on an input get one case per variant
 CASES = {
     "backbones": [{"base": "b", "val": "v"}],
+    "pretrained-backbones": [{"model": "m"}],
     "features": [{"checkpoint": "c", "images": "i"}],
     "generators": [{"base": "b", "encoder": None}, {"base": "b", "encoder": "e"}],
     "adapters": [{"generator": "g", "few_shot": "f"}],

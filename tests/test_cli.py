@@ -46,6 +46,20 @@ def test_run_demo_writes_a_complete_run(tmp_path, capsys):
         if not r.get("all_way"):
             assert r["episodes"] == 60 and r["accuracy"] > 20 + r["ci95"]  # above 5-way chance
     assert len(list((run / "episodes").glob("*.npz"))) == 4
+    # every generated row against the best real-only row of its setting, paired on the shared episodes
+    import numpy as np
+
+    comparisons = json.loads((run / "metrics.json").read_text())["comparisons"]
+    per_episode = np.load(run / "per_episode.npz")
+    assert len(per_episode.files) == len(rows)
+    gen = [i for i, r in enumerate(rows) if r["uses_synthetic"] and not r.get("all_way") and r["n_shot"] == 1
+           and r["classifier"] == "proto"]
+    real = max((i for i, r in enumerate(rows) if not r["uses_synthetic"] and not r.get("all_way")
+                and r["n_shot"] == 1), key=lambda i: rows[i]["accuracy"])
+    c = next(c for c in comparisons if c["row"] == f"{rows[gen[0]]['method']} [proto]" and c["setting"] == "5-way 1-shot")
+    d = per_episode[f"row{gen[0]}"] - per_episode[f"row{real}"]
+    assert c["n"] == 60 and c["difference"] == pytest.approx(d.mean(), abs=1e-3)
+    assert c["ci95"] > 0 and c["reference"].startswith(rows[real]["method"])
     assert capsys.readouterr().out == ""  # --quiet: nothing printed, everything in the log
     log = (run / "log.txt").read_text()
     assert "accuracy" in log and "run finished" in log and str(run) in log

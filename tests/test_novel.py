@@ -129,6 +129,9 @@ def test_fit_exports_a_classifier_from_a_folder_of_shots_alone(tmp_path):
     info = json.loads((run_dir / "classifier" / "classifier.json").read_text())
     assert info["fit"]["shots"] == 10 and "all_way" not in info  # every shot used, nothing left to test on
     assert info["fit"]["synthetic"] == 6 and info["fit"]["uses_synthetic"] is True  # and the images drawn from them
+    loo = info["leave_one_out"]  # the estimate a user gets without query images
+    assert loo["shots"] == 10 and 0 <= loo["correct"] <= 10 and loo["accuracy"] == pytest.approx(10 * loo["correct"])
+    assert "estimate from the shots alone (leave one out)" in (run_dir / "log.txt").read_text()
     assert not (run_dir / "episodes").exists()
     assert (run_dir / "report" / "index.html").exists()
     pred = tmp_path / "p.csv"
@@ -176,3 +179,23 @@ def test_mnist_as_novel_side_is_its_ten_thousand_test_digits(data_root):
     assert data.novel.num_classes == 10 and len(data.novel) == 10000 and data.novel.image_shape == (1, 16, 16)
     assert "28 -> 16 px (area average)" in data.protocol
     assert torch.bincount(data.novel.labels).min() > 800
+
+
+@pytest.mark.parametrize("head", ["logreg", "proto"])
+def test_leave_one_out_equals_one_fit_per_left_out_shot(head):
+    """The batched leave-one-out estimate equals fitting the head once per left-out shot; a class
+    with a single shot is not left out (nothing of it would remain)."""
+    from fewgen.evaluation.classifiers import create_classifier
+    from fewgen.evaluation.protocol import leave_one_out_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])
+    feats = torch.randn(4, 8, generator=g)[labels] + 2.0 * torch.randn(len(labels), 8, generator=g)
+    got = leave_one_out_accuracy(feats, labels, 4, head, chunk=3)
+    want = []
+    for i in range(8):  # the last shot is its class's only one
+        keep = torch.arange(len(labels)) != i
+        clf = create_classifier(head, **({"tol": 1e-7} if head == "logreg" else {}))
+        clf.fit(feats[keep][None], labels[keep][None], n_classes=4)
+        want.append(float(clf.predict(feats[i][None, None])[0, 0] == labels[i]))
+    assert got.tolist() == want and 0 < sum(want) < 8

@@ -114,20 +114,38 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_best_of_each_kind_compares_rows_with_and_without_generated_images():
-    from fewgen.reports.tables import best_of_each_kind, format_best
+    import numpy as np
 
-    def row(method, acc, ci, gen, **kw):
-        return {"method": method, "classifier": "proto", "n_way": 20, "n_shot": 1, "accuracy": acc, "ci95": ci,
-                "uses_synthetic": gen, **kw}
+    from fewgen.reports.tables import best_of_each_kind, comparisons, format_best
 
-    rows = [row("ce", 95.0, 0.2, False), row("frozen+augmented-copies", 95.3, 0.2, False),
-            row("frozen+synthetic", 96.5, 0.2, True), row("datadream", 90.0, 0.3, True),
+    rng = np.random.default_rng(0)
+    base = rng.uniform(80, 100, 600)  # the episodes every row of the setting shares
+
+    def row(method, acc, ci, gen, values=None, **kw):
+        r = {"method": method, "classifier": "proto", "n_way": 20, "n_shot": 1, "accuracy": acc, "ci95": ci,
+             "uses_synthetic": gen, "seeds": [0], **kw}
+        if values is not None:
+            r["_values"] = values
+        return r
+
+    rows = [row("ce", 95.0, 0.2, False, base), row("frozen+augmented-copies", 95.3, 0.2, False, base + 0.3),
+            row("frozen+synthetic", 96.5, 0.2, True, base + 1.5 + rng.normal(0, 1, 600)),
+            row("datadream", 90.0, 0.3, True, base - 5),
             row("frozen+synthetic@50", 99.0, 0.1, True, sweep=True),
             row("ce", 78.0, 0.5, False, all_way=True, n_way=200), row("frozen+synthetic", 78.4, 0.5, True,
                                                                       all_way=True, n_way=200)]
     (episodes, all_way) = best_of_each_kind(rows)
     assert episodes["real"]["method"] == "frozen+augmented-copies" and episodes["generated"]["accuracy"] == 96.5
-    assert episodes["gain"] == 1.2 and episodes["cis_apart"] is True  # the sweep row is left out
-    assert all_way["setting"] == "all (200)-way 1-shot" and all_way["cis_apart"] is False
+    # the gain is the mean per-episode difference on the shared episodes, with its paired CI
+    d = rows[2]["_values"] - rows[1]["_values"]
+    assert episodes["gain"] == pytest.approx(d.mean(), abs=1e-3)
+    assert episodes["gain_ci95"] == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(600), rel=0.01)
+    assert all_way["setting"] == "all (200)-way 1-shot" and all_way["gain"] == 0.4 and all_way["gain_ci95"] is None
     text = format_best([episodes, all_way])
-    assert "+1.20 (CIs apart)" in text and "+0.40" in text and "(CIs apart)" not in text.splitlines()[-1]
+    assert f"{episodes['gain']:+.2f} +- {episodes['gain_ci95']:.2f} (paired)" in text
+    assert text.splitlines()[-1].rstrip().endswith("+0.40")  # rows without per-episode values: the bare difference
+    table = comparisons(rows)  # every generated row against the best real-only row, paired
+    assert [(c["row"], c["reference"]) for c in table] == [("frozen+synthetic [proto]", "frozen+augmented-copies [proto]"),
+                                                         ("datadream [proto]", "frozen+augmented-copies [proto]")]
+    assert table[1]["difference"] == pytest.approx(-5.3) and table[1]["ci95"] == pytest.approx(0.0, abs=1e-9)
+    assert table[0]["n"] == 600

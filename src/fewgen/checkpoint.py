@@ -25,7 +25,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
         save_file(tensors, str(tmp), metadata={"fewgen": json.dumps(meta or {})})
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(path: str | Path, fix: str = "delete it to retrain") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the fewgen metadata of a safetensors file; an unreadable one is a FewgenError
+    ending with ``fix`` (a cache's file can be rebuilt; a file someone handed over cannot)."""
     from safetensors import safe_open
 
     try:
@@ -33,7 +35,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             meta = json.loads((f.metadata() or {}).get("fewgen", "{}"))
         return load_file(str(path)), meta
     except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as e:
-        raise FewgenError(f"cannot read checkpoint {path} ({e}); delete it to retrain") from None
+        raise FewgenError(f"cannot read checkpoint {path} ({e}); {fix}") from None
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

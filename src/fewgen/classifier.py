@@ -2,10 +2,22 @@
 
 A run's ``export`` step (and ``fewgen fit``) writes ``<run>/classifier/``:
 
-* ``model.safetensors``: the backbone's weights (``backbone.*``) and the head's (``head.*``);
+* ``model.safetensors``: the backbone's weights (``backbone.*``) and the head's (``head.*``); for a
+  frozen pretrained backbone (clip, dinov2) the head's only: its ``backbone`` entry in classifier.json
+  names the model (absolute folder or hub id), its content digest (a changed model is refused at
+  load), dtype, feature size and preprocessing (the image processor's values);
 * ``classifier.json``: class names, image shape, backbone architecture, head, how it was fitted
-  (shots, generated images and their weight) and how images are read;
+  (shots, generated images and their weight), how images are read, and the sha256 of the other
+  files (``files``);
 * ``config.yaml``: the run config that made it.
+
+A folder is checked before anything is built (:func:`check_classifier_folder`,
+:func:`check_classifier_model`): the checksums; every field classifier.json needs, with its type and
+range; the head, backbone and image shape against the tensors; and the fields that decide
+predictions (head, class names, image shape, temperature, backbone) against the copy recorded inside
+model.safetensors, so an edited classifier.json is found too. Each problem is one
+:class:`FewgenError` line. Folders of format ``fewgen-classifier/1`` (no checksums, no record) are
+refused: nothing could tell whether they are intact; their run can export them again.
 
 It needs neither the run nor the cache: ``fewgen.load_classifier(path).predict(images)`` or
 ``fewgen predict CLASSIFIER IMAGES... --out predictions.csv``. Images are read as the novel images
@@ -25,8 +37,19 @@ from torch import nn
 
 from fewgen.errors import FewgenError
 
-FORMAT = "fewgen-classifier/1"
+FORMAT = "fewgen-classifier/2"
 HEADS = ("logreg", "proto")
+#: the files of a classifier folder whose sha256 classifier.json records (when they are present)
+CHECKSUMMED = ("model.safetensors", "config.yaml")
+#: the fields of classifier.json that decide predictions; model.safetensors records them too
+RECORDED = ("head", "class_names", "image_shape", "temperature", "backbone")
+#: the largest image side an exported classifier may declare (a 4096 x 4096 RGB image is 200 MB as floats)
+MAX_IMAGE_SIDE = 4096
+#: the largest integer in a backbone's kwargs (fewgen's backbones take a few blocks of at most a few
+#: hundred channels; a larger one would make building the backbone itself the attack)
+MAX_KWARG_INT = 4096
+#: what a damaged or edited folder needs: it was handed over, so retraining is not the fix
+INTACT_COPY = "get an intact copy of the classifier folder"
 
 
 def read_image_file(path: str | Path, shape: Sequence[int]) -> torch.Tensor:
@@ -150,21 +173,25 @@ class FewgenClassifier:
         import shutil
 
         from fewgen.checkpoint import save_tensors
-        from fewgen.utils import write_json
+        from fewgen.utils import sha256_file, write_json
 
         folder = Path(folder)
         tmp = folder.parent / f".{folder.name}.writing"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        tensors = {} if _frozen_pretrained(self.backbone) else {  # classifier.json names a pretrained model
+            f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
         tensors.update({f"head.{k}": v for k, v in self.tensors.items()})
-        save_tensors(tmp / "model.safetensors", tensors, {"format": FORMAT})
-        write_json(tmp / "classifier.json", {"format": FORMAT, "head": self.head, "class_names": self.class_names,
-                                             "image_shape": list(self.image_shape), "temperature": self.temperature,
-                                             **self.info})
+        fields = {"head": self.head, "class_names": list(self.class_names), "image_shape": list(self.image_shape),
+                  "temperature": float(self.temperature)}
+        info = {k: v for k, v in self.info.items() if k not in ("format", "files", *fields)}
+        record = _canonical({**fields, "backbone": info.get("backbone")})
+        save_tensors(tmp / "model.safetensors", tensors, {"format": FORMAT, "classifier": record})
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
+        files = {name: sha256_file(tmp / name) for name in CHECKSUMMED if (tmp / name).is_file()}
+        write_json(tmp / "classifier.json", {"format": FORMAT, **fields, **info, "files": files})
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -197,28 +224,252 @@ def predict_files(clf: FewgenClassifier, paths: Sequence[Path], top_k: int = 3, 
     return predictions, skipped
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> FewgenClassifier:
-    """A classifier folder written by the ``export`` step or ``fewgen fit``."""
+def _canonical(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists), so that two records compare as written."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_kwargs(value: Any, where: str) -> None:
+    """Backbone kwargs hold JSON scalars and short lists of them, integers at most MAX_KWARG_INT."""
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and len(value) > 64:
+        raise FewgenError(f"{where} is a list of {len(value)} values, more than any backbone takes; {INTACT_COPY}")
+    for v in items:
+        if not (v is None or isinstance(v, bool | int | float | str)):
+            raise FewgenError(f"{where} = {_shown(value)} is not a number, string or list of them; {INTACT_COPY}")
+        if _is_int(v) and abs(v) > MAX_KWARG_INT:
+            raise FewgenError(f"{where} = {_shown(value)} is beyond {MAX_KWARG_INT}, larger than any backbone "
+                              f"fewgen builds; {INTACT_COPY}")
+
+
+def check_classifier_fields(info: dict, where: str) -> None:
+    """The fields of classifier.json (``where`` names it) that loading needs, with their types and
+    ranges: ``backbone`` (a registered name and its kwargs), ``head``, ``class_names``,
+    ``image_shape`` (C, H, W) and ``temperature``."""
+    from collections import Counter
+
+    from fewgen.backbones import BACKBONES
+
+    arch = info.get("backbone")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        what = "has no 'backbone'" if arch is None else f"has backbone = {_shown(arch)}, not {{name, kwargs}}"
+        raise FewgenError(f"{where} {what} (the backbone's architecture); {INTACT_COPY}")
+    if arch["name"] not in BACKBONES:
+        raise FewgenError(f"{where} names backbone {arch['name']!r}, which this fewgen does not have "
+                          f"({', '.join(BACKBONES.names())}); {INTACT_COPY}, or use the fewgen version that wrote it")
+    kwargs = arch.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise FewgenError(f"{where} has backbone.kwargs = {_shown(kwargs)}, not a mapping; {INTACT_COPY}")
+    for k, v in kwargs.items():
+        _check_kwargs(v, f"{where}: backbone.kwargs.{k}")
+    if info.get("head") not in HEADS:
+        raise FewgenError(f"{where} has head {_shown(info.get('head'))}; fewgen's heads are "
+                          f"{' and '.join(HEADS)}; {INTACT_COPY}")
+    names = info.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FewgenError(f"{where} has class_names = {_shown(names)}, not a list of class names (strings); "
+                          f"{INTACT_COPY}")
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)
+    if twice:
+        raise FewgenError(f"{where} names class {twice[0]!r} more than once; {INTACT_COPY}")
+    shape = info.get("image_shape")
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(v) and v > 0 for v in shape)
+            or shape[0] not in (1, 3)):
+        raise FewgenError(f"{where} has image_shape = {_shown(shape)}, not [C, H, W] with C 1 or 3 and H, W "
+                          f"positive integers; {INTACT_COPY}")
+    if max(shape[1:]) > MAX_IMAGE_SIDE:
+        raise FewgenError(f"{where} has image_shape = {shape}, over fewgen's limit of {MAX_IMAGE_SIDE} px a side "
+                          f"(every image would be resized to that and fill memory); {INTACT_COPY}")
+    temperature = info.get("temperature", 10.0)
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 < temperature < 1e6:
+        raise FewgenError(f"{where} has temperature = {_shown(temperature)}, not a positive number; {INTACT_COPY}")
+
+
+def check_classifier_folder(folder: Path, info: Any) -> None:
+    """Everything about a classifier folder that needs no tensors: its format, the sha256 of its files
+    as classifier.json records them, and classifier.json's fields (:func:`check_classifier_fields`).
+    One :class:`FewgenError` line per problem."""
+    from fewgen.utils import sha256_file
+
+    where = str(folder / "classifier.json")
+    if not isinstance(info, dict):
+        raise FewgenError(f"{where} is not a JSON object; {INTACT_COPY}")
+    if info.get("format") == "fewgen-classifier/1":
+        raise FewgenError(f"{where} is a fewgen-classifier/1 folder, written before classifiers recorded checksums, "
+                          f"so nothing can tell whether it is intact; export it again from its run ('export' step, "
+                          f"or fewgen fit) with this fewgen")
+    if info.get("format") != FORMAT:
+        raise FewgenError(f"{where} is not a {FORMAT} classifier (format {_shown(info.get('format'))}); "
+                          f"{INTACT_COPY}, or use the fewgen version that wrote it")
+    files = info.get("files")
+    if not isinstance(files, dict) or not isinstance(files.get("model.safetensors"), str):
+        raise FewgenError(f"{where} records no sha256 for model.safetensors ('files'); {INTACT_COPY}")
+    for name in CHECKSUMMED:
+        path, recorded = folder / name, files.get(name)
+        if recorded is None and path.exists():
+            raise FewgenError(f"{path} is not recorded in classifier.json's files: it was added; {INTACT_COPY}")
+        if recorded is not None and not path.is_file():
+            raise FewgenError(f"{path} is missing (classifier.json records its sha256); {INTACT_COPY}")
+        if recorded is not None and sha256_file(path) != recorded:
+            raise FewgenError(f"{path} does not match the sha256 recorded in classifier.json: the file is damaged "
+                              f"or was changed; {INTACT_COPY}")
+    check_classifier_fields(info, where)
+
+
+def _frozen_pretrained(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is a frozen pretrained model (clip, dinov2): its weights stay in its model
+    folder, and classifier.json's ``backbone`` records which model, its content digest, dtype, feature
+    size and preprocessing (``PretrainedImageBackbone.spec``)."""
+    from fewgen.backbones.pretrained import PretrainedImageBackbone
+
+    return isinstance(backbone, PretrainedImageBackbone)
+
+
+def _pretrained_feature_size(arch: dict, where: str) -> int:
+    """The feature size of the frozen pretrained backbone classifier.json records, its record checked
+    (the model itself is checked against ``digest`` when it is loaded)."""
+    from fewgen.backbones.pretrained import DTYPES, Preprocessing
+
+    ok = (isinstance(arch.get("model"), str) and bool(arch["model"]) and isinstance(arch.get("digest"), str)
+          and arch.get("dtype") in DTYPES and _is_int(arch.get("num_features"))
+          and 0 < arch["num_features"] <= 1 << 16 and isinstance(arch.get("preprocessing"), dict))
+    try:
+        ok = ok and Preprocessing.from_dict(arch["preprocessing"]) is not None
+    except TypeError:
+        ok = False
+    if not ok:
+        raise FewgenError(f"{where} records the {arch['name']} backbone as {_shown(arch)}, not {{model, digest, "
+                          f"dtype, num_features, preprocessing}}; {INTACT_COPY}")
+    return arch["num_features"]
+
+
+def _backbone_outline(info: dict, where: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The state dict (shapes and dtypes, no storage) and feature size of the backbone classifier.json
+    describes, built on the meta device, and checked to read images of its image_shape. A frozen
+    pretrained backbone has no tensors in the folder: its record gives the feature size."""
     from fewgen.backbones import create_backbone
+    from fewgen.backbones.pretrained import is_pretrained
+
+    arch, shape = info["backbone"], info["image_shape"]
+    if is_pretrained(arch["name"]):
+        return {}, _pretrained_feature_size(arch, where)
+    try:
+        with torch.device("meta"):
+            outline = create_backbone(arch["name"], in_chans=shape[0], **arch.get("kwargs", {})).eval()
+    except (TypeError, ValueError, RuntimeError, FewgenError) as e:
+        raise FewgenError(f"{where}: backbone {arch['name']} with kwargs {_shown(arch.get('kwargs', {}))} cannot be "
+                          f"built ({_shown(str(e), 120)}); {INTACT_COPY}") from None
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = outline.forward_features(torch.empty(1, *shape))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise FewgenError(f"{where}: a {arch['name']} backbone cannot read images of image_shape {shape} "
+                          f"({_shown(str(e), 120)}); {INTACT_COPY}") from None
+    dim = int(getattr(outline, "num_features", out.shape[-1]))
+    if tuple(out.shape) != (1, dim):
+        raise FewgenError(f"{where}: a {arch['name']} backbone gives features of shape {tuple(out.shape[1:])} for "
+                          f"image_shape {shape}, not ({dim},); {INTACT_COPY}")
+    return outline.state_dict(), dim
+
+
+def _head_shapes(head: str, n_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
+    if head == "logreg":
+        return {"weight": (n_classes, dim), "bias": (n_classes, 1), "mean": (1, dim)}
+    return {"prototypes": (n_classes, dim)}
+
+
+def check_classifier_model(info: dict, tensors: dict[str, torch.Tensor], meta: dict, folder: Path) -> None:
+    """model.safetensors against classifier.json (``info``, already through
+    :func:`check_classifier_folder`): the backbone's tensors against the backbone it describes
+    (names, shapes, dtypes), the head's against its class names and the backbone's feature size,
+    every value finite, and the fields that decide predictions against model.safetensors' record."""
+    where, model = str(folder / "classifier.json"), str(folder / "model.safetensors")
+    expected, dim = _backbone_outline(info, where)
+    found = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise FewgenError(f"{model} does not hold the {info['backbone']['name']} backbone classifier.json describes "
+                          f"({len(missing)} tensor(s) missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. "
+                          f"{extra[:2]}); {INTACT_COPY}")
+    for k, t in expected.items():
+        if found[k].shape != t.shape or found[k].dtype != t.dtype:
+            raise FewgenError(f"{model}: backbone.{k} is {found[k].dtype} {tuple(found[k].shape)} but the "
+                              f"{info['backbone']['name']} backbone classifier.json describes needs {t.dtype} "
+                              f"{tuple(t.shape)}; {INTACT_COPY}")
+    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    shapes, n_classes = _head_shapes(info["head"], len(info["class_names"]), dim), len(info["class_names"])
+    if set(head) != set(shapes):
+        raise FewgenError(f"{model} holds head tensors {sorted(head)}; a {info['head']} head has "
+                          f"{sorted(shapes)}; {INTACT_COPY}")
+    rows = head[next(iter(shapes))].shape[0] if head[next(iter(shapes))].dim() else 0
+    if rows != n_classes:
+        raise FewgenError(f"{where} names {n_classes} classes but the head in model.safetensors has {rows} "
+                          f"(head.{next(iter(shapes))} rows); {INTACT_COPY}")
+    for k, shape in shapes.items():
+        if tuple(head[k].shape) != shape or not head[k].is_floating_point():
+            raise FewgenError(f"{model}: head.{k} is {head[k].dtype} {tuple(head[k].shape)}, a {info['head']} head "
+                              f"over {n_classes} classes and {dim} features needs float {shape}; {INTACT_COPY}")
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise FewgenError(f"{model}: {bad} holds NaN or infinite values; {INTACT_COPY}")
+    record = meta.get("classifier")
+    if not isinstance(record, dict):
+        raise FewgenError(f"{model} records no classifier of its own to compare classifier.json with; {INTACT_COPY}")
+    for name in RECORDED:
+        value = _canonical(info.get(name, 10.0) if name == "temperature" else info.get(name))
+        if value != record.get(name):
+            raise FewgenError(f"{where} has {name} = {_shown(value)} but model.safetensors was exported with "
+                              f"{_shown(record.get(name))}: classifier.json was changed; {INTACT_COPY}")
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> FewgenClassifier:
+    """A classifier folder written by the ``export`` step or ``fewgen fit``, checked before anything is
+    built (:func:`check_classifier_folder`, :func:`check_classifier_model`)."""
+    import json
+
+    from fewgen.backbones import create_backbone
+    from fewgen.backbones.pretrained import Preprocessing, is_pretrained, load_pretrained
     from fewgen.checkpoint import load_tensors
-    from fewgen.utils import read_json
 
     folder = Path(path).expanduser()
     meta_file = folder / "classifier.json"
     if not folder.is_dir() or not meta_file.is_file() or not (folder / "model.safetensors").is_file():
         raise FewgenError(f"{folder} is not a fewgen classifier folder (it needs classifier.json and "
                           "model.safetensors); export one with fewgen fit, or a run with 'export' in its pipeline")
-    info = read_json(meta_file)
-    if info.get("format") != FORMAT:
-        raise FewgenError(f"{meta_file} is not a {FORMAT} classifier (format {info.get('format')!r})")
-    tensors, _ = load_tensors(folder / "model.safetensors")
-    arch = info["backbone"]
-    backbone = create_backbone(arch["name"], in_chans=info["image_shape"][0], **arch.get("kwargs", {}))
-    backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
-    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-    extra = {k: v for k, v in info.items() if k not in ("format", "head", "class_names", "image_shape", "temperature")}
-    return FewgenClassifier(backbone.to(device).eval(), info["head"], head, list(info["class_names"]),
-                            tuple(info["image_shape"]), extra, float(info.get("temperature", 10.0)))
+    try:
+        info = json.loads(meta_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise FewgenError(f"{meta_file} is not valid JSON ({_shown(str(e), 120)}); {INTACT_COPY}") from None
+    check_classifier_folder(folder, info)
+    tensors, meta = load_tensors(folder / "model.safetensors", fix=INTACT_COPY)
+    check_classifier_model(info, tensors, meta, folder)
+    arch, shape = info["backbone"], tuple(info["image_shape"])
+    if is_pretrained(arch["name"]):  # weights from its model folder, refused unless its content is the recorded one
+        backbone = load_pretrained(arch["name"], arch["model"], arch["dtype"], digest=arch["digest"],
+                                   preprocessing=Preprocessing.from_dict(arch["preprocessing"]))
+    else:
+        backbone = create_backbone(arch["name"], in_chans=shape[0], **arch.get("kwargs", {}))
+        try:
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        except RuntimeError as e:
+            raise FewgenError(f"{folder / 'model.safetensors'} does not fit the backbone classifier.json describes "
+                              f"({_shown(str(e), 160)}); {INTACT_COPY}") from None
+    head = {k[len("head."):]: v.float() for k, v in tensors.items() if k.startswith("head.")}
+    extra = {k: v for k, v in info.items()
+             if k not in ("format", "files", "head", "class_names", "image_shape", "temperature")}
+    return FewgenClassifier(backbone.to(device).eval(), info["head"], head, list(info["class_names"]), shape, extra,
+                            float(info.get("temperature", 10.0)))
 
 
 def fit_classifier(backbone: nn.Module, backbone_arch: dict, support_images: torch.Tensor,
@@ -250,5 +501,5 @@ def fit_classifier(backbone: nn.Module, backbone_arch: dict, support_images: tor
                             list(class_names), shape, {"backbone": backbone_arch, **(info or {})})
 
 
-__all__ = ["FewgenClassifier", "Prediction", "fit_classifier", "image_paths", "load_classifier", "predict_files",
-           "read_image_file"]
+__all__ = ["FewgenClassifier", "Prediction", "check_classifier_folder", "check_classifier_model", "fit_classifier",
+           "image_paths", "load_classifier", "predict_files", "read_image_file"]

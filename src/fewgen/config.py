@@ -36,7 +36,9 @@ from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
 class DataConfig:
     dataset: str = opt("digits", "registered dataset (fewgen datasets lists them)", choices="dataset")
     root: str | None = opt(None, "data root with one folder per dataset (default $FEWGEN_DATA, else ./data); for imagefolder the folder itself")
-    image_size: int | None = opt(None, "square image side; the dataset's default when null", min=4)
+    image_size: int | None = opt(None, "square image side; when null the dataset's default, or with a pretrained "
+                                 "backbone (clip, dinov2) the side its image processor resizes to (e.g. 224, "
+                                 "256), so photos reach its own resize and centre crop at full size", min=4, max=1024)
     channels: int | None = opt(None, "1 or 3 (imagefolder only)", choices=(1, 3))
     download: bool = opt(False, "download official files when missing (omniglot)")
     base_classes: list[str] | None = opt(None, "override the base classes by name")
@@ -55,8 +57,13 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = opt("conv4", "registered backbone: conv4, conv4-wide, resnet12, resnet12-small", choices="backbone")
+    name: str = opt("conv4", "registered backbone: conv4, conv4-wide, resnet12, resnet12-small (trained by the "
+                    "pretrain step), or clip, dinov2 (frozen pretrained models: backbone.model)", choices="backbone")
     kwargs: dict[str, Any] = opt({}, "extra constructor arguments")
+    model: str | None = opt(None, "clip / dinov2: the pretrained model, a local folder or hub id (transformers; clip: "
+                            "a CLIPModel or CLIPVisionModelWithProjection, with its preprocessor_config.json)")
+    dtype: str = opt("float32", "clip / dinov2: the dtype the frozen model runs in",
+                     choices=("float32", "float16", "bfloat16"))
 
 
 @dataclass
@@ -94,7 +101,8 @@ class PretrainConfig:
     rotation_classes: bool = opt(True, "add the 90-degree rotations of base classes as new classes (Vinyals et al.)")
     val_every: int = opt(1, "epochs between validation few-shot evaluations (model selection)", min=1)
     val_episodes: int = opt(300, "validation episodes (on val classes only)", min=1)
-    val_n_way: int = opt(5, "validation episode ways (capped at the number of val classes)", min=2)
+    val_n_way: int = opt(5, "validation episode ways (capped at the number of val classes; with a single val "
+                         "class there is no validation and the last epoch is kept)", min=2)
     val_n_shot: int = opt(1, "validation episode shots", min=1)
     seed: int = opt(0, "seed of the pretraining run")
     max_steps_per_epoch: int | None = opt(None, "cap steps per epoch (quick tests)", min=1)
@@ -103,12 +111,14 @@ class PretrainConfig:
 
 @dataclass
 class EvalConfig:
-    n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True)
+    n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True, unique=True)
     n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K); 0 = every image of a class "
-                             "(no queries left: only without evaluate and learn, as fewgen fit)", min=0, nonempty=True)
+                             "(no queries left: only without evaluate and learn, as fewgen fit)", min=0, nonempty=True,
+                             unique=True)
     n_query: int = opt(15, "queries per class per episode", min=1)
     episodes: int = opt(600, "episodes per (seed, N, K)", min=1)
-    classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto", choices="classifier", nonempty=True)
+    classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto", choices="classifier", nonempty=True,
+                                  unique=True)
     all_way: bool = opt(True, "also classify all remaining novel images among all novel classes")
     logreg_c: float = opt(1.0, "inverse L2 strength of the logistic regression (scikit-learn's C)", gt=0)
     logreg_iters: int = opt(1000, "maximum iterations of the batched logistic regression", min=1)
@@ -122,10 +132,14 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
 
     methods: list[str] = opt(["real-only", "synthetic-only", "datadream", "diffalign"],
                              "fine-tuning methods: real-only, synthetic-only, datadream (real+synthetic), diffalign", choices="learner method")
-    model: str = opt("backbone", "backbone (the pretrained backbone + cosine head) or clip (CLIP + LoRA)", choices=("backbone", "clip"))
+    model: str = opt("backbone", "backbone (the pretrained backbone + cosine head) or clip (CLIP + LoRA; not with "
+                     "the export step, nor with learner.augmented_control, synthetic_keep < 1 or sweep_method=frozen, "
+                     "which use the pretrained backbone)", choices=("backbone", "clip"))
     clip_path: str | None = opt(None, "local CLIP model folder or hub id (model=clip)")
     clip_lora_rank: int = opt(16, "LoRA rank on both CLIP towers", min=1)
     clip_prompt: str = opt("a photo of a {}.", "class prompt template for the CLIP head")
+    precision: str = opt("float32", "fine-tuning precision: float32, bfloat16 (autocast; CPU or GPU) or float16 "
+                         "(autocast with loss scaling; CUDA only)", choices=("float32", "bfloat16", "float16"))
     eval_with: list[str] = opt(["head", "logreg"],
                                "head (the fine-tuned head restricted to the episode classes) and/or a frozen "
                                "classifier (logreg, proto) on the fine-tuned features", choices="learner evaluation")
@@ -136,7 +150,9 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
     momentum: float = opt(0.9, "SGD momentum", min=0)
     weight_decay: float = opt(5e-4, "weight decay", min=0)
     augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)", choices="augmentation")
-    head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random", choices=("prototypes", "random"))
+    head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random; "
+                         "learner.model=backbone only: CLIP's head starts at its class prompts either way",
+                         choices=("prototypes", "random"))
     synthetic_per_class: int | None = opt(None, "use at most this many synthetic images per class (null: all)", min=1)
     synthetic_keep: float = opt(1.0, "share of each class's synthetic images kept, those a logistic regression fitted "
                                 "on the few shots finds most likely their own class (1 = all; before the sweep)", gt=0, max=1)
@@ -145,7 +161,9 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
                             "with the first m synthetic images per class (frozen+synthetic@m rows)",
                             choices="sweep method")
     sweep_shots: list[int] = opt([1], "shots (K) of the sweep", min=1)
-    frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the support")
+    frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the "
+                                 "support; with learner.model=backbone only (they are the pretrained backbone's), "
+                                 "skipped with a log line for learner.model=clip")
     synthetic_weight: float = opt(1.0, "weight of each synthetic support image in the frozen-feature classifiers, "
                                   "relative to a real shot's 1 (prototype: weighted mean; logreg: weighted loss)", gt=0)
     augmented_copies_per_class: int = opt(50, "augmented copies per class, of the augmented-copies step and of "
@@ -180,7 +198,8 @@ class DomainFusionConfig(OfflineOptions, OnlineAugmentationOptions, LatentDistil
     generator: str | None = opt(None, "a Stable Diffusion model (local diffusers folder or hub id) used frozen in "
                                 "its latent space for every target; null: train the pixel model below per target")
     prompt: str = opt("a photo of a {}", "Stable Diffusion: the class condition, {} = the class name")
-    gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)", min=4)
+    gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)", min=4,
+                                 max=1024)
     gen_channels: list[int] = opt([32, 64], "UNet block_out_channels of the diffusion model", min=1, nonempty=True)
     gen_steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)", min=1)
     gen_batch_size: int = opt(64, "diffusion training batch size", min=1)
@@ -258,6 +277,12 @@ class GeneratorConfig:
     prompt: str = opt("a photo of a {}", "prompt template for text-to-image backends ({} = class name)")
     resolution: int | None = opt(None, "Stable Diffusion generation size (default: the pipeline's)", min=8)
     dtype: str = opt("auto", "Stable Diffusion dtype: auto (fp16 on cuda), float32, float16, bfloat16", choices=("auto", "float32", "float16", "bfloat16"))
+    attention_slicing: bool = opt(False, "Stable Diffusion: attention in slices (less GPU memory, a little slower; "
+                                  "the same images up to rounding, so the same cache entries)")
+    vae_slicing: bool = opt(False, "Stable Diffusion: decode latents one image at a time (less GPU memory for large "
+                            "batches; the same cache entries)")
+    compile: bool = opt(False, "Stable Diffusion: torch.compile the UNet for sampling (faster after a first slow batch; "
+                        "the same cache entries; each switch of a cls adapter recompiles)")
     adapt_mode: str = opt("dset", "DataDream mode: cls (one LoRA per class) or dset (one LoRA for all classes)", choices=("cls", "dset"))
     lora_rank: int = opt(16, "DataDream LoRA rank", min=1)
     adapt_steps_per_class: int = opt(40, "DataDream steps per class (dset trains classes x this, equal total)", min=1)
@@ -282,7 +307,8 @@ class SynthesisConfig:
                                   "(each: image i on shot i mod K) or on the mean feature of the class's shots (mean)",
                                   choices=("each", "mean"))
     seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")
-    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch)", min=1)
+    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch); Stable "
+                     "Diffusion without per-class adapters fills a batch with several classes' images", min=1)
     precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "
                          "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.dtype", choices=("float32", "bfloat16", "float16"))
     streams: int | None = opt(None, "parallel sampling streams in each process, each a copy of the pixel "
@@ -316,7 +342,7 @@ class ExportConfig:
 @dataclass
 class RunConfig:
     name: str = opt("run", "run name (default output folder runs/<name>)")
-    seeds: list[int] = opt([0, 1, 2], "few-shot seeds: each draws its own few-shot set", nonempty=True)
+    seeds: list[int] = opt([0, 1, 2], "few-shot seeds: each draws its own few-shot set", nonempty=True, unique=True)
     pipeline: list[str] = opt(["pretrain", "evaluate"], "steps to run, in order", choices="pipeline step", nonempty=True)
     device: str = opt("auto", "auto, cpu or cuda")
     num_threads: int | None = opt(None, "torch CPU threads (default: torch's)", min=1)
@@ -415,14 +441,37 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("fewgen.app.presets").iterdir() if p.name.endswith(".yaml"))
 
 
+def config_file(name_or_path: str) -> Path | None:
+    """The YAML file a config name means, or None for the preset of that name.
+
+    A name ending in .yaml / .yml or written as a path (with a / or starting with . or ~) is a file;
+    a bare name is a preset when one has that name, whatever lies in the working folder (a file
+    beside it of that name is named on stderr, not read); else a file of that name. A folder is
+    never a config."""
+    path = Path(name_or_path).expanduser()
+    as_path = path.suffix in (".yaml", ".yml") or "/" in name_or_path or name_or_path.startswith((".", "~"))
+    if not as_path and (resources.files("fewgen.app.presets") / f"{name_or_path}.yaml").is_file():
+        beside = [p for p in (name_or_path, f"{name_or_path}.yaml", f"{name_or_path}.yml") if Path(p).is_file()]
+        if beside:
+            import sys
+
+            print(f"note: {name_or_path!r} is the preset {name_or_path}; the file {beside[0]} here is not read "
+                  f"(write ./{beside[0]} to run it)", file=sys.stderr)
+        return None
+    if path.is_dir():
+        raise FewgenError(f"{name_or_path} is a folder, not a config: give a YAML file or a preset name "
+                          "(fewgen presets lists them)")
+    if as_path and not path.is_file():
+        raise FewgenError(f"config file {name_or_path} does not exist")
+    return path if path.is_file() else None
+
+
 def read_yaml_config(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The chain of YAML mappings for a preset name or file, base first."""
     if name_or_path in _seen:
         raise FewgenError(f"config 'base' chain loops: {' -> '.join((*_seen, name_or_path))}")
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FewgenError(f"config file {path} does not exist")
+    path = config_file(name_or_path)
+    if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -439,9 +488,12 @@ def read_yaml_config(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[dic
             raise FewgenError(f"unknown preset {name_or_path!r}.{hint} Presets: {', '.join(names)}; or give a YAML file path")
         text = res.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise FewgenError(f"{name_or_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:  # an empty file would silently run every default
+        raise FewgenError(f"config {name_or_path} is empty; give at least one key (e.g. 'base: demo'), or run a preset "
+                          "by name (fewgen presets lists them)")
     if not isinstance(data, dict):
         raise FewgenError(f"{name_or_path} must hold a YAML mapping at the top level")
     base = data.pop("base", None)

@@ -117,10 +117,25 @@ def _ier_options(cfg, inputs) -> dict[str, str]:
     return {"pretrain.ier": "options of the IER recipes; a CE backbone never reads them"}
 
 
+def _trained_backbone_ignores(cfg, inputs) -> dict[str, str]:
+    return {**_ier_options(cfg, inputs),
+            **{f: "options of the frozen pretrained backbones (clip, dinov2; their own key), never trained"
+               for f in ("backbone.model", "backbone.dtype")}}
+
+
 BACKBONE = rule(
-    "backbones", config=("backbone", "pretrain"), inputs=("base", "val"), ignore_if=_ier_options,
+    "backbones", config=("backbone", "pretrain"), inputs=("base", "val"), ignore_if=_trained_backbone_ignores,
 )
 """The pretrained backbone: trained on the base images (digest ``base``), selected on val (``val``)."""
+
+PRETRAINED_BACKBONE = rule(
+    "pretrained-backbones", config=("backbone",), inputs=("model",),
+    ignore={"backbone.model": "the model enters by content (input model: its config, processor config and "
+                              "weight files), never by its path or hub id"},
+)
+"""A frozen pretrained backbone (clip, dinov2): its section and the content of its model folder
+(``model``, :func:`fewgen.backbones.pretrained.model_digest`). Nothing is trained, so neither the
+pretrain section nor the base images enter; the key names its features in the cache."""
 
 FEATURES = rule("features", inputs=("checkpoint", "images"))
 """Frozen features of a set of images (digest ``images``) under a backbone (``checkpoint`` key)."""
@@ -128,6 +143,11 @@ FEATURES = rule("features", inputs=("checkpoint", "images"))
 _ADAPTATION = ("generator.adapt_mode", "generator.lora_rank", "generator.adapt_steps_per_class",
                "generator.adapt_batch_size", "generator.adapt_lr")
 _STABLE_DIFFUSION = ("generator.model", "generator.prompt", "generator.resolution", "generator.dtype")
+#: how the Stable Diffusion pipeline runs, not what it draws: attention and VAE slicing split the
+#: same sums into slices, torch.compile fuses the same operations; the images agree up to rounding,
+#: as they do across devices (``device`` enters no key either), so no key holds them and turning one
+#: on reuses the adapters and synthetic sets already made
+_SD_RUNTIME = ("generator.attention_slicing", "generator.vae_slicing", "generator.compile")
 _EXEMPLAR = ("generator.exemplar_cond", "generator.exemplar_tokens", "generator.exemplar_dropout",
              "generator.exemplar_t_dist", "generator.exemplar_aug", "generator.exemplar_pair_aug",
              "generator.exemplar_rotations")
@@ -143,7 +163,9 @@ GENERATOR = rule(
     "generators", config=("generator",), inputs=("base", "encoder"), ignore_if=_generator_ignores,
     ignore={**{f: "adaptation to the shots: in the adapters' key" for f in _ADAPTATION},
             **{f: "Stable Diffusion options: base training of a pixel generator never reads them"
-               for f in _STABLE_DIFFUSION}},
+               for f in _STABLE_DIFFUSION},
+            **{f: "how Stable Diffusion runs (memory, speed), not what it draws: in no key (_SD_RUNTIME)"
+               for f in _SD_RUNTIME}},
 )
 """The base pixel generator, trained on the base images (digest ``base``); an exemplar generator
 conditioned on backbone features also on that backbone (key ``encoder``)."""

@@ -15,17 +15,24 @@ from typing import Any
 
 from fewgen.errors import FewgenError
 
+#: the largest value a count or size admits where its option declares no maximum of its own: an integer
+#: option with a minimum is a count (steps, images, episodes, sizes); none of fewgen's is meaningful above it
+COUNT_MAX = 1_000_000
+
 
 def opt(default: Any, help: str, *, min: float | None = None, gt: float | None = None,  # noqa: A002
-        max: float | None = None, choices: tuple | str | None = None, nonempty: bool = False) -> Any:
+        max: float | None = None, choices: tuple | str | None = None, nonempty: bool = False,
+        unique: bool = False) -> Any:
     """A dataclass field with a default (copied if mutable), help text and the values it admits.
 
     ``min`` / ``gt`` / ``max`` bound a number (each element of a list); ``choices`` is a tuple of
     values or the name of a vocabulary the runner resolves (a registry: ``"dataset"``, ...);
-    ``nonempty`` asks a list for at least one element. ``None`` always passes where the type allows
-    it. :func:`check_values` enforces them before a run writes anything.
+    ``nonempty`` asks a list for at least one element, ``unique`` for no repeated element. An integer
+    with a minimum and no ``max`` is a count: at most :data:`COUNT_MAX`. ``None`` always passes where
+    the type allows it. :func:`check_values` enforces them before a run writes anything.
     """
-    meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "nonempty": nonempty}
+    meta = {"help": help, "min": min, "gt": gt, "max": max, "choices": choices, "nonempty": nonempty,
+            "unique": unique}
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,8 +55,16 @@ def check_values(cfg: Any, vocabularies: dict[str, Any] | None = None, path: str
         items = value if isinstance(value, list) else [value]
         if m.get("nonempty") and not items:
             raise FewgenError(f"config key '{key}' must list at least one value, got []")
+        if m.get("unique"):
+            repeated = sorted({str(v) for v in items if items.count(v) > 1})
+            if repeated:
+                raise FewgenError(f"config key '{key}' lists {', '.join(repeated)} more than once; give each value once "
+                                  "(a repeated seed or setting would count the same episodes twice)")
         for v in items:
             number = isinstance(v, int | float) and not isinstance(v, bool)
+            if (isinstance(v, int) and not isinstance(v, bool) and m.get("max") is None
+                    and (m.get("min") is not None or m.get("gt") is not None) and v > COUNT_MAX):
+                raise FewgenError(f"config key '{key}' must be at most {COUNT_MAX:,}, got {v:,}")
             if number and m.get("min") is not None and v < m["min"]:
                 raise FewgenError(f"config key '{key}' must be at least {m['min']}, got {v}")
             if number and m.get("gt") is not None and v <= m["gt"]:

@@ -148,7 +148,55 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def launched_processes() -> bool:
+    """Whether a distributed launcher started this process (``accelerate launch``, ``torchrun``:
+    ``WORLD_SIZE`` above 1 or ``LOCAL_RANK`` set)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of a ``device`` setting: ``auto`` is CUDA when there is one, else CPU.
+
+    Under a distributed launcher with CUDA, ``auto`` and a bare ``cuda`` mean this process's own GPU
+    (accelerate's ``PartialState().device``, ``cuda:<LOCAL_RANK>``, also made the current device), so
+    every process does not pile onto cuda:0; an explicit ``cuda:N`` is kept as given, and CPU runs are
+    unchanged.
+    """
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        if launched_processes():
+            try:  # accelerate's state: the process group synthesis/sharding.py uses too
+                from accelerate import PartialState
+            except ImportError:  # a core install without the gen extra: the launcher's local rank
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+                return device
+            return PartialState().device
+        return torch.device("cuda")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     return torch.device(name)
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of a launch (global rank 0; always, without a launcher):
+    the one that logs and writes the run's files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need: float, what: str, fix: str, share: float = 0.5) -> None:
+    """One clear error before allocating ``need`` bytes for ``what`` when that exceeds ``share`` of the
+    machine's memory (the rest is the models', the features' and the OS's)."""
+    from fewgen.errors import FewgenError
+
+    total = memory_bytes()
+    if total is not None and need > share * total:
+        raise FewgenError(f"{what} needs about {need / 2**30:,.1f} GiB of memory, more than {share:.0%} of this "
+                          f"machine's {total / 2**30:,.1f} GiB; {fix}")

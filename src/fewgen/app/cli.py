@@ -6,6 +6,7 @@ User errors (:class:`fewgen.FewgenError`) end with one ``error:`` line and exit 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -59,13 +60,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.zero_shot:
         cfg.synthesis.zero_shot = True
-    if cfg.synthesis.zero_shot and cfg.generator.kind == "diffusion" and cfg.generator.cond_mode == "class":
-        raise FewgenError("zero-shot generation needs the class names: set generator.cond_mode=name or class+name")
     cfg.pipeline = ["generator", "synthesize"] if cfg.synthesis.zero_shot else ["generator", "adapt", "synthesize"]
     r = run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
+    if r.dir is None:  # a helper process of a launch: the main process reports
+        return 0
     sets = r.state.synthetic
     print(f"{len(sets)} synthetic set(s), {sum(len(d) for d in sets.values())} images; grids in {r.dir / 'grids'}")
     return 0
+
+
+def csv_text(cell: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting with ``=``, ``+``, ``-``, ``@``, a tab or a
+    carriage return (a formula to Excel, LibreOffice and Google Sheets) gets a leading ``'``
+    (OWASP's CSV injection rule). Numbers are written as they are, not through this."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -93,10 +101,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
-        w.writerow([r.file, r.label, f"{r.probability:.6f}",
-                    *[v for label, prob in r.top_k[1:] for v in (label, f"{prob:.6f}")], ""])
+        w.writerow([csv_text(r.file), csv_text(r.label), f"{r.probability:.6f}",
+                    *[v for label, prob in r.top_k[1:] for v in (csv_text(label), f"{prob:.6f}")], ""])
     for path, why in skipped:
-        w.writerow([str(path), "", "", *[""] * (2 * (k - 1)), why])
+        w.writerow([csv_text(str(path)), "", "", *[""] * (2 * (k - 1)), csv_text(why)])
     try:
         with atomic_path(out) as tmp:
             tmp.write_text(buf.getvalue())
@@ -119,26 +127,48 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    from fewgen.app.runner import run
+def fit_config(shots: str | Path, preset: str = "demo", overrides: list[str] | None = None, name: str | None = None):
+    """The :class:`~fewgen.config.RunConfig` of ``fewgen fit``: the preset with the user's shots as the novel
+    classes, every image of a class a shot (one seed), the preset's pipeline without evaluate and learn (no
+    queries) and with export; and, for a generator that draws from DataDream adapters of the shots, the adapt
+    step before synthesize when the preset has none (unless synthesis.zero_shot)."""
+    from fewgen.app.checks import ADAPTED_KINDS
     from fewgen.config import load_config
 
-    shots = Path(args.shots).expanduser()
-    cfg = load_config(args.preset, ["data.novel_dataset=imagefolder", f"data.novel_root={shots}", "eval.n_shots=[0]",
-                                    "seeds=[0]", *args.overrides])
+    shots = Path(shots).expanduser()
+    cfg = load_config(preset, ["data.novel_dataset=imagefolder", f"data.novel_root={shots}", "eval.n_shots=[0]",
+                               "seeds=[0]", "export.n_shot=null", "export.seed=null", *(overrides or [])])
     steps = [s for s in cfg.pipeline if s not in ("evaluate", "learn")]
     if "export" not in steps:
         steps.insert(steps.index("report") if "report" in steps else len(steps), "export")
+    if (cfg.generator.kind in ADAPTED_KINDS and "synthesize" in steps and "adapt" not in steps
+            and not cfg.synthesis.zero_shot):
+        steps.insert(steps.index("synthesize"), "adapt")
     cfg.pipeline = steps
-    cfg.name = args.name or f"fit-{shots.name}"
+    cfg.name = name or "fit-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", shots.resolve().name).strip("-.") or "shots")
+    return cfg
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from fewgen.app.runner import run
+
+    cfg = fit_config(args.shots, args.preset, args.overrides, args.name)
     r = run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
+    if r.dir is None:  # a helper process of a launch: the main process reports
+        return 0
+    loo = r.state.classifier.info.get("leave_one_out") if r.state.classifier is not None else None
+    if loo:
+        ci = f" +- {loo['ci95']:.2f}" if loo["ci95"] is not None else ""
+        print(f"estimated accuracy from your shots alone (each classified by the classifier fitted on the others): "
+              f"{loo['accuracy']:.2f}%{ci} ({loo['correct']} of {loo['shots']} shots)")
     print(f"classifier for {len(r.data.novel.class_names)} classes in {r.dir / 'classifier'}; "
           f"use it with: fewgen predict {r.dir / 'classifier'} IMAGES... --out predictions.csv")
     return 0
 
 
-def _add_run_arguments(p: argparse.ArgumentParser, first: tuple[str, str] = ("config", "preset name or path to a "
-                                                                                 "YAML config")) -> None:
+def _add_run_arguments(p: argparse.ArgumentParser, first: tuple[str, str] = (
+        "config", "preset name or YAML file; a bare name is the preset of that name even beside a file or "
+                  "folder called so, a file is written with .yaml or as a path (./demo.yaml)")) -> None:
     """The arguments every command that makes a run directory takes (``first``: its positional one)."""
     p.add_argument(first[0], help=first[1])
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
@@ -198,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """Raised in the main thread when the process gets SIGTERM (not an Exception: nothing swallows it)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may also come after the options (`fewgen run demo --out x seeds=[0]`)
@@ -207,15 +241,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    import signal
+
+    def _terminated(signum, frame):  # SIGTERM (a scheduler, `kill`): stop as Ctrl-C does, with the resume line
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
+    except Terminated:
+        import shlex
+
+        command = shlex.join(["fewgen", *(argv if argv is not None else sys.argv[1:])])
+        print(f"terminated (SIGTERM); run the same command again to resume from the cache: {command}", file=sys.stderr)
+        return 143
     except FewgenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine, not fewgen: a full disk, a folder that became unwritable
+        import errno
+
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; free space or fix the permissions, then run the same command "
-              "again (finished steps are cached)", file=sys.stderr)
+        fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+               errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
+               errno.EROFS: "choose a writable place"}.get(e.errno, "check that nothing else changes these files")
+        print(f"error: {e.strerror or e}{where}; {fix}, then run the same command again (finished steps are cached)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         import shlex
@@ -223,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["fewgen", *(argv if argv is not None else sys.argv[1:])])
         print(f"interrupted; run the same command again to resume from the cache: {command}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

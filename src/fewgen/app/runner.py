@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 
+from fewgen.app.checks import check_combinations, check_data
 from fewgen.app.rundir import (
     RunLog,
     check_run_dir,
+    check_run_name,
     environment,
     prepare_staging,
     publish_run,
+    run_lock,
     write_config,
     write_metrics,
 )
@@ -106,6 +109,7 @@ class Run:
     log: RunLog
     progress: bool = True
     data: FewShotData | None = None
+    out: Path | None = None  # where the run is published when it finishes (``dir`` is its staging folder till then)
     state: RunState = field(default_factory=RunState)
     rows: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -145,9 +149,15 @@ def check_eval_settings(cfg: RunConfig, data: FewShotData) -> None:
         steps = [s for s in cfg.pipeline if s in EPISODE_STEPS]
         raise FewgenError(f"eval.n_shots has 0 (every image of a class as a shot), which leaves no query images for "
                           f"the {steps[0]} step; use K >= 1, or drop {' and '.join(steps)} from pipeline (fewgen fit)")
+    from fewgen.data.fewshot import episode_bytes
+    from fewgen.utils import check_memory
+
     for n_way in cfg.eval.n_ways:
         for n_shot in cfg.eval.n_shots:
             check_setting(data.novel, n_way, n_shot, cfg.eval.n_query)
+            check_memory(episode_bytes(data.novel, n_way, n_shot, cfg.eval.n_query, cfg.eval.episodes),
+                         f"eval.episodes={cfg.eval.episodes:,} at {n_way}-way {n_shot}-shot (the episodes' indices)",
+                         "lower eval.episodes")
     from fewgen.evaluation.classifiers import CLASSIFIERS
 
     for c in cfg.eval.classifiers:
@@ -197,9 +207,11 @@ def check_config(cfg: RunConfig) -> None:
     from fewgen.config import check_values
 
     import_steps()
+    check_run_name(cfg.name)
     check_values(cfg, vocabularies())
     check_pipeline(cfg)
     check_device(cfg.device)
+    check_combinations(cfg)
     if cfg.data.eval_split == "val":
         whole = [s for s in cfg.pipeline if s in ("domainfusion", "gan-source", "gan-adapt")]
         if whole:
@@ -227,9 +239,21 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     ``out_dir`` and renamed into place only when every step has finished, so an earlier run there
     survives a failed or interrupted one, and the same call again resumes from the cache.
     """
+    from fewgen.utils import is_main_process
+
     check_config(cfg)
     out_dir = Path(out_dir or Path("runs") / cfg.name)
-    check_run_dir(out_dir, overwrite)
+    if not is_main_process():  # under a launcher the other processes do their share of the work and write no run
+        return _run_locked(cfg, None, progress=False, quiet=True)
+    check_run_dir(out_dir, overwrite)  # the quick refusals before taking the lock
+    with run_lock(out_dir):
+        check_run_dir(out_dir, overwrite)  # again, now that no other process can change it
+        return _run_locked(cfg, out_dir, progress, quiet)
+
+
+def _run_locked(cfg: RunConfig, out_dir: Path | None, progress: bool, quiet: bool) -> Run:
+    """The run itself, its folder's lock held (``out_dir`` None: a helper process of a launch, which
+    writes no run folder and logs nothing)."""
     cache = ArtifactCache(cfg.cache_dir)
     cache.check_writable()
     if cfg.num_threads:
@@ -238,14 +262,16 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     seed_everything(cfg.pretrain.seed)
     t0 = time.time()
     data = load_data(cfg)  # bad data or impossible settings fail before anything is written
+    check_data(cfg, data)
     if EPISODE_STEPS & set(cfg.pipeline):
         check_eval_settings(cfg, data)
-    run_dir = prepare_staging(out_dir)
-    write_config(run_dir, cfg)
-    log = RunLog(run_dir / "log.txt", quiet=quiet)
-    write_json(run_dir / "env.json", environment(str(device)))
-    r = Run(cfg, run_dir, cache, device, log, progress, data=data)
-    write_json(run_dir / "splits.json", r.data.summary())
+    run_dir = None if out_dir is None else prepare_staging(out_dir)
+    log = RunLog(None if run_dir is None else run_dir / "log.txt", quiet=quiet)
+    if run_dir is not None:
+        write_config(run_dir, cfg)
+        write_json(run_dir / "env.json", environment(str(device)))
+        write_json(run_dir / "splits.json", data.summary())
+    r = Run(cfg, run_dir, cache, device, log, progress, data=data, out=out_dir)
     log(f"data: {r.data.protocol}; base {len(r.data.base)} images / {r.data.base.num_classes} classes, "
         f"val {r.data.val.num_classes} classes, novel {r.data.novel.num_classes} classes")
     r.timings["load_data"] = round(time.time() - t0, 2)
@@ -256,6 +282,8 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
         r.timings[step] = round(time.time() - t, 2)
         log(f"== step {step} done in {r.timings[step]:.0f}s")
     r.timings["total"] = round(time.time() - t0, 2)
+    if run_dir is None:
+        return r
     write_metrics(run_dir, r.rows, {"timings_s": r.timings})
     write_json(run_dir / "done", {"timings_s": r.timings})
     log("\n" + format_table(r.rows))
@@ -266,4 +294,6 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     r.dir = publish_run(run_dir, out_dir)
     log.path = r.dir / "log.txt"
     log(f"run finished in {r.timings['total']:.0f}s: {r.dir}")
+    if (r.dir / "tensorboard").is_dir():
+        log(f"training curves: tensorboard --logdir {r.dir / 'tensorboard'}")
     return r

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import struct
 import zipfile
@@ -26,7 +25,7 @@ from fewgen.errors import FewgenError
 from fewgen.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -114,8 +113,19 @@ def load_dataset(
 # ----------------------------------------------------------------------------- helpers
 
 
+def check_image_memory(n: int, channels: int, size: int, where: str) -> None:
+    """One clear error before ``n`` images of ``size`` px would not fit in memory (uint8, plus the
+    float copy a resize makes of a chunk)."""
+    from fewgen.utils import check_memory
+
+    check_memory(n * channels * size * size * (1 + 4 * min(1.0, 2048 / max(n, 1))),
+                 f"{where}: {n:,} images of {channels}x{size}x{size}",
+                 "lower data.image_size (or use fewer images)")
+
+
 def _resize_float(x: torch.Tensor, size: int) -> torch.Tensor:
     """(n, C, H, W) float in [0, 1] -> uint8 at size x size (fewgen.data.images)."""
+    check_image_memory(len(x), x.shape[1], size, "the dataset")
     return to_uint8(resize(x, size))
 
 
@@ -125,19 +135,19 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def read_image(data: bytes | Path, where: str, size: int, channels: int) -> np.ndarray:
-    """One image file (or its bytes) as uint8 (C, size, size); an unreadable one is a FewgenError."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file (or its bytes) as uint8 (C, size, size): read by
+    :func:`fewgen.data.reader.read_image_array`, then resized (bicubic); an unreadable one is a
+    FewgenError."""
+    from PIL import Image
 
-    try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise FewgenError(f"cannot read image {where} ({e}); remove or replace that file and rerun") from None
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    from fewgen.data.reader import read_image_array
+
+    arr = read_image_array(data, channels, where)
+    if arr.shape[1:] != (size, size):
+        img = Image.fromarray(arr[0] if channels == 1 else arr.transpose(1, 2, 0), "L" if channels == 1 else "RGB")
+        arr = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+        arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return arr
 
 
 def _contiguous_split(n: int) -> tuple[list[int], list[int], list[int]]:
@@ -378,6 +388,7 @@ def _load_folder(folder: Path, size: int, channels: int, name: str, with_domains
         raise FewgenError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     class_names = sorted({c for _, c, _ in items})
     domain_names = sorted({d for d, _, _ in items if d is not None})
+    check_image_memory(len(items), channels, size, str(folder))
     imgs = np.stack([read_image(f, str(f), size, channels) for _, _, f in items])
     labels = torch.tensor([class_names.index(c) for _, c, _ in items])
     domains = torch.tensor([domain_names.index(d) for d, _, _ in items]) if with_domains else None
@@ -425,6 +436,11 @@ def _load_imagefolder(folder: Path, size: int, download: bool = False, channels:
         not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()) and any(s.is_dir() for s in d.iterdir())
         for d in subdirs
     )
+    class_dirs = [c for d in subdirs for c in d.iterdir() if c.is_dir()] if with_domains else subdirs
+    empty = sorted(str(c) for c in class_dirs if not image_files(c))
+    if empty:  # a class without images would vanish from the split unnoticed (fit refuses it too)
+        raise FewgenError(f"class folder(s) {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''} have no images "
+                          f"({', '.join(IMAGE_EXTENSIONS)}); add images to them or remove them")
     full = _load_folder(folder, size, channels, f"imagefolder:{folder.name}", with_domains)
     if full.num_classes < 3:
         raise FewgenError(f"{folder} has {full.num_classes} classes; a base/val/novel split needs at least 3")

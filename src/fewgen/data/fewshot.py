@@ -121,6 +121,13 @@ def check_setting(novel: ArrayDataset, n_way: int, n_shot: int, n_query: int) ->
         )
 
 
+def episode_bytes(novel: ArrayDataset, n_way: int, n_shot: int, n_query: int, n_episodes: int) -> int:
+    """Peak bytes :func:`sample_episodes` allocates: the class draw (E, C), the candidate pools with
+    their random keys and order (E, N, width), and the kept indices (E, N, K + Q)."""
+    width = int(novel.counts().max()) - n_shot
+    return n_episodes * (12 * novel.num_classes + n_way * (20 * width + 8 * (n_shot + n_query)))
+
+
 def sample_episodes(
     novel: ArrayDataset, n_way: int, n_shot: int, n_query: int, n_episodes: int, seed: int
 ) -> Episodes:

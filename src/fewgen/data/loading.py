@@ -1,6 +1,8 @@
 """The data of a run from its config: the base dataset and its split, novel classes from another
 dataset when ``data.novel_dataset`` is set, and the validation classes in their place for model
-selection (``data.eval_split=val``)."""
+selection (``data.eval_split=val``). With a frozen pretrained backbone (clip, dinov2) images are read
+at its image processor's resize size unless ``data.image_size`` is set, and novel classes from
+another dataset in colour."""
 
 from __future__ import annotations
 
@@ -16,13 +18,21 @@ def load_data(cfg) -> FewShotData:
     foreign = d.novel_dataset is not None
     if foreign and (d.base_classes is None) != (d.val_classes is None):
         raise FewgenError("with data.novel_dataset give both data.base_classes and data.val_classes, or neither")
-    data = load_dataset(d.dataset, d.root, d.image_size, base_classes=d.base_classes, val_classes=d.val_classes,
+    from fewgen.backbones.pretrained import default_image_size, is_pretrained
+
+    image_size = d.image_size
+    if image_size is None:  # a pretrained backbone reads images at its processor's resize size
+        image_size = default_image_size(cfg.backbone)
+    data = load_dataset(d.dataset, d.root, image_size, base_classes=d.base_classes, val_classes=d.val_classes,
                         novel_classes=([] if d.base_classes is not None else None) if foreign else d.novel_classes,
                         download=d.download, channels=d.channels)
     if foreign:
         from fewgen.data.novel import load_novel, with_novel_dataset
 
-        novel, rule = load_novel(d.novel_dataset, d.root, data.base.image_shape, d.novel_classes, d.novel_root)
+        shape = data.base.image_shape
+        if is_pretrained(cfg.backbone.name):  # a pretrained model reads colour, whatever the base side's channels
+            shape = (3, *shape[1:])
+        novel, rule = load_novel(d.novel_dataset, d.root, shape, d.novel_classes, d.novel_root)
         data = with_novel_dataset(data, novel, rule, d.novel_dataset)
     if d.eval_split == "val":  # model selection: the val classes stand in for the novel ones, never seen here
         import dataclasses

@@ -8,8 +8,8 @@ their few-shot sets and queries) come from any registered dataset or an image fo
   ``L = 0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601, PIL's ``L`` mode);
 * size: area averaging when shrinking, bilinear when enlarging; enlarging more than
   :data:`MAX_UPSCALE` times is refused (an 8x8 image stretched to 64x64 is a blur, not an image
-  of its class). Image files are converted to ``L`` / ``RGB`` by PIL first (:func:`read_file`),
-  as exported classifiers read them.
+  of its class). Image files are read as 8-bit ``L`` / ``RGB`` first (:func:`read_file`, by
+  :mod:`fewgen.data.reader`), as exported classifiers read them.
 
 A registered dataset gives all its classes (or ``data.novel_classes``) and, where it has an
 official test split (MNIST), only that split's images. The base dataset's own novel classes join
@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fewgen.data.base import ArrayDataset, FewShotData
@@ -52,21 +51,13 @@ def check_convertible(src_side: int, dst_side: int, where: str) -> None:
 
 
 def read_file(path: str | Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-    """One image file as uint8 (C, H, W) at ``shape`` and its original shorter side: PIL converts it
-    to ``L`` or ``RGB``, then :func:`convert_images` resizes it. Exported classifiers read images the
-    same way. An unreadable file is a :class:`FewgenError`."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as uint8 (C, H, W) at ``shape`` and its original shorter side: read as ``L`` or
+    ``RGB`` by :func:`fewgen.data.reader.read_image_array`, then resized by :func:`convert_images`.
+    Exported classifiers read images the same way. An unreadable file is a :class:`FewgenError`."""
+    from fewgen.data.reader import read_image_array
 
-    c = shape[0]
-    try:
-        with Image.open(path) as img:
-            img.load()
-            side = min(img.size)
-            arr = np.array(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise FewgenError(f"cannot read image {path} ({e}); remove or replace that file and rerun") from None
-    x = torch.from_numpy(np.ascontiguousarray(arr[None] if c == 1 else arr.transpose(2, 0, 1)))[None]
-    return convert_images(x, shape)[0], side
+    arr = read_image_array(path, shape[0], str(path))
+    return convert_images(torch.from_numpy(arr)[None], shape)[0], min(arr.shape[1:])
 
 
 def read_novel_folder(folder: Path, shape: tuple[int, int, int]) -> ArrayDataset:
@@ -147,5 +138,5 @@ def with_novel_dataset(data: FewShotData, novel: ArrayDataset, rule: str, name: 
     base = full.select_classes(ids, name=f"{data.name}/base")
     protocol = (f"base {data.name}: its {data.base.num_classes + data.novel.num_classes} base and "
                 f"{data.val.num_classes} validation classes; novel classes from {name} "
-                f"({novel.num_classes} classes, {len(novel)} images), brought to {tuple(base.image_shape)}: {rule}")
+                f"({novel.num_classes} classes, {len(novel)} images), brought to {tuple(novel.image_shape)}: {rule}")
     return FewShotData(name=data.name, base=base, val=data.val, novel=novel, protocol=protocol, full=None)

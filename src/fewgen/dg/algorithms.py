@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,10 +44,12 @@ for _name, _algorithm in {
 
 
 def train_algorithm(name: str, split: DGSplit, model, settings: DGTrainSettings, d, generator, seed: int,
-                    device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict:
+                    device: torch.device | str = "cpu", log: Callable[[str], None] = print, progress: bool = False,
+                    log_dir: str | Path | None = None) -> dict:
     """Train method ``name`` on one split from ``model``; ``d`` holds the ``domainfusion.*`` options,
     ``generator`` is the frozen denoiser (``fewgen.generators.denoisers``; None for ERM). Returns the
-    target's per-image correctness and the run's counts."""
+    target's per-image correctness and the run's counts. ``progress`` and ``log_dir`` (TensorBoard)
+    as :func:`~fewgen.dg.protocol.train_dg_classifier`'s."""
     algo = DG_ALGORITHMS.get(name)
     t0 = time.time()
     extra_loss = epoch_data = augmenter = None
@@ -76,7 +79,8 @@ def train_algorithm(name: str, split: DGSplit, model, settings: DGTrainSettings,
         def epoch_data(epoch, model):
             return off
     result = train_dg_classifier(split, model, settings, extra_loss=extra_loss, epoch_data=epoch_data,
-                                 device=device, log=log, label=f"{name} {split.target} seed {seed}")
+                                 device=device, log=log, label=f"{name} {split.target} seed {seed}",
+                                 progress=progress, log_dir=log_dir)
     correct = predict(result.model, split.test, device) == split.test.labels
     generated = augmenter.images_generated if augmenter is not None else offline_count
     return {"correct": correct, "best_epoch": result.best_epoch, "best_val": round(result.best_val, 3),

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
-from fewgen.training import cosine_factor
+from fewgen.training import TrainingMonitor, cosine_factor
 from fewgen.utils import make_generator, seed_hash
 
 
@@ -133,10 +134,12 @@ def predict(model: nn.Module, data: ArrayDataset, device: torch.device | str = "
 def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSettings, *,
                         extra_loss: ExtraLoss | None = None, epoch_data: EpochData | None = None,
                         device: torch.device | str = "cpu", log: Callable[[str], None] = print,
-                        label: str = "") -> DGTrainResult:
+                        label: str = "", progress: bool = False, log_dir: str | Path | None = None) -> DGTrainResult:
     """Train ``model`` on ``split.train`` (plus ``epoch_data``), keeping the epoch with the best
     accuracy on ``split.val`` (source domains only). Permutations and augmentation are seeded by
-    (seed, target, epoch), so every method sees the same real batches under the same seed."""
+    (seed, target, epoch), so every method sees the same real batches under the same seed.
+    ``progress``: a bar over the epochs with the ETA; ``log_dir``: TensorBoard events of the loss
+    terms per step and of ``val_acc`` per epoch."""
     from fewgen.data.augment import build_augmentation
 
     s = settings
@@ -152,6 +155,9 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
     best_val, best_epoch, best_state, history = -1.0, -1, None, []
     t_start = time.time()
     step = 0
+    # epochs, not steps: the images of an epoch (epoch_data) and so its steps are known only then
+    monitor = TrainingMonitor(f"[{label}] training", s.epochs, log=log, progress=progress, log_dir=log_dir,
+                              unit="epoch", warmup=0, estimate_after=1)
     for epoch in range(s.epochs):
         t0 = time.time()
         images, labels = split.train.images, split.train.labels
@@ -181,9 +187,13 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
             loss.backward()
             opt.step()
             step += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            monitor.scalars({f"loss/{k}": v for k, v in values.items()}, step)
         val_acc = float((predict(model, split.val, device) == split.val.labels).double().mean() * 100)
+        monitor.scalars({"val_acc": val_acc, "train_images": n}, step)
+        monitor.step(val=f"{val_acc:.1f}%")
         record = {"epoch": epoch + 1, "val_acc": round(val_acc, 3), "train_images": n,
                   "seconds": round(time.time() - t0, 2), **{f"loss/{k}": round(v / n_steps, 5) for k, v in sums.items()}}
         history.append(record)
@@ -191,6 +201,7 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
         if val_acc > best_val:
             best_val, best_epoch = val_acc, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
+    monitor.close()
     model.load_state_dict(best_state)
     return DGTrainResult(model, best_epoch, best_val, history, time.time() - t_start)
 

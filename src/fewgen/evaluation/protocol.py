@@ -173,9 +173,34 @@ def all_way_accuracy(features: torch.Tensor, labels: torch.Tensor, support_idx: 
     return (pred == labels[query_idx]).double()
 
 
+def leave_one_out_accuracy(features: torch.Tensor, labels: torch.Tensor, n_classes: int, classifier: str,
+                           classifier_kwargs: dict | None = None, chunk: int = 64) -> torch.Tensor:
+    """Correctness (M,) of each shot classified by the head fitted on all the other shots: the
+    accuracy estimate of a classifier that has no query images (``fewgen fit``). Only shots whose
+    class keeps another shot are left out (M = shots of classes with two or more); the fits are
+    batched as episodes. Features (S, D), labels (S,)."""
+    counts = torch.bincount(labels, minlength=n_classes)
+    left = (counts[labels] >= 2).nonzero().squeeze(1)
+    s = len(labels)
+    kwargs = {"tol": 1e-7, **(classifier_kwargs or {})} if classifier == "logreg" else classifier_kwargs or {}
+    out = []
+    for start in range(0, len(left), chunk):
+        out_idx = left[start:start + chunk]
+        keep = torch.ones(len(out_idx), s, dtype=torch.bool)
+        keep[torch.arange(len(out_idx)), out_idx] = False
+        rest = torch.arange(s).expand(len(out_idx), -1)[keep].view(len(out_idx), s - 1)
+        clf = create_classifier(classifier, **kwargs)
+        clf.fit(features[rest], labels[rest], n_classes=n_classes)
+        pred = clf.predict(features[out_idx].unsqueeze(1))[:, 0]
+        out.append((pred == labels[out_idx]).double())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def summary_row(method: str, n_way: int, n_shot: int, per_episode: list[torch.Tensor], seeds: list[int],
                 **extra) -> dict:
-    """One ``metrics.json`` row from the per-episode accuracies of each seed."""
+    """One ``metrics.json`` row from the per-episode accuracies of each seed. The row keeps them, in
+    percent, under ``_values`` (rows evaluated on the same episodes are compared pairwise:
+    :func:`fewgen.reports.tables.comparisons`); keys starting with ``_`` are not written."""
     values = torch.cat(per_episode).numpy() * 100
     mean, half = mean_ci95(values)
     row = {
@@ -184,4 +209,5 @@ def summary_row(method: str, n_way: int, n_shot: int, per_episode: list[torch.Te
         "episodes": int(len(values)), "seeds": list(seeds),
     }
     row.update(extra)
+    row["_values"] = values  # per episode (or per query, all-way), in memory only: paired comparisons
     return row

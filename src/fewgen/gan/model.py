@@ -35,6 +35,7 @@ from torch import nn
 from fewgen.checkpoint import load_training_state, save_training_state
 from fewgen.errors import FewgenError
 from fewgen.registry import Registry
+from fewgen.training import TrainingMonitor
 
 GAN_METHODS: Registry = Registry("GAN adaptation method")
 
@@ -226,12 +227,14 @@ def _d_step(D: Discriminator, opt: torch.optim.Optimizer, loss: torch.Tensor, re
 
 
 def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSettings, entry: Path | None = None,
-                     log: Callable[[str], None] = print, device: torch.device | str = "cpu") -> SourceGAN:
+                     log: Callable[[str], None] = print, device: torch.device | str = "cpu", progress: bool = False,
+                     log_dir: str | Path | None = None) -> SourceGAN:
     """Pretrain G and D on source images (uint8 (n, C, H, W)) with the non-saturating loss.
 
     With ``entry`` (a cache folder), checkpoints every ``checkpoint_every`` iterations to
     ``entry/state.safetensors`` and resumes from it; the final EMA generator and D are
-    saved as ``generator.safetensors`` / ``discriminator.safetensors``.
+    saved as ``generator.safetensors`` / ``discriminator.safetensors``. ``progress``: a bar with
+    the ETA; ``log_dir``: TensorBoard events of ``loss/d`` and ``loss/g`` per iteration.
     """
     if tuple(images.shape[1:]) != (arch.channels, arch.image_size, arch.image_size):
         raise FewgenError(f"source images are {tuple(images.shape[1:])}, the GAN expects "
@@ -252,6 +255,8 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
     real_all = to_gan_range(images)
     n = len(real_all)
     t0, acc = time.time(), {"d": 0.0, "g": 0.0, "count": 0}
+    monitor = TrainingMonitor("source GAN", settings.iters, start=start, log=log, progress=progress, log_dir=log_dir,
+                              unit="iteration")
     for step in range(start, settings.iters):
         g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)  # per-step stream: resumable
         real = real_all[torch.randint(0, n, (settings.batch_size,), generator=g)].to(device)
@@ -270,6 +275,7 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
         acc["d"] += d_loss
         acc["g"] += float(g_loss.detach())
         acc["count"] += 1
+        monitor.step({"loss/d": d_loss, "loss/g": float(g_loss.detach())})
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.iters:
             row = {"iter": done, "d_loss": acc["d"] / acc["count"], "g_loss": acc["g"] / acc["count"],
@@ -279,6 +285,7 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
             log(f"source GAN iter {done}/{settings.iters}: d_loss {row['d_loss']:.3f} g_loss {row['g_loss']:.3f}")
             if state_path is not None:
                 save_training_state(state_path, modules, optimizers=optims, extra={"step": done, "history": history})
+    monitor.close()
     G_ema.eval()
     D.eval()
     return SourceGAN(G_ema, D, key="", path=entry, history=history)
@@ -302,8 +309,10 @@ def source_gan_key(images: str, arch: GANArch, settings: GANTrainSettings) -> di
 
 
 def pretrained_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSettings, cache,
-                          log: Callable[[str], None] = print, device: torch.device | str = "cpu") -> SourceGAN:
-    """Train (or load from the cache, or resume) the source GAN for these images and settings."""
+                          log: Callable[[str], None] = print, device: torch.device | str = "cpu",
+                          progress: bool = False, log_dir: str | Path | None = None) -> SourceGAN:
+    """Train (or load from the cache, or resume) the source GAN for these images and settings
+    (``progress`` and ``log_dir`` as :func:`train_source_gan`'s; a cached GAN writes no events)."""
     from fewgen.checkpoint import load_model, save_model
     from fewgen.utils import content_digest, read_json, write_json
 
@@ -320,7 +329,7 @@ def pretrained_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrai
     n_d = sum(p.numel() for p in D.parameters())
     log(f"pretraining source GAN ({n_g / 1e3:.0f}k + {n_d / 1e3:.0f}k parameters) on {len(images)} images, "
         f"{settings.iters} iterations")
-    src = train_source_gan(images, arch, settings, entry, log, device)
+    src = train_source_gan(images, arch, settings, entry, log, device, progress, log_dir)
     save_model(entry / "generator.safetensors", src.generator, {"arch": asdict(arch)})
     save_model(entry / "discriminator.safetensors", src.discriminator, {"arch": asdict(arch)})
     write_json(entry / "history.json", {"history": src.history})
@@ -430,11 +439,14 @@ class AdaptResult:
 
 def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, settings: AdaptSettings,
               entry: Path | None = None, track: Callable[[Generator], dict] | None = None,
-              log: Callable[[str], None] = print, device: torch.device | str = "cpu") -> AdaptResult:
+              log: Callable[[str], None] = print, device: torch.device | str = "cpu", progress: bool = False,
+              log_dir: str | Path | None = None) -> AdaptResult:
     """Adapt a copy of the source GAN to ``shots`` (uint8 (k, C, H, W)) with ``method``.
 
     Every ``track_every`` iterations (and before the first) ``track(G)`` is called and its
     dict recorded with the iteration. With ``entry``, state is checkpointed and resumed.
+    ``progress``: a bar with the ETA; ``log_dir``: TensorBoard events of every loss term
+    (``loss/d_<term>``, ``loss/g_<term>``) per iteration and of the tracked metrics.
     """
     # the source generator is usually a frozen EMA copy: the adapted one must train again
     G = copy.deepcopy(source.generator).to(device).train().requires_grad_(True)
@@ -459,6 +471,8 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # per term: some terms exist only on some iterations (CDC's anchors)
     t0 = time.time()
+    monitor = TrainingMonitor(f"{method.name} adaptation", settings.iters, start=start, log=log, progress=progress,
+                              log_dir=log_dir, unit="iteration")
     for step in range(start, settings.iters):
         rng = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         idx = torch.randint(0, len(shots_f), (min(settings.batch_size, len(shots_f)),), generator=rng)
@@ -478,15 +492,19 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
         opt_g.zero_grad(set_to_none=True)
         sum(g_terms.values()).backward()
         opt_g.step()
-        for prefix, terms in (("d_", d_terms), ("g_", g_terms)):
-            for k, v in terms.items():
-                sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v.detach())
-                counts[prefix + k] = counts.get(prefix + k, 0) + 1
+        values = {prefix + k: float(v.detach()) for prefix, terms in (("d_", d_terms), ("g_", g_terms))
+                  for k, v in terms.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
+        monitor.step({f"loss/{k}": v for k, v in values.items()})
         done = step + 1
         if track is not None and (done % settings.track_every == 0 or done == settings.iters):
             G.eval()
             tracking.append({"iter": done, **track(G)})
             G.train()
+            monitor.scalars({f"track/{k}": v for k, v in tracking[-1].items()
+                             if k != "iter" and isinstance(v, int | float)}, done)
         if done % settings.checkpoint_every == 0 or done == settings.iters:
             history.append({"iter": done, **{k: v / counts[k] for k, v in sums.items()},
                             "seconds": round(time.time() - t0, 1)})
@@ -497,6 +515,7 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
             if state_path is not None:
                 save_training_state(state_path, modules, optimizers=optims,
                                     extra={"step": done, "history": history, "tracking": tracking})
+    monitor.close()
     return AdaptResult(G.eval(), D.eval(), history, tracking)
 
 

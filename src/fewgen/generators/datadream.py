@@ -39,7 +39,7 @@ from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.pixels import to_model_space
 from fewgen.synthesis.sharding import ProcessContext, shard
-from fewgen.training import clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import content_digest, make_generator, read_json, stable_hash, write_json
 
 if TYPE_CHECKING:
@@ -226,8 +226,10 @@ class AdaptedDiffusion(AdaptedGenerator):
 
 
 def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, steps: int,
-                   cfg: DataDreamConfig, seed_parts: tuple, log: Callable[[str], None] | None) -> list[float]:
-    """Train the LoRA currently in ``gen.unet`` plus the newest class-token chunk, in place."""
+                   cfg: DataDreamConfig, seed_parts: tuple, log: Callable[[str], None] | None,
+                   monitor: TrainingMonitor | None = None) -> list[float]:
+    """Train the LoRA currently in ``gen.unet`` plus the newest class-token chunk, in place
+    (each step reported to ``monitor``)."""
     lora_params = [p for n, p in gen.unet.named_parameters() if "lora_" in n]
     table = gen.conditioner.tables[-1]
     for p in lora_params:
@@ -244,16 +246,30 @@ def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
         loss = gen.diffusion_loss(x_all[idx].to(gen.device), labels[idx], g, p_uncond=cfg.p_uncond, p_drop_class=0.0)
         losses.append(clipped_step(loss, opt, sched, params))
+        if monitor is not None:
+            monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
     gen.unet.eval()
     for p in params:
         p.requires_grad_(False)
     return losses
 
 
+def adaptation_monitor(name: str, steps: int, ctx: ProcessContext, log: Callable[[str], None] | None,
+                       progress: bool, log_dir: str | Path | None) -> TrainingMonitor:
+    """The monitor of this process's share (``steps``) of an adaptation: one bar, estimate and
+    TensorBoard curve over all its classes' steps (the ``loss`` of class after class), its events in
+    ``log_dir`` (``log_dir/rank<r>`` when several processes share the classes; none for no steps)."""
+    if log_dir is not None and ctx.world > 1:
+        log_dir = Path(log_dir) / f"rank{ctx.rank}"
+    return TrainingMonitor(name, steps, log=log, progress=progress, log_dir=log_dir if steps else None)
+
+
 def train_datadream(base: DiffusionGenerator, few_shot: ArrayDataset, cfg: DataDreamConfig,
-                    ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> DataDreamAdapter:
+                    ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None,
+                    progress: bool = False, log_dir: str | Path | None = None) -> DataDreamAdapter:
     """Adapt ``base`` to ``few_shot`` (K real images per novel class; its labels index its
-    class_names) and return the adapter. The base generator is not modified.
+    class_names) and return the adapter. The base generator is not modified. ``progress``: a bar
+    with the ETA; ``log_dir``: TensorBoard events of the loss per step (:func:`adaptation_monitor`).
 
     ``cls`` adapters are independent (each seeded by its class name), so with several processes
     each trains its shard of classes and the result equals one process's; ``dset`` trains on rank 0.
@@ -275,8 +291,9 @@ def train_datadream(base: DiffusionGenerator, few_shot: ArrayDataset, cfg: DataD
                 gen.conditioner.tables[-1].copy_(init_table)
             set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, "dset"), cfg.rank))
             steps = cfg.steps_per_class * n_cls
-            losses = _train_adapter(gen, few_shot.images, new_labels[few_shot.labels], steps, cfg,
-                                    (cfg.seed, "dset"), log)
+            with adaptation_monitor("[datadream dset] adaptation", steps, ctx, log, progress, log_dir) as monitor:
+                losses = _train_adapter(gen, few_shot.images, new_labels[few_shot.labels], steps, cfg,
+                                        (cfg.seed, "dset"), log, monitor)
             loras, table = [lora_state(gen.unet)], gen.conditioner.tables[-1].detach().clone()
             history.append({"class": "all", "steps": steps, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:])})
             if log:
@@ -286,18 +303,23 @@ def train_datadream(base: DiffusionGenerator, few_shot: ArrayDataset, cfg: DataD
 
     by_class = few_shot.indices_by_class()
     mine: dict[int, tuple[dict, torch.Tensor, dict]] = {}
-    for c in shard(list(range(n_cls)), ctx.rank, ctx.world):
-        with torch.no_grad():
-            gen.conditioner.tables[-1].copy_(init_table)
-        set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, names[c]), cfg.rank))
-        idx = by_class[c]
-        losses = _train_adapter(gen, few_shot.images[idx], new_labels[few_shot.labels[idx]], cfg.steps_per_class,
-                                cfg, (cfg.seed, names[c]), log)
-        rec = {"class": names[c], "steps": cfg.steps_per_class, "loss_first": losses[0],
-               "loss_last": sum(losses[-10:]) / len(losses[-10:])}
-        mine[c] = (lora_state(gen.unet), gen.conditioner.tables[-1][c].detach().clone(), rec)
-        if log and (len(mine) % max(1, n_cls // 10) == 0):
-            log(f"[datadream cls] {len(mine)} classes on rank {ctx.rank} ({time.time() - t0:.0f}s)")
+    my_classes = shard(list(range(n_cls)), ctx.rank, ctx.world)
+    monitor = adaptation_monitor("[datadream cls] adaptation", cfg.steps_per_class * len(my_classes), ctx, log,
+                                 progress, log_dir)
+    with monitor:
+        for c in my_classes:
+            with torch.no_grad():
+                gen.conditioner.tables[-1].copy_(init_table)
+            set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, names[c]),
+                                                     cfg.rank))
+            idx = by_class[c]
+            losses = _train_adapter(gen, few_shot.images[idx], new_labels[few_shot.labels[idx]], cfg.steps_per_class,
+                                    cfg, (cfg.seed, names[c]), log, monitor)
+            rec = {"class": names[c], "steps": cfg.steps_per_class, "loss_first": losses[0],
+                   "loss_last": sum(losses[-10:]) / len(losses[-10:])}
+            mine[c] = (lora_state(gen.unet), gen.conditioner.tables[-1][c].detach().clone(), rec)
+            if log and (len(mine) % max(1, n_cls // 10) == 0):
+                log(f"[datadream cls] {len(mine)} classes on rank {ctx.rank} ({time.time() - t0:.0f}s)")
     merged: dict[int, tuple] = {}
     for part in ctx.gather_objects(mine):
         merged.update(part)

@@ -61,7 +61,7 @@ from fewgen.generators.pixels import (  # noqa: F401  (SAMPLERS, PRECISIONS, Fit
     to_model_space,
     to_uint8,
 )
-from fewgen.training import clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import make_generator, seed_hash, stable_hash
 
 COND_MODES = ("class", "name", "class+name")
@@ -276,10 +276,13 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ training
     def fit(self, dataset, steps: int = 2000, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 1e-2,
             warmup: int = 100, seed: int = 0, state_path: str | Path | None = None, save_every: int = 200,
-            log: Callable[[str], None] | None = None, log_every: int = 100) -> FitResult:
+            log: Callable[[str], None] | None = None, log_every: int = 100, progress: bool = False,
+            log_dir: str | Path | None = None) -> FitResult:
         """Train on ``dataset`` (an ArrayDataset whose labels index ``class_names``) with AdamW and a
         warmup + cosine schedule. Batches are drawn from a generator seeded by (seed, step), so a run
-        resumed from ``state_path`` (saved every ``save_every`` steps) matches an uninterrupted one."""
+        resumed from ``state_path`` (saved every ``save_every`` steps) matches an uninterrupted one.
+        ``progress``: a bar with the ETA; ``log_dir``: TensorBoard events of the loss and learning
+        rate per step."""
         from fewgen.checkpoint import load_training_state, save_training_state
 
         if list(dataset.class_names) != self.class_names[:len(dataset.class_names)]:
@@ -297,17 +300,20 @@ class DiffusionGenerator:
             m.train()
         losses: list[float] = []
         t0 = time.time()
-        for step in range(start, steps):
-            g = make_generator("diffusion-fit", seed, step)
-            idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
-            loss = self.diffusion_loss(x_all[idx].to(self.device), y_all[idx], g)
-            losses.append(clipped_step(loss, opt, sched, params))
-            if log and (step + 1) % log_every == 0:
-                recent = losses[-log_every:]
-                log(f"[diffusion] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
-                    f"({(time.time() - t0):.0f}s)")
-            if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
+        with TrainingMonitor("[diffusion] training", steps, start=start, log=log, progress=progress,
+                             log_dir=log_dir) as monitor:
+            for step in range(start, steps):
+                g = make_generator("diffusion-fit", seed, step)
+                idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
+                loss = self.diffusion_loss(x_all[idx].to(self.device), y_all[idx], g)
+                losses.append(clipped_step(loss, opt, sched, params))
+                monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
+                if log and (step + 1) % log_every == 0:
+                    recent = losses[-log_every:]
+                    log(f"[diffusion] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
+                        f"({(time.time() - t0):.0f}s)")
+                if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+                    save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
         for m in self.modules().values():
             m.eval()
         dt = time.time() - t0
@@ -400,8 +406,10 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ the generator protocol
     parallel_sampling = True  # small UNets: in-process streams, each with its own copy, sample faster
 
-    def adapt(self, few_shot, cfg, entry: str | Path, cache=None, ctx=None, log: Callable[[str], None] | None = None):
-        """DataDream LoRA and class tokens for ``few_shot`` (``fewgen.generators.datadream``), cached in ``entry``."""
+    def adapt(self, few_shot, cfg, entry: str | Path, cache=None, ctx=None, log: Callable[[str], None] | None = None,
+              progress: bool = False, log_dir: str | Path | None = None):
+        """DataDream LoRA and class tokens for ``few_shot`` (``fewgen.generators.datadream``), cached in
+        ``entry``; ``progress`` and ``log_dir`` (TensorBoard) as :func:`train_datadream`'s."""
         from fewgen.cache import ArtifactCache
         from fewgen.generators.datadream import cached_adapter, train_datadream
 
@@ -410,7 +418,7 @@ class DiffusionGenerator:
             log(f"DataDream {cfg.mode}: {few_shot.num_classes} classes x {len(few_shot) // few_shot.num_classes} "
                 f"shots, {cfg.steps_per_class * few_shot.num_classes} steps in total")
         return cached_adapter(entry, cache or ArtifactCache(entry.parent.parent),
-                              lambda: train_datadream(self, few_shot, cfg, ctx, log), ctx, log,
+                              lambda: train_datadream(self, few_shot, cfg, ctx, log, progress, log_dir), ctx, log,
                               f"DataDream {cfg.mode} adapter")
 
     def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):

@@ -61,7 +61,7 @@ from fewgen.generators.pixels import (
     to_model_space,
     to_uint8,
 )
-from fewgen.training import clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import make_generator, stable_hash
 
 COND_MODES = ("features", "channels", "both")
@@ -296,10 +296,12 @@ class ExemplarDiffusion:
     # ------------------------------------------------------------------ training
     def fit(self, dataset: ArrayDataset, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3,
             weight_decay: float = 1e-2, warmup: int = 100, seed: int = 0, state_path: str | Path | None = None,
-            save_every: int = 200, log: Callable[[str], None] | None = None, log_every: int = 100) -> FitResult:
+            save_every: int = 200, log: Callable[[str], None] | None = None, log_every: int = 100,
+            progress: bool = False, log_dir: str | Path | None = None) -> FitResult:
         """Train on the pairs of ``dataset`` (base classes) with AdamW, warmup + cosine. Batches come
         from a generator seeded by (seed, step), so a run resumed from ``state_path`` (saved every
-        ``save_every`` steps) matches an uninterrupted one."""
+        ``save_every`` steps) matches an uninterrupted one. ``progress``: a bar with the ETA;
+        ``log_dir``: TensorBoard events of the loss and learning rate per step."""
         from fewgen.checkpoint import load_training_state, save_training_state
 
         if dataset.image_shape != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
@@ -315,16 +317,19 @@ class ExemplarDiffusion:
             m.train()
         losses: list[float] = []
         t0 = time.time()
-        for step in range(start, steps):
-            g = make_generator("exemplar-fit", seed, step)
-            ex, tg = self.pair_batch(dataset.images, dataset.labels, batch_size, g)
-            losses.append(clipped_step(self.diffusion_loss(ex, tg, g), opt, sched, params))
-            if log and (step + 1) % log_every == 0:
-                recent = losses[-log_every:]
-                log(f"[exemplar] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
-                    f"({time.time() - t0:.0f}s)")
-            if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
+        with TrainingMonitor("[exemplar] training", steps, start=start, log=log, progress=progress,
+                             log_dir=log_dir) as monitor:
+            for step in range(start, steps):
+                g = make_generator("exemplar-fit", seed, step)
+                ex, tg = self.pair_batch(dataset.images, dataset.labels, batch_size, g)
+                losses.append(clipped_step(self.diffusion_loss(ex, tg, g), opt, sched, params))
+                monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
+                if log and (step + 1) % log_every == 0:
+                    recent = losses[-log_every:]
+                    log(f"[exemplar] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
+                        f"({time.time() - t0:.0f}s)")
+                if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+                    save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
         for m in self.modules().values():
             m.eval()
         dt = time.time() - t0
@@ -394,14 +399,16 @@ class ExemplarDiffusion:
     parallel_sampling = True
 
     def adapt(self, few_shot: ArrayDataset, cfg, entry: str | Path, cache=None, ctx=None,
-              log: Callable[[str], None] | None = None):
-        """DataDream's LoRA fitted to ``few_shot`` (:func:`train_exemplar_datadream`), cached in ``entry``."""
+              log: Callable[[str], None] | None = None, progress: bool = False, log_dir: str | Path | None = None):
+        """DataDream's LoRA fitted to ``few_shot`` (:func:`train_exemplar_datadream`), cached in ``entry``;
+        ``progress`` (a bar with the ETA) and ``log_dir`` (TensorBoard events of the loss) while it trains."""
         from fewgen.cache import ArtifactCache
         from fewgen.generators.datadream import cached_adapter
 
         entry = Path(entry)
         return cached_adapter(entry, cache or ArtifactCache(entry.parent.parent),
-                              lambda: train_exemplar_datadream(self, few_shot, cfg, ctx, log), ctx, log,
+                              lambda: train_exemplar_datadream(self, few_shot, cfg, ctx, log, progress, log_dir),
+                              ctx, log,
                               f"exemplar DataDream {cfg.mode} adapter")
 
     def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
@@ -444,7 +451,8 @@ class ExemplarDiffusion:
 
 
 def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cfg, ctx=None,
-                             log: Callable[[str], None] | None = None):
+                             log: Callable[[str], None] | None = None, progress: bool = False,
+                             log_dir: str | Path | None = None):
     """DataDream's LoRA (``fewgen.generators.datadream``) on the exemplar generator, fitted to the
     few-shot set: each step conditions on a shot and denoises an augmented copy of a shot of the
     same class (the same one when K = 1). ``dset`` trains one adapter on all classes for
@@ -453,6 +461,7 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
     condition). The base generator is not modified."""
     from fewgen.generators.datadream import (
         DataDreamAdapter,
+        adaptation_monitor,
         init_lora_state,
         inject_lora,
         lora_state,
@@ -469,7 +478,7 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
     inject_lora(gen, cfg)
     t0 = time.time()
 
-    def train(classes: list[int], name: str, steps: int) -> tuple[dict, list[float]]:
+    def train(classes: list[int], name: str, steps: int, monitor) -> tuple[dict, list[float]]:
         set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("exemplar-datadream-init", cfg.seed, name),
                                                  cfg.rank))
         params = [p for n, p in gen.unet.named_parameters() if "lora_" in n]
@@ -485,6 +494,7 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
             ex = to_model_space(few_shot.images[_one_shot_each(groups, cls, g)])
             tg = random_affine(to_model_space(few_shot.images[_one_shot_each(groups, cls, g)]), 1.0, g)
             losses.append(clipped_step(gen.diffusion_loss(ex, tg, g, p_uncond=cfg.p_uncond), opt, sched, params))
+            monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
         gen.unet.eval()
         for p in params:
             p.requires_grad_(False)
@@ -495,7 +505,9 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
         loras = []
         if ctx.is_main:
             steps = cfg.steps_per_class * len(names)
-            state, losses = train(list(range(len(names))), "dset", steps)
+            with adaptation_monitor("[exemplar datadream dset] adaptation", steps, ctx, log, progress,
+                                    log_dir) as monitor:
+                state, losses = train(list(range(len(names))), "dset", steps, monitor)
             loras = [state]
             history.append({"class": "all", "steps": steps, "loss_last": sum(losses[-10:]) / len(losses[-10:])})
             if log:
@@ -504,10 +516,13 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
         loras, history = ctx.gather_objects((loras, history))[0]
     else:
         mine = {}
-        for c in shard(list(range(len(names))), ctx.rank, ctx.world):
-            state, losses = train([c], names[c], cfg.steps_per_class)
-            mine[c] = (state, {"class": names[c], "steps": cfg.steps_per_class,
-                               "loss_last": sum(losses[-10:]) / len(losses[-10:])})
+        my_classes = shard(list(range(len(names))), ctx.rank, ctx.world)
+        with adaptation_monitor("[exemplar datadream cls] adaptation", cfg.steps_per_class * len(my_classes), ctx,
+                                log, progress, log_dir) as monitor:
+            for c in my_classes:
+                state, losses = train([c], names[c], cfg.steps_per_class, monitor)
+                mine[c] = (state, {"class": names[c], "steps": cfg.steps_per_class,
+                                   "loss_last": sum(losses[-10:]) / len(losses[-10:])})
         merged: dict[int, tuple] = {}
         for part in ctx.gather_objects(mine):
             merged.update(part)

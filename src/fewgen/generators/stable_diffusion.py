@@ -31,7 +31,7 @@ from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.pixels import SAMPLERS
 from fewgen.synthesis.sharding import ProcessContext, shard
-from fewgen.training import clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import (
     content_digest,
     make_generator,
@@ -92,13 +92,21 @@ class SDAdapter:
 
 
 class StableDiffusionGenerator:
-    """Text-to-image, img2img and DataDream LoRA on a Stable Diffusion pipeline."""
+    """Text-to-image, img2img and DataDream LoRA on a Stable Diffusion pipeline.
+
+    ``attention_slicing`` / ``vae_slicing`` trade speed for GPU memory (diffusers'
+    ``enable_attention_slicing``, ``vae.enable_slicing``); ``compile`` runs the UNet through
+    ``torch.compile`` from the first sampling call on (training the LoRA stays eager). None of the
+    three changes what is drawn beyond rounding, so none enters :meth:`state_key` (``fewgen.keys``,
+    ``_SD_RUNTIME``).
+    """
 
     kind = "stable-diffusion"
     parallel_sampling = False  # one pipeline per process
 
     def __init__(self, model: str | Path, device: torch.device | str = "cpu", dtype: str = "auto",
-                 prompt: str = "a photo of a {}", resolution: int | None = None):
+                 prompt: str = "a photo of a {}", resolution: int | None = None, attention_slicing: bool = False,
+                 vae_slicing: bool = False, compile: bool = False):
         from diffusers import StableDiffusionPipeline
 
         self.device = torch.device(device)
@@ -113,6 +121,11 @@ class StableDiffusionGenerator:
                               "give a local folder saved with save_pretrained, or a hub id with HF access") from None
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if attention_slicing:
+            self.pipe.enable_attention_slicing()
+        if vae_slicing:
+            self.pipe.vae.enable_slicing()
+        self.compile = compile
         self.resolution = resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self._train_scheduler = copy.deepcopy(self.pipe.scheduler)
         self._loaded_lora: str | None = None
@@ -144,6 +157,13 @@ class StableDiffusionGenerator:
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         return [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
 
+    def _compile_for_sampling(self) -> None:
+        """``torch.compile`` the UNet in place (``nn.Module.compile``: LoRA loading still reaches the
+        module), once, when sampling starts; the first batch pays the compilation."""
+        if self.compile and not getattr(self, "_compiled", False):
+            self.pipe.unet.compile()
+            self._compiled = True
+
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 2.0,
                sampler: str = "dpmsolver++", image_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -151,6 +171,7 @@ class StableDiffusionGenerator:
         if len(prompts) != len(seeds):
             raise FewgenError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per image")
         self._set_sampler(sampler)
+        self._compile_for_sampling()
         out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
                         generator=self._generators(seeds), output_type="pt", height=self.resolution,
                         width=self.resolution).images
@@ -169,6 +190,7 @@ class StableDiffusionGenerator:
         seeds = list(seeds) if seeds is not None else [int(make_generator("sd-img2img", seed, i).initial_seed())
                                                        for i in range(len(images))]
         self._set_sampler(sampler)
+        self._compile_for_sampling()
         i2i = StableDiffusionImg2ImgPipeline(**self.pipe.components)
         i2i.set_progress_bar_config(disable=True)
         x = images.float() / 255.0
@@ -240,7 +262,7 @@ class StableDiffusionGenerator:
         return params
 
     def _train(self, images: torch.Tensor, prompts: list[str], steps: int, cfg: DataDreamConfig,
-               seed_parts: tuple) -> list[float]:
+               seed_parts: tuple, monitor: TrainingMonitor | None = None) -> list[float]:
 
         params = self._reset_lora(make_generator("sd-datadream-init", *seed_parts), cfg.rank)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -264,6 +286,8 @@ class StableDiffusionGenerator:
                 else noise
             loss = F.mse_loss(pred.float(), target.float())
             losses.append(clipped_step(loss, opt, sched, params))
+            if monitor is not None:
+                monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
         self.pipe.unet.eval()
         self.pipe.text_encoder.eval()
         return losses
@@ -280,9 +304,13 @@ class StableDiffusionGenerator:
                                                   safe_serialization=True)
 
     def adapt(self, few_shot: ArrayDataset, cfg: DataDreamConfig, entry: Path, cache=None,
-              ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> SDAdapter:
-        """DataDream on the few-shot set, written to ``entry`` (reused when ``entry/done`` exists)."""
+              ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
+              log_dir: str | Path | None = None) -> SDAdapter:
+        """DataDream on the few-shot set, written to ``entry`` (reused when ``entry/done`` exists);
+        while it trains, a bar with the ETA (``progress``) and TensorBoard events of the loss in
+        ``log_dir`` (:func:`fewgen.generators.datadream.adaptation_monitor`)."""
         from fewgen.cache import ArtifactCache
+        from fewgen.generators.datadream import adaptation_monitor
 
         ctx = ctx or ProcessContext()
         entry = Path(entry)
@@ -297,17 +325,22 @@ class StableDiffusionGenerator:
         if cfg.mode == "dset":
             if ctx.is_main:
                 steps = cfg.steps_per_class * len(names)
-                losses = self._train(few_shot.images, [prompts_all[y] for y in few_shot.labels.tolist()], steps, cfg,
-                                     (cfg.seed, "dset"))
+                with adaptation_monitor("[datadream dset] Stable Diffusion adaptation", steps, ctx, log, progress,
+                                        log_dir) as monitor:
+                    losses = self._train(few_shot.images, [prompts_all[y] for y in few_shot.labels.tolist()], steps,
+                                         cfg, (cfg.seed, "dset"), monitor)
                 self._save_lora(entry)
                 history.append({"class": "all", "steps": steps, "loss_last": losses[-1]})
         else:
             by_class = few_shot.indices_by_class()
-            for c in shard(list(range(len(names))), ctx.rank, ctx.world):
-                losses = self._train(few_shot.images[by_class[c]], [prompts_all[c]] * len(by_class[c]),
-                                     cfg.steps_per_class, cfg, (cfg.seed, names[c]))
-                self._save_lora(entry / f"class_{c:04d}")
-                history.append({"class": names[c], "steps": cfg.steps_per_class, "loss_last": losses[-1]})
+            my_classes = shard(list(range(len(names))), ctx.rank, ctx.world)
+            with adaptation_monitor("[datadream cls] Stable Diffusion adaptation", cfg.steps_per_class * len(my_classes),
+                                    ctx, log, progress, log_dir) as monitor:
+                for c in my_classes:
+                    losses = self._train(few_shot.images[by_class[c]], [prompts_all[c]] * len(by_class[c]),
+                                         cfg.steps_per_class, cfg, (cfg.seed, names[c]), monitor)
+                    self._save_lora(entry / f"class_{c:04d}")
+                    history.append({"class": names[c], "steps": cfg.steps_per_class, "loss_last": losses[-1]})
         self._remove_training_adapter()
         history = [h for part in ctx.gather_objects(history) for h in part]
         if log:
@@ -335,10 +368,18 @@ class StableDiffusionGenerator:
     def synthesis_sample_fn(self, spec, adapter: SDAdapter | None, image_shape: tuple[int, int, int],
                             sources: list[torch.Tensor] | None = None):
         """sample_fn for the synthesis cache: text-to-image, or img2img from class c's shots
-        ``sources[c]`` when ``spec.strengths`` is set (DA-Fusion)."""
+        ``sources[c]`` when ``spec.strengths`` is set (DA-Fusion). Text-to-image without per-class
+        adapters (zero-shot or ``dset``) ``mixes_classes``: the store may hand it several classes'
+        chunks as one batch, ``c`` then being each image's class, one prompt per image."""
         from fewgen.synthesis.store import sdedit_or_sample
 
+        mixes = not spec.strengths and (adapter is None or adapter.cfg.mode == "dset")
+
         def fn(c, seeds, indices):
+            if not isinstance(c, int):  # a batch of several classes (mixes_classes): c[k] is image k's class
+                self.use_adapter(adapter, 0)
+                return self.sample([spec.prompts[k] for k in c], seeds, spec.steps, spec.guidance, spec.sampler,
+                                   image_shape)
             self.use_adapter(adapter, c)
             prompt = spec.prompts[c]
             return sdedit_or_sample(
@@ -347,4 +388,5 @@ class StableDiffusionGenerator:
                                              image_shape),
                 img2img=lambda x, strength, s: self.img2img(x, [prompt] * len(x), strength, spec.steps, seeds=s,
                                                             guidance=spec.guidance, sampler=spec.sampler))
+        fn.mixes_classes = mixes
         return fn

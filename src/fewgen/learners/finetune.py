@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import Episodes
 from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod
-from fewgen.training import cosine_schedule
+from fewgen.training import TrainingMonitor, cosine_schedule, mixed_precision
 from fewgen.utils import make_generator, seed_hash
 
 Batch = dict[str, torch.Tensor]
@@ -88,6 +89,7 @@ class FinetuneSettings:
     augment: list[str] = field(default_factory=lambda: ["crop", "flip", "color"])
     seed: int = 0
     log_every: int = 10
+    precision: str = "float32"  # float32, or bfloat16 / float16 autocast (float16 with a gradient scaler, CUDA only)
 
 
 class IndexStream:
@@ -125,7 +127,8 @@ def model_features(model: nn.Module, images: torch.Tensor, batch_size: int = 512
 def finetune(model: nn.Module, batch_fn: Callable[[int], Batch],
              loss_fn: Callable[[nn.Module, Batch], dict[str, torch.Tensor]], settings: FinetuneSettings,
              image_shape: tuple[int, int, int], device: torch.device | str = "cpu",
-             log: Callable[[str], None] | None = None, name: str = "finetune") -> list[dict]:
+             log: Callable[[str], None] | None = None, name: str = "finetune", progress: bool = False,
+             log_dir: str | Path | None = None) -> list[dict]:
     """Fine-tune ``model`` in place and return its training curve.
 
     Args:
@@ -133,6 +136,12 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Batch],
         batch_fn: step -> :data:`Batch` of uint8 images and labels.
         loss_fn: (model, batch with float augmented images) -> named loss terms (weighted).
         image_shape: (C, H, W) of the images, for the augmentation.
+        progress: a progress bar with the ETA; log_dir: TensorBoard events of the loss terms and the
+            head's learning rate per step (None: none).
+
+    ``settings.precision`` bfloat16 / float16 runs the forward pass and the loss in autocast (the
+    weights, the optimiser and the augmentation stay float32); float16 scales the loss
+    (``torch.amp.GradScaler``) so small gradients do not underflow, and needs CUDA.
 
     Returns:
         one record per ``log_every`` steps: ``step``, ``lr``, ``loss`` and ``loss/<term>`` means.
@@ -145,37 +154,47 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Batch],
     opt = torch.optim.SGD(model.param_groups(s.lr_backbone, s.lr_head), momentum=s.momentum,
                           weight_decay=s.weight_decay, nesterov=True)
     sched = cosine_schedule(opt, s.steps)
+    autocast, scaler = mixed_precision(torch.device(device), s.precision)
     history: list[dict] = []
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
-    for step in range(s.steps):
-        torch.manual_seed(seed_hash("finetune-augment", s.seed, name, step))
-        batch = batch_fn(step)
-        for key in list(batch):
-            if key.startswith("x_"):
-                x = batch[key].to(device).float().div_(255.0)
-                batch[key] = augment(x) if len(x) else x
-            else:
-                batch[key] = batch[key].to(device)
-        terms = loss_fn(model, batch)
-        loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            from fewgen.errors import FewgenError
+    monitor = TrainingMonitor(f"[{name}]", s.steps, log=log, progress=progress, log_dir=log_dir)
+    with monitor:
+        for step in range(s.steps):
+            torch.manual_seed(seed_hash("finetune-augment", s.seed, name, step))
+            batch = batch_fn(step)
+            for key in list(batch):
+                if key.startswith("x_"):
+                    x = batch[key].to(device).float().div_(255.0)
+                    batch[key] = augment(x) if len(x) else x
+                else:
+                    batch[key] = batch[key].to(device)
+            with autocast():
+                terms = loss_fn(model, batch)
+                loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                from fewgen.errors import FewgenError
 
-            raise FewgenError(f"{name}: loss became {float(loss)} at step {step}; lower learner.lr_backbone / lr_head")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        count += 1
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        for k, v in terms.items():
-            sums[f"loss/{k}"] = sums.get(f"loss/{k}", 0.0) + float(v.detach())
-        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
-            rec = {"step": step + 1, "lr_head": opt.param_groups[-1]["lr"], "seconds": round(time.time() - t0, 2)}
-            rec.update({k: v / count for k, v in sums.items()})
-            history.append(rec)
-            sums, count = {}, 0
+                raise FewgenError(f"{name}: loss became {float(loss)} at step {step}; lower learner.lr_backbone / lr_head")
+            opt.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            sched.step()
+            count += 1
+            values = {"loss": float(loss.detach()), **{f"loss/{k}": float(v.detach()) for k, v in terms.items()}}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            monitor.step({**values, "lr": opt.param_groups[-1]["lr"]})
+            if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+                rec = {"step": step + 1, "lr_head": opt.param_groups[-1]["lr"], "seconds": round(time.time() - t0, 2)}
+                rec.update({k: v / count for k, v in sums.items()})
+                history.append(rec)
+                sums, count = {}, 0
     model.eval()
     if log is not None and history:
         last = history[-1]

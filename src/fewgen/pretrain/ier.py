@@ -321,9 +321,10 @@ def _make_views(x: torch.Tensor, y: torch.Tensor, plan: _ViewPlan):
 # ----------------------------------------------------------------------------- recipes
 
 
-def _prepare(ctx: PretrainContext) -> tuple[PretrainContext, _ViewPlan]:
-    """Check the IER settings; choose the training set (see 'Rotation classes' above)."""
-    ic = ctx.cfg.pretrain.ier
+def check_ier_settings(ic, recipe: str = "ier") -> None:
+    """Raise one clear :class:`FewgenError` for IER options (``pretrain.ier``, an ``IERConfig``) that
+    cannot train under ``recipe`` (ier or ier-distill); reads the options only, so a run checks them
+    before anything is computed."""
     ts = TransformSet(ic.transforms)
     n_views = len(ts) if ic.num_views is None else ic.num_views
     if not 2 <= n_views <= len(ts):
@@ -338,6 +339,19 @@ def _prepare(ctx: PretrainContext) -> tuple[PretrainContext, _ViewPlan]:
         raise FewgenError("pretrain.ier.temperature and distill_temperature must be > 0")
     if not 0 <= ic.bank_momentum < 1:
         raise FewgenError(f"pretrain.ier.bank_momentum={ic.bank_momentum} must be in [0, 1)")
+    if ic.ce_weight == ic.equivariant_weight == ic.invariant_weight == 0:  # the first model has no teacher
+        raise FewgenError("pretrain.ier.ce_weight, equivariant_weight and invariant_weight are all 0, so the first "
+                          "IER model has no loss; set at least one above 0")
+    if recipe == "ier-distill" and ic.generations < 1:
+        raise FewgenError(f"pretrain.ier.generations={ic.generations}: ier-distill needs at least 1 (or use recipe ier)")
+
+
+def _prepare(ctx: PretrainContext) -> tuple[PretrainContext, _ViewPlan]:
+    """Check the IER settings; choose the training set (see 'Rotation classes' above)."""
+    ic = ctx.cfg.pretrain.ier
+    check_ier_settings(ic, ctx.cfg.pretrain.recipe)
+    ts = TransformSet(ic.transforms)
+    n_views = len(ts) if ic.num_views is None else ic.num_views
     rotation_data = ctx.cfg.pretrain.rotation_classes
     relabel = False
     base_classes = ctx.data.base.num_classes
@@ -462,9 +476,7 @@ def _cached_ier_model(ctx: PretrainContext) -> Path | None:
 def train_ier_distill(ctx: PretrainContext) -> TrainResult:
     """IER, then ``generations`` rounds of multi-head self-distillation (stages ier, gen1, gen2, ...)."""
     generations = ctx.cfg.pretrain.ier.generations
-    if generations < 1:
-        raise FewgenError(f"pretrain.ier.generations={generations}: ier-distill needs at least 1 (or use recipe ier)")
-    ctx, plan = _prepare(ctx)
+    ctx, plan = _prepare(ctx)  # checks generations >= 1
     history: list[dict] = []
     cached = _cached_ier_model(ctx)
     if cached is not None:

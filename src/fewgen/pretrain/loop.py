@@ -22,7 +22,7 @@ from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import sample_episodes
 from fewgen.evaluation.features import extract_features
 from fewgen.evaluation.protocol import episode_accuracies
-from fewgen.training import cosine_schedule
+from fewgen.training import TrainingMonitor, cosine_schedule
 from fewgen.utils import make_generator, seed_hash
 
 
@@ -46,7 +46,7 @@ class TrainSettings:
 class TrainResult:
     best_path: Path
     best_epoch: int
-    best_val: float
+    best_val: float | None  # None: no validation (fewer than two val classes), the last epoch kept
     history: list[dict] = field(default_factory=list)
 
 
@@ -90,6 +90,7 @@ def train_backbone(
     log: Callable[[str], None] = print,
     progress: bool = True,
     extra_modules: dict[str, nn.Module] | None = None,
+    log_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` (which contains ``backbone``) with ``loss_fn`` and keep the best backbone.
 
@@ -101,6 +102,9 @@ def train_backbone(
         train_images: uint8 (n, C, H, W); train_labels: (n,).
         out_dir: where ``<stage>-state.safetensors`` (resume) and ``<stage>-best.safetensors`` go.
         extra_modules: non-trained state to checkpoint and restore too (e.g. a memory bank).
+        progress: a progress bar over the stage's steps, with its ETA.
+        log_dir: TensorBoard events of the loss terms per step and of lr and val_acc per epoch go
+            to ``log_dir/<stage>`` (None: none).
     """
     s = settings
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,47 +118,58 @@ def train_backbone(
     opt, sched = build_optimizer([p for p in model.parameters() if p.requires_grad], s, steps_per_epoch * s.epochs)
     modules = {"model": model, **(extra_modules or {})}
     start_epoch, best_val, best_epoch, history = 0, -1.0, -1, []
+    # a validation episode needs two classes: with fewer, the last epoch is kept (e.g. PACS's one val class)
+    validate = val.num_classes >= 2
+    if not validate:
+        log(f"[{stage}] validation skipped: {val.num_classes} validation class(es), an episode needs 2; the last "
+            "epoch is kept (give data.val_classes two or more classes to select the epoch on validation)")
     if state_path.exists():
         extra = load_training_state(state_path, modules, opt, sched)
         start_epoch = extra["epoch"] + 1
         best_val, best_epoch, history = extra["best_val"], extra["best_epoch"], extra["history"]
-        log(f"[{stage}] resuming after epoch {extra['epoch'] + 1}/{s.epochs} (best val {best_val:.2f}%)")
-    for epoch in range(start_epoch, s.epochs):
-        t0 = time.time()
-        model.train()
-        torch.manual_seed(seed_hash("train", s.seed, stage, epoch))  # augmentation RNG
-        perm = torch.randperm(n, generator=make_generator("perm", s.seed, stage, epoch))
-        sums: dict[str, float] = {}
-        steps = range(steps_per_epoch)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc=f"{stage} epoch {epoch + 1}/{s.epochs}", leave=False)
-        for i in steps:
-            idx = perm[i * s.batch_size : (i + 1) * s.batch_size]
-            x = train_images[idx].to(device).float().div_(255.0)
-            if augment is not None:
-                x = augment(x)
-            y = train_labels[idx].to(device)
-            terms = loss_fn(x, y, epoch * steps_per_epoch + i)
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
-        record.update({f"loss/{k}": v / steps_per_epoch for k, v in sums.items()})
-        if (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:
-            record["val_acc"] = validation_accuracy(backbone, val, s, device)
-            if record["val_acc"] > best_val:
-                best_val, best_epoch = record["val_acc"], epoch + 1
-                save_model(best_path, backbone, {"epoch": epoch + 1, "val_acc": best_val})
-        history.append(record)
-        parts = " ".join(f"{k[5:]}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-        val_txt = f" val={record['val_acc']:.2f}%" if "val_acc" in record else ""
-        log(f"[{stage}] epoch {epoch + 1}/{s.epochs} {parts}{val_txt} ({record['seconds']}s)")
-        save_training_state(state_path, modules, opt, sched,
-                            {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "history": history})
+        best_txt = f"best val {best_val:.2f}%" if validate and best_val is not None else "no validation"
+        log(f"[{stage}] resuming after epoch {extra['epoch'] + 1}/{s.epochs} ({best_txt})")
+    monitor = TrainingMonitor(f"pretrain {stage}", steps_per_epoch * s.epochs, start=start_epoch * steps_per_epoch,
+                              log=log, progress=progress, log_dir=None if log_dir is None else Path(log_dir) / stage)
+    with monitor:
+        for epoch in range(start_epoch, s.epochs):
+            t0 = time.time()
+            model.train()
+            torch.manual_seed(seed_hash("train", s.seed, stage, epoch))  # augmentation RNG
+            perm = torch.randperm(n, generator=make_generator("perm", s.seed, stage, epoch))
+            sums: dict[str, float] = {}
+            for i in range(steps_per_epoch):
+                idx = perm[i * s.batch_size : (i + 1) * s.batch_size]
+                x = train_images[idx].to(device).float().div_(255.0)
+                if augment is not None:
+                    x = augment(x)
+                y = train_labels[idx].to(device)
+                terms = loss_fn(x, y, epoch * steps_per_epoch + i)
+                loss = sum(terms.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                monitor.step({f"loss/{k}": v for k, v in values.items()}, epoch=f"{epoch + 1}/{s.epochs}")
+            record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+            record.update({f"loss/{k}": v / steps_per_epoch for k, v in sums.items()})
+            if not validate:
+                if epoch + 1 == s.epochs:
+                    best_val, best_epoch = None, epoch + 1
+                    save_model(best_path, backbone, {"epoch": epoch + 1, "val_acc": None})
+            elif (epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs:
+                record["val_acc"] = validation_accuracy(backbone, val, s, device)
+                if record["val_acc"] > best_val:
+                    best_val, best_epoch = record["val_acc"], epoch + 1
+                    save_model(best_path, backbone, {"epoch": epoch + 1, "val_acc": best_val})
+            history.append(record)
+            monitor.scalars({k: record[k] for k in ("lr", "val_acc") if k in record}, monitor.done)
+            parts = " ".join(f"{k[5:]}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+            val_txt = f" val={record['val_acc']:.2f}%" if "val_acc" in record else ""
+            log(f"[{stage}] epoch {epoch + 1}/{s.epochs} {parts}{val_txt} ({record['seconds']}s)")
+            save_training_state(state_path, modules, opt, sched,
+                                {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "history": history})
     return TrainResult(best_path=best_path, best_epoch=best_epoch, best_val=best_val, history=history)

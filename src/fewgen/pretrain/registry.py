@@ -44,6 +44,7 @@ class PretrainContext:
     device: torch.device
     log: Callable[[str], None]
     progress: bool = True
+    log_dir: Path | None = None  # TensorBoard events, one folder per stage (None: none)
 
     def new_backbone(self) -> nn.Module:
         b = self.cfg.backbone
@@ -70,4 +71,5 @@ class PretrainContext:
             model, backbone, loss_fn, self.train_images, self.train_labels, self.data.val,
             settings or self.settings(), self.out_dir, stage=stage, augment=self.augmentation(),
             device=self.device, log=self.log, progress=self.progress, extra_modules=extra_modules,
+            log_dir=self.log_dir,
         )

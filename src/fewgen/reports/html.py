@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fewgen.reports import figures
-from fewgen.reports.tables import best_of_each_kind
+from fewgen.reports.tables import best_of_each_kind, format_gain
 from fewgen.utils import atomic_path
 
 
@@ -74,13 +74,15 @@ def best_table(summary: list[dict]) -> str:
         return f"{r['accuracy']:.2f} &plusmn; {r['ci95']:.2f} <span class='meta'>{html.escape(name)}</span>"
 
     out = ["<table>", "<thead><tr><th>setting</th><th>best without generated images</th>"
-           "<th>best with generated images</th><th>gain</th></tr></thead><tbody>"]
+           "<th>best with generated images</th><th>gain (paired 95% CI)</th></tr></thead><tbody>"]
     for s in summary:
-        gain = f"{s['gain']:+.2f}" + (" (CIs apart)" if s["cis_apart"] else "")
+        gain = html.escape(format_gain(s)).replace("+- ", "&plusmn; ")
         out.append(f"<tr><td>{html.escape(s['setting'])}</td><td>{cell(s['real'])}</td><td>{cell(s['generated'])}</td>"
                    f"<td>{gain}</td></tr>")
     out.append("</tbody></table><p class='meta'>Each cell is the best row of its kind in this run (sweep rows "
-               "left out); every row says in <code>uses_synthetic</code> whether generated images went into it.</p>")
+               "left out); every row says in <code>uses_synthetic</code> whether generated images went into it. The gain is "
+               "the mean per-episode difference on the episodes both rows share, with the 95% CI of that "
+               "difference (<code>comparisons</code> in metrics.json).</p>")
     return "\n".join(out)
 
 
@@ -138,19 +140,37 @@ pre { background: #f6f6f6; padding: 0.6em; font-size: 12px; overflow-x: auto; }
 """
 
 
-def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[str] | None = None) -> Path:
+def attach_per_episode(rows: list[dict], path: Path) -> list[dict]:
+    """Rows read back from metrics.json with their per-episode accuracies (``per_episode.npz``,
+    ``row<i>``) under ``_values`` again, so gains are compared pairwise."""
+    if not path.is_file():
+        return rows
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            values = {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return rows
+    return [{**r, "_values": values[f"row{i}"]} if f"row{i}" in values else r for i, r in enumerate(rows)]
+
+
+def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[str] | None = None,
+                 name: str | None = None) -> Path:
     """Write ``<run_dir>/report/index.html`` and its figures; returns the HTML path.
 
     Args:
         run_dir: a run directory (at least ``metrics.json``).
         examples: an already drawn examples PNG inside the report folder (the step draws it).
         notes: extra lines shown at the top (e.g. where the synthetic images came from).
+        name: the run's name in the title (default the folder's name; a run being built passes the
+            name it will be published under).
     """
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = _read(run_dir / "metrics.json") or {}
-    rows = metrics.get("rows", [])
+    rows = attach_per_episode(metrics.get("rows", []), run_dir / "per_episode.npz")
     pretrain = (_read(run_dir / "pretrain_history.json") or {}).get("history")
     learn = _read(run_dir / "learn_history.json")
     gan_rows = [r for r in rows if "fid" in r and "accuracy" not in r]
@@ -173,8 +193,8 @@ def write_report(run_dir: str | Path, examples: Path | None = None, notes: list[
     }
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>fewgen report: {html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>fewgen run <code>{html.escape(run_dir.name)}</code></h1>",
+        f"<title>fewgen report: {html.escape(name or run_dir.name)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>fewgen run <code>{html.escape(name or run_dir.name)}</code></h1>",
         f"<p class='meta'>report written {time.strftime('%Y-%m-%d %H:%M:%S')}; "
         + ", ".join(f"{html.escape(k)} {v:.0f}s" for k, v in timings.items() if isinstance(v, int | float))
         + "</p>",

@@ -29,30 +29,88 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
-def best_of_each_kind(rows: list[dict]) -> list[dict]:
-    """Per setting (N-way K-shot, all-way K-shot), the best row that uses no generated images and the
-    best that does (sweep rows left out), the gain and whether their 95% CIs are apart."""
-    best: dict[tuple, dict[bool, dict]] = {}
+def row_name(r: dict) -> str:
+    return f"{r['method']} [{r['classifier']}]" if r.get("classifier") else str(r["method"])
+
+
+def setting_name(r: dict) -> str:
+    return f"{'all (' + str(r['n_way']) + ')' if r.get('all_way') else str(r['n_way'])}-way {r['n_shot']}-shot"
+
+
+def paired_difference(row: dict, reference: dict) -> tuple[float, float, int] | None:
+    """Mean and 95% t-interval half-width of ``row`` minus ``reference`` over the episodes (or all-way
+    queries) they share, from their in-memory per-episode accuracies; None when either lacks them
+    or they were not evaluated on the same number of episodes."""
+    import numpy as np
+
+    from fewgen.evaluation.protocol import mean_ci95
+
+    a, b = row.get("_values"), reference.get("_values")
+    if a is None or b is None or len(a) != len(b) or row.get("seeds") != reference.get("seeds"):
+        return None
+    mean, half = mean_ci95(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return mean, half, len(a)
+
+
+def _settings(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows that share their episodes, per setting (sweep, domain and accuracy-less rows left out)."""
+    out: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("accuracy") is None or r.get("sweep") or "domain" in r or "uses_synthetic" not in r:
             continue
-        key = (bool(r.get("all_way")), r["n_way"], r["n_shot"])
-        kinds = best.setdefault(key, {})
-        gen = bool(r["uses_synthetic"])
-        if gen not in kinds or r["accuracy"] > kinds[gen]["accuracy"]:
-            kinds[gen] = r
+        out.setdefault((bool(r.get("all_way")), r["n_way"], r["n_shot"]), []).append(r)
+    return out
+
+
+def best_of_each_kind(rows: list[dict]) -> list[dict]:
+    """Per setting (N-way K-shot, all-way K-shot), the best row that uses no generated images and the
+    best that does (sweep rows left out), and the gain: the mean of the per-episode difference on
+    the episodes both were evaluated on, with its 95% CI (``gain_ci95``; None for rows read back
+    from a file, which hold no per-episode values)."""
     out = []
-    for (all_way, n_way, n_shot), kinds in sorted(best.items()):
+    for _, group in sorted(_settings(rows).items()):
+        kinds: dict[bool, dict] = {}
+        for r in group:
+            gen = bool(r["uses_synthetic"])
+            if gen not in kinds or r["accuracy"] > kinds[gen]["accuracy"]:
+                kinds[gen] = r
         real, gen = kinds.get(False), kinds.get(True)
-        row = {"setting": f"{'all (' + str(n_way) + ')' if all_way else str(n_way)}-way {n_shot}-shot",
-               "real": real, "generated": gen}
+        row = {"setting": setting_name(group[0]), "real": real, "generated": gen}
         if real and gen:
-            row["gain"] = round(gen["accuracy"] - real["accuracy"], 3)
-            lo_gen, hi_real = gen["accuracy"] - gen["ci95"], real["accuracy"] + real["ci95"]
-            lo_real, hi_gen = real["accuracy"] - real["ci95"], gen["accuracy"] + gen["ci95"]
-            row["cis_apart"] = bool(lo_gen > hi_real or lo_real > hi_gen)
+            paired = paired_difference(gen, real)
+            row["gain"] = round(paired[0] if paired else gen["accuracy"] - real["accuracy"], 3)
+            row["gain_ci95"] = None if paired is None else round(paired[1], 3)
         out.append(row)
     return out
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Every row that uses generated images against the best real-only row of its setting, paired
+    on the episodes both were evaluated on: ``difference`` (mean, percent points) and ``ci95`` (the
+    95% t-interval half-width of the per-episode difference), ``n`` episodes (all-way: queries)."""
+    out = []
+    for _, group in sorted(_settings(rows).items()):
+        real = [r for r in group if not r["uses_synthetic"]]
+        if not real:
+            continue
+        ref = max(real, key=lambda r: r["accuracy"])
+        for r in group:
+            if not r["uses_synthetic"]:
+                continue
+            paired = paired_difference(r, ref)
+            if paired is None:
+                continue
+            out.append({"setting": setting_name(r), "row": row_name(r), "reference": row_name(ref),
+                        "difference": round(paired[0], 3), "ci95": round(paired[1], 3), "n": paired[2]})
+    return out
+
+
+def format_gain(s: dict) -> str:
+    """``+0.42 +- 0.10`` (the paired 95% CI), or the bare difference where no per-episode values exist."""
+    if "gain" not in s:
+        return ""
+    ci = s.get("gain_ci95")
+    return f"{s['gain']:+.2f}" + ("" if ci is None or ci != ci else f" +- {ci:.2f} (paired)")
 
 
 def format_best(summary: list[dict]) -> str:
@@ -63,13 +121,10 @@ def format_best(summary: list[dict]) -> str:
     def cell(r: dict | None) -> str:
         if r is None:
             return "-"
-        name = f"{r['method']} [{r['classifier']}]" if r.get("classifier") else r["method"]
-        return f"{r['accuracy']:.2f} +- {r['ci95']:.2f} {name}"
+        return f"{r['accuracy']:.2f} +- {r['ci95']:.2f} {row_name(r)}"
 
-    lines = [(s["setting"], cell(s["real"]), cell(s["generated"]),
-              "" if "gain" not in s else f"{s['gain']:+.2f}{' (CIs apart)' if s['cis_apart'] else ''}")
-             for s in summary]
-    header = ("setting", "best without generated images", "best with generated images", "gain")
+    lines = [(s["setting"], cell(s["real"]), cell(s["generated"]), format_gain(s)) for s in summary]
+    header = ("setting", "best without generated images", "best with generated images", "gain (paired 95% CI)")
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths]), *(fmt.format(*x) for x in lines)])

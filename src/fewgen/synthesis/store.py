@@ -9,7 +9,10 @@ stale images; a changed prompt, adapter or sampler here is a new key and a new f
 Images are PNG files ``images/<class>/<index>.png``. Image ``i`` of class ``c`` starts from
 its own seed ``seed_hash("synthetic", seed, prompt_c, i)``. Work is done in chunks of
 ``chunk`` images of one class, always the same images in the same batch, so a chunk's bytes
-do not depend on what ran before it or on which process ran it. After a chunk's files are
+do not depend on what ran before it or on which process ran it; a generator that draws
+several prompts at once (Stable Diffusion without per-class adapters) packs small chunks of
+consecutive classes into one batch of up to ``chunk`` images, again the same batches for the
+same spec (:meth:`SynthesisSpec.batches`). After a chunk's files are
 renamed into place a record ``chunks/<class>_<chunk>.json`` lists their sha256; a chunk
 without a valid record (killed mid-way, file corrupted or deleted) is generated again. When
 every chunk is done, ``manifest.json`` lists file, class, per-image seed and sha256 and the
@@ -35,10 +38,13 @@ from fewgen.cache import ArtifactCache
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.synthesis.sharding import ProcessContext, shard
+from fewgen.training import TrainingMonitor
 from fewgen.utils import atomic_path, read_json, seed_hash, sha256_file, write_json
 
 # sample_fn(class_index, seeds, image_indices) -> uint8 images (len(seeds), C, H, W); image i of a class
-# starts from noise seeded by seeds[k] and is that class's image indices[k]
+# starts from noise seeded by seeds[k] and is that class's image indices[k]. A sample_fn with the
+# attribute ``mixes_classes = True`` may also be given a list of per-image class indices for a batch
+# of several classes' chunks (SynthesisSpec.batches)
 SampleFn = Callable[[int, Sequence[int], Sequence[int]], torch.Tensor]
 
 
@@ -96,6 +102,25 @@ class SynthesisSpec:
 
     def chunk_images(self, j: int) -> range:
         return range(j * self.chunk, min(self.per_class, (j + 1) * self.chunk))
+
+    def batches(self, mix_classes: bool = False) -> list[list[tuple[int, int]]]:
+        """The units of work, in the global order processes shard: each chunk alone, or, for a
+        generator that draws several prompts in one batch (``mix_classes``), consecutive chunks
+        packed while their images fit in ``chunk`` (with 4 images per class and chunk 16, a batch
+        holds 4 classes). A batch depends on the spec alone, never on what ran before or where."""
+        if not mix_classes:
+            return [[cj] for cj in self.chunks()]
+        out: list[list[tuple[int, int]]] = []
+        size = 0
+        for c, j in self.chunks():
+            n = len(self.chunk_images(j))
+            if out and size + n <= self.chunk:
+                out[-1].append((c, j))
+                size += n
+            else:
+                out.append([(c, j)])
+                size = n
+        return out
 
 
 def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: Sequence[str],
@@ -160,12 +185,11 @@ def write_png(path: Path, image: torch.Tensor) -> None:
 
 
 def read_png(path: Path, channels: int) -> torch.Tensor:
-    from PIL import Image
+    """One of the set's PNGs as uint8 (C, H, W), read by fewgen's one reader
+    (:func:`fewgen.data.reader.read_image_array`)."""
+    from fewgen.data.reader import read_image_array
 
-    with Image.open(path) as im:
-        arr = np.array(im.convert("L" if channels == 1 else "RGB"))
-    arr = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(read_image_array(path, channels))
 
 
 def parallel_streams(items: Sequence[Any], workers: Sequence[Any], run: Callable[[Any, Any], None],
@@ -241,20 +265,27 @@ class SynthesisCache:
             return False
         return all((entry / f["file"]).exists() and sha256_file(entry / f["file"]) == f["sha256"] for f in files)
 
-    def _run_chunk(self, entry: Path, spec: SynthesisSpec, c: int, j: int, sample_fn: SampleFn) -> None:
-        idx = list(spec.chunk_images(j))
-        seeds = [spec.image_seed(c, i) for i in idx]
-        images = sample_fn(c, seeds, idx)
-        if images.dtype != torch.uint8 or tuple(images.shape) != (len(idx), *spec.image_shape):
+    def _run_batch(self, entry: Path, spec: SynthesisSpec, batch: list[tuple[int, int]], sample_fn: SampleFn) -> None:
+        """Draw one batch (:meth:`SynthesisSpec.batches`: one chunk, or several classes' chunks for a
+        sample_fn that ``mixes_classes``) and write each chunk's files and record."""
+        parts = [(c, j, list(spec.chunk_images(j))) for c, j in batch]
+        classes = [c for c, _, idx in parts for _ in idx]
+        indices = [i for _, _, idx in parts for i in idx]
+        seeds = [spec.image_seed(c, i) for c, i in zip(classes, indices)]
+        images = sample_fn(batch[0][0] if len(batch) == 1 else classes, seeds, indices)
+        if images.dtype != torch.uint8 or tuple(images.shape) != (len(seeds), *spec.image_shape):
             raise FewgenError(f"the generator returned {images.dtype} {tuple(images.shape)}, expected uint8 "
-                              f"{(len(idx), *spec.image_shape)}")
-        files = []
-        for k, i in enumerate(idx):
-            path = entry / image_file(c, i)
-            write_png(path, images[k])
-            files.append({"file": image_file(c, i), "class": c, "class_name": spec.class_names[c], "index": i,
-                          "seed": seeds[k], "sha256": sha256_file(path)})
-        write_json(entry / "chunks" / f"{c:04d}_{j:04d}.json", {"files": files})
+                              f"{(len(seeds), *spec.image_shape)}")
+        k = 0
+        for c, j, idx in parts:
+            files = []
+            for i in idx:
+                path = entry / image_file(c, i)
+                write_png(path, images[k])
+                files.append({"file": image_file(c, i), "class": c, "class_name": spec.class_names[c], "index": i,
+                              "seed": seeds[k], "sha256": sha256_file(path)})
+                k += 1
+            write_json(entry / "chunks" / f"{c:04d}_{j:04d}.json", {"files": files})
 
     # ------------------------------------------------------------------ public API
     def status(self, spec: SynthesisSpec) -> dict[str, int]:
@@ -278,10 +309,12 @@ class SynthesisCache:
         return bad
 
     def synthesize(self, spec: SynthesisSpec, sample_fn: SampleFn | Sequence[SampleFn] | None,
-                   ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None) -> ArrayDataset:
+                   ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None,
+                   progress: bool = False) -> ArrayDataset:
         """The set ``spec`` describes: read from the cache, or generated (resuming per chunk, each
         process doing its shard of chunks) and then read. ``sample_fn`` may be None only when the
-        set is complete on disk.
+        set is complete on disk. ``progress``: a bar over the batches with the ETA; with ``log``,
+        one line estimates the time from the first batches.
 
         A list of sample functions (each with its own copy of the model) runs that many parallel
         streams in this process, each taking the next chunk and using an equal share of torch's
@@ -300,19 +333,25 @@ class SynthesisCache:
                 if "manifest.json" in bad:
                     (entry / "manifest.json").unlink(missing_ok=True)
             ctx.barrier()
-        todo = [(c, j) for c, j in shard(spec.chunks(), ctx.rank, ctx.world) if not self._chunk_ok(entry, c, j)]
         fns = [] if sample_fn is None else list(sample_fn) if isinstance(sample_fn, (list, tuple)) else [sample_fn]
+        mixes = bool(fns) and all(getattr(fn, "mixes_classes", False) for fn in fns)
+        todo = [b for b in shard(spec.batches(mixes), ctx.rank, ctx.world)
+                if not all(self._chunk_ok(entry, c, j) for c, j in b)]
         if todo and not fns:
             raise FewgenError(f"synthetic set {entry} is incomplete and no generator was given to finish it")
         t0 = time.time()
+        monitor = TrainingMonitor(f"synthetic set {entry.name}", len(todo), log=log, progress=progress and bool(todo),
+                                  unit="batch", estimate_after=max(1, min(5, len(fns))))
 
-        def progress(n: int) -> None:
+        def done(n: int) -> None:
+            monitor.step()
             if log and n % max(1, len(todo) // 10) == 0:
-                log(f"synthetic set {entry.name}: {n}/{len(todo)} chunks on rank {ctx.rank} ({time.time() - t0:.0f}s)")
+                log(f"synthetic set {entry.name}: {n}/{len(todo)} batches on rank {ctx.rank} ({time.time() - t0:.0f}s)")
 
-        if todo:
-            parallel_streams(todo, fns[:len(todo)], lambda fn, cj: self._run_chunk(entry, spec, *cj, fn), progress)
-        made = sum(len(spec.chunk_images(j)) for _, j in todo)
+        with monitor:
+            if todo:
+                parallel_streams(todo, fns[:len(todo)], lambda fn, b: self._run_batch(entry, spec, b, fn), done)
+        made = sum(len(spec.chunk_images(j)) for b in todo for _, j in b)
         timing = ctx.gather_objects((made, time.time() - t0))
         ctx.barrier()
         if ctx.is_main:  # images drawn in this call and its wall time (the slowest process's)

@@ -14,14 +14,35 @@ from fewgen.utils import write_json
 def step_pretrain(run: Run) -> None:
     from fewgen.pretrain import pretrain_backbone
 
-    pb = pretrain_backbone(run.cfg, run.data, run.cache, run.device, run.log, run.progress)
+    pb = pretrain_backbone(run.cfg, run.data, run.cache, run.device, run.log, run.progress,
+                           log_dir=tensorboard_dir(run, "pretrain"))
     run.state.backbone = pb
     if run.dir is not None:
         write_json(run.dir / "pretrain_history.json",
                    {"history": pb.history, "best_epoch": pb.best_epoch, "best_val": pb.best_val, "cache_key": pb.key})
-        link = run.dir / "checkpoints" / "backbone.safetensors"
-        if not link.exists():
-            link.symlink_to(pb.path.resolve())
+        if pb.path.is_file():  # a frozen pretrained backbone's path is its model folder: never copied
+            copy_into_run(pb.path, run.dir / "checkpoints" / "backbone.safetensors")
+
+
+def tensorboard_dir(run: Run, *parts: str):
+    """The folder a training loop of this run writes its TensorBoard events to,
+    ``<run>/tensorboard/<parts...>`` (``tensorboard --logdir <run>/tensorboard`` shows them all);
+    None for a run without a folder."""
+    return None if run.dir is None else run.dir.joinpath("tensorboard", *parts)
+
+
+def copy_into_run(src, dst) -> None:
+    """A run's own copy of a cached file (a hard link where the file system allows, else a copy), so
+    the run keeps it when the cache is cleared."""
+    import os
+    import shutil
+
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def novel_features(run: Run) -> torch.Tensor:
@@ -82,6 +103,10 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, e
 
 @step("evaluate", needs=("backbone",))
 def step_evaluate(run: Run) -> None:
+    from fewgen.backbones.pretrained import is_pretrained
+
     feats = novel_features(run)
-    rows = evaluate_frozen(run, feats, method=run.cfg.pretrain.recipe)
+    # rows name how the backbone was made: its pretraining recipe, or the frozen pretrained model (clip, dinov2)
+    b = run.cfg.backbone
+    rows = evaluate_frozen(run, feats, method=b.name if is_pretrained(b.name) else run.cfg.pretrain.recipe)
     run.add_rows(rows)

@@ -17,9 +17,9 @@ import time
 import torch
 
 from fewgen.app.runner import Run, step
+from fewgen.app.steps.core import tensorboard_dir
 from fewgen.backbones import create_backbone
 from fewgen.checkpoint import load_model, load_tensors, save_tensors
-from fewgen.config import DomainFusionConfig
 from fewgen.data.images import resize
 from fewgen.dg.algorithms import DG_ALGORITHMS, train_algorithm
 from fewgen.dg.protocol import (
@@ -45,29 +45,12 @@ def uses_generator(method: str) -> bool:
     return DG_ALGORITHMS.get(method).uses_generator
 
 
-def check_config(d: DomainFusionConfig, image_size: int, domain_names: list[str]) -> None:
-    for m in d.methods:
-        DG_ALGORITHMS.get(m)
-    bad = [t for t in d.targets or [] if t not in domain_names]
-    if bad:
-        raise FewgenError(f"unknown target domain(s) {bad}; the dataset has {domain_names}")
-    if not d.generator and d.gen_image_size > image_size:
-        raise FewgenError(f"domainfusion.gen_image_size {d.gen_image_size} is larger than the images ({image_size}); "
-                          f"use at most {image_size}")
-    if not 0 <= d.ld_t_min <= d.ld_t_max < 1000:
-        raise FewgenError(f"domainfusion.ld_t_min/ld_t_max must satisfy 0 <= {d.ld_t_min} <= {d.ld_t_max} < 1000")
-    if d.epochs < 1 or d.aug_every < 1 or d.aug_candidates < 1 or d.aug_synthetic < 1:
-        raise FewgenError("domainfusion.epochs, aug_every, aug_candidates and aug_synthetic must be at least 1")
-
-
 def stable_diffusion_generator(run: Run):
     """``domainfusion.generator`` (Stable Diffusion) as a frozen latent denoiser, with its cache key.
     Never trained here, so the same model serves every target (DomainFusion's setting)."""
     from fewgen.generators.denoisers import LatentDiffusionAdapter
 
     d = run.cfg.domainfusion
-    if "{}" not in d.prompt:
-        raise FewgenError(f"domainfusion.prompt {d.prompt!r} has no {{}} for the class name; e.g. 'a photo of a {{}}'")
     adapter = LatentDiffusionAdapter.from_pretrained(d.generator, run.data.full.class_names, d.prompt,
                                                      device=run.device, guidance=d.gen_guidance)
     freeze(adapter)
@@ -107,7 +90,8 @@ def source_generator(run: Run, target: str):
         t0 = time.time()
         gen.fit(train, steps=d.gen_steps, batch_size=d.gen_batch_size, lr=d.gen_lr, seed=seed_hash("dg-gen", target),
                 state_path=entry / "state.safetensors", save_every=50, log=run.log,
-                log_every=max(1, d.gen_steps // 8))
+                log_every=max(1, d.gen_steps // 8), progress=run.progress,
+                log_dir=tensorboard_dir(run, "domainfusion", f"generator-{target}"))
         seconds = time.time() - t0
         gen.save(entry, {"sources": sources})
         write_json(info_path, {"seconds": round(seconds, 1), "sources": sources})
@@ -139,7 +123,9 @@ def train_method(run: Run, method: str, split: DGSplit, seed: int, generator) ->
     settings = DGTrainSettings(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, optimizer=d.optimizer,
                                weight_decay=d.weight_decay, augment=list(d.augment), seed=seed)
     return train_algorithm(method, split, new_classifier(run, split.train.num_classes, seed, split.target), settings,
-                           d, generator, seed, run.device, run.log if run.progress else (lambda m: None))
+                           d, generator, seed, run.device, run.log if run.progress else (lambda m: None),
+                           progress=run.progress,
+                           log_dir=tensorboard_dir(run, "domainfusion", f"{method}-{split.target}-seed{seed}"))
 
 
 def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -> dict:
@@ -163,11 +149,7 @@ def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -
 def step_domainfusion(run: Run) -> None:
     """Leave-one-domain-out: every method x target x seed; rows per method and target + average."""
     d = run.cfg.domainfusion
-    full = run.data.full
-    if full is None or full.domains is None:
-        raise FewgenError(f"the domainfusion step needs a domain dataset (pacs, or imagefolder with "
-                          f"<root>/<domain>/<class>/ folders); {run.data.name!r} has no domains")
-    check_config(d, full.image_shape[-1], full.domain_names)
+    full = run.data.full  # a domain dataset with these targets: fewgen.app.checks, before the run starts
     targets = d.targets or list(full.domain_names)
     seeds = list(run.cfg.seeds)
     correct = {m: {t: [] for t in targets} for m in d.methods}

@@ -11,7 +11,6 @@ from fewgen.app.runner import Run, step
 from fewgen.app.steps.learn import generated
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import few_shot_set
-from fewgen.errors import FewgenError
 from fewgen.learners.synthetic import augmented_copies
 
 
@@ -30,10 +29,7 @@ def step_export(run: Run) -> None:
 
     cfg, ec = run.cfg, run.cfg.export
     n_shot = max(cfg.eval.n_shots) if ec.n_shot is None else ec.n_shot
-    seed = cfg.seeds[0] if ec.seed is None else ec.seed
-    if n_shot not in cfg.eval.n_shots or seed not in cfg.seeds:
-        raise FewgenError(f"export.n_shot={n_shot} and export.seed={seed} must be among eval.n_shots "
-                          f"{cfg.eval.n_shots} and seeds {cfg.seeds}")
+    seed = cfg.seeds[0] if ec.seed is None else ec.seed  # among eval.n_shots and seeds: fewgen.app.checks
     pb, novel, lc = run.state.backbone, run.data.novel, cfg.learner
     shots = few_shot_set(novel, n_shot, seed)
     parts, weights = [], []  # in the order of the learn step's rows: copies, then generated images
@@ -61,7 +57,9 @@ def step_export(run: Run) -> None:
                     "proto_share": lc.proto_share,
                     "uses_synthetic": uses_synthetic},
             "novel": run.data.protocol, "run": cfg.name}
-    clf = fit_classifier(pb.backbone, {"name": cfg.backbone.name, "kwargs": dict(cfg.backbone.kwargs)}, shots.images,
+    arch = (pb.backbone.spec() if hasattr(pb.backbone, "spec")  # a frozen pretrained model: named, not copied
+            else {"name": cfg.backbone.name, "kwargs": dict(cfg.backbone.kwargs)})
+    clf = fit_classifier(pb.backbone, arch, shots.images,
                          shots.labels, list(novel.class_names), ec.head, cfg.eval.logreg_c, cfg.eval.logreg_iters,
                          extra=extra, info=info)
     queries = len(novel) - len(shots)
@@ -74,10 +72,25 @@ def step_export(run: Run) -> None:
         correct = int((pred == novel.labels[qry]).sum())
         clf.info["all_way"] = {"queries": int(len(qry)), "correct": correct,
                                "accuracy": round(100 * correct / len(qry), 3)}
+    else:  # no query images (fewgen fit): leave one shot out at a time, with the head alone
+        from fewgen.evaluation.protocol import leave_one_out_accuracy, mean_ci95
+
+        feats = cached_features(run.cache, pb.key, pb.backbone, shots, run.device, run.log)
+        kw = {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters} if ec.head == "logreg" else {}
+        ok = leave_one_out_accuracy(feats, shots.labels, novel.num_classes, ec.head, kw)
+        if len(ok):
+            mean, half = mean_ci95(ok.numpy() * 100)
+            clf.info["leave_one_out"] = {"shots": int(len(ok)), "correct": int(ok.sum()), "accuracy": round(mean, 3),
+                                         "ci95": None if half != half else round(half, 3),
+                                         "note": "each shot classified by the head fitted on the other shots "
+                                                 "(no generated images or copies); classes with one shot left out"}
     if run.dir is not None:
         folder = clf.save(run.dir / "classifier", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        acc = clf.info.get("all_way")
+        acc, loo = clf.info.get("all_way"), clf.info.get("leave_one_out")
         run.log(f"classifier ({ec.head}, {novel.num_classes} classes, {len(shots)} shots"
                 f"{f' + {len(extra[0])} more ({ec.extra})' if extra is not None else ''}) in {folder.name}/"
-                + (f"; {acc['correct']} of the other {acc['queries']} novel images right ({acc['accuracy']:.3f}%)" if acc else ""))
+                + (f"; {acc['correct']} of the other {acc['queries']} novel images right ({acc['accuracy']:.3f}%)" if acc else "")
+                + (f"; estimate from the shots alone (leave one out): {loo['accuracy']:.2f}%"
+                   + (f" +- {loo['ci95']:.2f}" if loo["ci95"] is not None else "")
+                   + f" ({loo['correct']}/{loo['shots']} shots)" if loo else ""))
     run.state.classifier = clf

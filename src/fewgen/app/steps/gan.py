@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fewgen.app.runner import Run, step
+from fewgen.app.steps.core import tensorboard_dir
 from fewgen.errors import FewgenError
 from fewgen.gan.model import (
     AdaptSettings,
@@ -54,7 +55,8 @@ def step_gan_source(run: Run) -> None:
         run.log(f"generation setup: {setup.description}")
     setup = setups[run.cfg.seeds[0]]  # the source images are the same for every seed
     arch = gan_arch(gc, setup.source.shape[1])
-    src = pretrained_source_gan(setup.source, arch, gan_train_settings(gc), run.cache, run.log, run.device)
+    src = pretrained_source_gan(setup.source, arch, gan_train_settings(gc), run.cache, run.log, run.device,
+                                progress=run.progress, log_dir=tensorboard_dir(run, "gan-source"))
     run.state.gan_setups = setups
     run.state.gan_source = src
     if run.dir is not None:
@@ -180,7 +182,8 @@ def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: Adapt
         info = read_json(entry / "history.json")
         run.log(f"{method.name}: adapted GAN from cache {entry}")
         return AdaptResult(G.to(run.device).eval(), D.to(run.device).eval(), info["history"], info["tracking"])
-    result = adapt_gan(method, src, setup.shots, settings, entry, track, run.log, run.device)
+    result = adapt_gan(method, src, setup.shots, settings, entry, track, run.log, run.device, progress=run.progress,
+                       log_dir=tensorboard_dir(run, "gan-adapt", f"{method.name}-seed{settings.seed}"))
     save_model(entry / "generator.safetensors", result.generator, {"method": method.name})
     save_model(entry / "discriminator.safetensors", result.discriminator, {"method": method.name})
     write_json(entry / "history.json", {"history": result.history, "tracking": result.tracking})

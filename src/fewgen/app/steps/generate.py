@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from fewgen.app.runner import Run, step
+from fewgen.app.steps.core import tensorboard_dir
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import few_shot_set
-from fewgen.errors import FewgenError
 from fewgen.generators.sampling import sampling_streams
 from fewgen.keys import key_parts
 from fewgen.reports.grids import write_grids
@@ -107,7 +107,8 @@ def train_or_load_generator(run: Run):
             run.log(f"training the {what} ({gen.num_parameters() / 1e6:.2f}M parameters) for {g.train_steps} steps "
                     f"on {len(run.data.base)} base images")
             res = gen.fit(run.data.base, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr, seed=g.seed,
-                          state_path=entry / "training_state.safetensors", log=run.log, log_every=100)
+                          state_path=entry / "training_state.safetensors", log=run.log, log_every=100,
+                          progress=run.progress, log_dir=tensorboard_dir(run, "generator"))
             gen.save(entry, {"steps": g.train_steps})
             (entry / "training_state.safetensors").unlink(missing_ok=True)
             run.cache.mark_done(entry, {"steps": g.train_steps, "images_per_s": round(res.images_per_s, 1),
@@ -125,10 +126,9 @@ def step_generator(run: Run) -> None:
     if g.kind == "stable-diffusion":
         from fewgen.generators.stable_diffusion import StableDiffusionGenerator
 
-        if not g.model:
-            raise FewgenError("generator.kind=stable-diffusion needs generator.model=<local folder or hub id>")
         run.state.generator = StableDiffusionGenerator(g.model, device=run.device, dtype=g.dtype, prompt=g.prompt,
-                                                       resolution=g.resolution)
+                                                       resolution=g.resolution, attention_slicing=g.attention_slicing,
+                                                       vae_slicing=g.vae_slicing, compile=g.compile)
         return
     run.state.generator = train_or_load_generator(run)
 
@@ -155,7 +155,8 @@ def step_adapt(run: Run) -> None:
             few = few_shot_set(run.data.novel, k, seed)
             parts = key_parts("adapters", run.cfg, generator=gen.state_key(), few_shot=few.digest())
             entry = run.cache.entry("adapters", parts)
-            run.state.adapters[(seed, k)] = gen.adapt(few, dd, entry, run.cache, ctx, run.log)
+            run.state.adapters[(seed, k)] = gen.adapt(few, dd, entry, run.cache, ctx, run.log, progress=run.progress,
+                                                      log_dir=tensorboard_dir(run, "adapt", f"seed{seed}-{k}shot"))
             run.state.adapter_entries.append(entry)
 
 
@@ -209,7 +210,7 @@ def step_synthesize(run: Run) -> None:
             elif streams > 1:
                 run.log(f"sampling seed {seed}, {k}-shot in {streams} parallel streams (synthesis.streams)")
             fns = [gen.synthesis_sample_fn(spec, adapter, run.data.novel.image_shape, sources) for _ in range(streams)]
-            ds = store.synthesize(spec, fns, ctx, run.log)
+            ds = store.synthesize(spec, fns, ctx, run.log, progress=run.progress)
             ds.name = f"synthetic/{synthesis_label(run, exemplar, adapter)}/s{seed}-k{k}"
             run.state.synthetic[(seed, k)] = ds
             info[f"seed{seed}_{k}shot"] = {"key": store.key(spec), "path": str(store.path(spec)), "images": len(ds)}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fewgen.app.runner import Run, step
-from fewgen.app.steps.core import evaluate_frozen, novel_features
+from fewgen.app.steps.core import evaluate_frozen, novel_features, tensorboard_dir
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import few_shot_set
 from fewgen.errors import FewgenError
@@ -58,7 +58,8 @@ from fewgen.utils import write_json
 
 def finetune_settings(lc, seed: int) -> FinetuneSettings:
     return FinetuneSettings(steps=lc.steps, lr_backbone=lc.lr_backbone, lr_head=lc.lr_head, momentum=lc.momentum,
-                            weight_decay=lc.weight_decay, augment=list(lc.augment), seed=seed)
+                            weight_decay=lc.weight_decay, augment=list(lc.augment), seed=seed,
+                            precision=lc.precision)
 
 
 def synthetic_set(run: Run, seed: int, n_shot: int, required: bool) -> ArrayDataset | None:
@@ -87,8 +88,6 @@ def new_model(run: Run, n_classes: int) -> nn.Module:
     if lc.model == "clip":
         from fewgen.learners.clip import CLIPClassifier
 
-        if not lc.clip_path:
-            raise FewgenError("learner.model=clip needs learner.clip_path (a local CLIP folder, e.g. ViT-B/16)")
         return CLIPClassifier.from_pretrained(lc.clip_path, run.data.novel.class_names, rank=lc.clip_lora_rank,
                                               prompt=lc.clip_prompt)
     raise FewgenError(f"unknown learner.model {lc.model!r}; use backbone or clip")
@@ -161,12 +160,12 @@ def train_one(ctx: SeedContext, spec: MethodSpec, synthetic: ArrayDataset | None
         x = torch.cat([d.images for d in images])
         y = torch.cat([d.labels for d in images])
         model.head.init_prototypes(model_features(ctx.teacher(), x, device=run.device), y)
-    elif lc.head_init != "random":
-        raise FewgenError(f"unknown learner.head_init {lc.head_init!r}; use prototypes or random")
     sources = Sources(real, syn, run.data.base.images, ctx.base_soft_labels, lc.batch_size, sp)
     batch_fn, loss_fn = spec.method.objective(spec, lc, sources)
     history = finetune(model, batch_fn, loss_fn, settings, run.data.novel.image_shape, run.device,
-                       log=run.log, name=f"{spec.name} seed {ctx.seed} {ctx.n_shot}-shot")
+                       log=run.log, name=f"{spec.name} seed {ctx.seed} {ctx.n_shot}-shot", progress=run.progress,
+                       log_dir=tensorboard_dir(run, "learn", f"{spec.name}-seed{ctx.seed}-{ctx.n_shot}shot"
+                                               + ("" if syn is None else f"-{len(syn)}synthetic")))  # sweep points apart
     seconds = round(time.time() - t0, 2)
     if entry is not None:
         save_model(entry / "model.safetensors", model, {"method": spec.name})
@@ -250,9 +249,15 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
                                          "uses_synthetic": uses and per_class > 0})
 
 
+def frozen_synthetic(lc) -> bool:
+    """Whether the learn step adds the frozen+synthetic rows: ``learner.frozen_synthetic`` where it
+    applies, with ``learner.model=backbone`` (they are the pretrained backbone's frozen classifiers)."""
+    return lc.frozen_synthetic and lc.model == "backbone"
+
+
 def _learn_needs(cfg) -> tuple[str, ...]:
     lc = cfg.learner
-    uses_syn = any(s.uses_synthetic for s in method_specs(lc)) or any(m > 0 for m in lc.sweep) or lc.frozen_synthetic
+    uses_syn = any(s.uses_synthetic for s in method_specs(lc)) or any(m > 0 for m in lc.sweep) or frozen_synthetic(lc)
     return (*(("backbone",) if lc.model == "backbone" else ()), *(("synthetic",) if uses_syn else ()))
 
 
@@ -266,14 +271,11 @@ def step_learn(run: Run) -> None:
             from fewgen.evaluation.classifiers import CLASSIFIERS
 
             CLASSIFIERS.get(clf)
-    needs_syn = any(s.uses_synthetic for s in specs) or bool([m for m in lc.sweep if m > 0]) or lc.frozen_synthetic
-    if lc.augmented_control and lc.model != "backbone":
-        raise FewgenError("learner.augmented_control needs learner.model=backbone (frozen pretrained features)")
-    if lc.frozen_synthetic and lc.model != "backbone":
-        raise FewgenError("learner.frozen_synthetic needs learner.model=backbone (it uses the pretrained backbone)")
-    if lc.synthetic_keep < 1 and lc.model != "backbone":
-        raise FewgenError("learner.synthetic_keep < 1 needs learner.model=backbone (it ranks the "
-                          "synthetic images with the pretrained backbone)")
+    # learner.model=clip with augmented_control or synthetic_keep < 1 is refused by fewgen.app.checks
+    needs_syn = any(s.uses_synthetic for s in specs) or bool([m for m in lc.sweep if m > 0]) or frozen_synthetic(lc)
+    if lc.frozen_synthetic and not frozen_synthetic(lc):
+        run.log("learner.frozen_synthetic applies to learner.model=backbone (the pretrained backbone's frozen "
+                "classifiers): no frozen+synthetic rows with learner.model=clip")
     torch.set_grad_enabled(True)
     results = Results()
     histories: dict[str, dict] = {}
@@ -330,20 +332,20 @@ def step_learn(run: Run) -> None:
                 if sub is not None:
                     sweep_sets.setdefault(m, {})[(seed, n_shot)] = sub
     rows = results.rows(run)
-    if lc.frozen_synthetic and used_sets:
+    if frozen_synthetic(lc) and used_sets:
         rows += _frozen_synthetic_rows(run, used_sets, "frozen+synthetic")
     if lc.augmented_control:  # the generator-free control on the same episodes
         copies = {(s, k): augmented_copies(few_shot_set(novel, k, s), lc.augmented_copies_per_class, s)
                   for k in cfg.eval.n_shots for s in cfg.seeds}
         rows += _frozen_synthetic_rows(run, copies, "frozen+augmented-copies", lc.augmented_weight, False)
-        if lc.frozen_synthetic and used_sets:  # both at once: does the generator add what copies do not?
+        if frozen_synthetic(lc) and used_sets:  # both at once: does the generator add what copies do not?
             both = {key: ArrayDataset.concat([copies[key], syn], name=f"{syn.name}+copies")
                     for key, syn in used_sets.items()}
             weights = {key: torch.cat([torch.full((len(copies[key]),), lc.augmented_weight),
                                        torch.full((len(syn),), lc.synthetic_weight)])
                        for key, syn in used_sets.items()}
             rows += _frozen_synthetic_rows(run, both, "frozen+synthetic+copies", weights=weights)
-    if lc.frozen_synthetic:
+    if frozen_synthetic(lc):
         for m, sets in sorted(sweep_sets.items()):
             for row in _frozen_synthetic_rows(run, sets, f"frozen+synthetic@{m}"):
                 row["sweep"] = True
@@ -379,9 +381,7 @@ def step_import_synthetic(run: Run) -> None:
     """Fill ``run.state.synthetic`` with images made elsewhere (``synthesis.import_dir``),
     the same set for every seed and K: e.g. a GPU's Stable Diffusion output, or real images of
     the classes from another source as an upper bound on what a generator could give."""
-    sc = run.cfg.synthesis
-    if not sc.import_dir:
-        raise FewgenError("the import-synthetic step needs synthesis.import_dir=<folder>/<class>/*.png")
+    sc = run.cfg.synthesis  # synthesis.import_dir is a folder: fewgen.app.checks
     syn = import_synthetic(sc.import_dir, run.data.novel, sc.synthetic_per_class)
     for n_shot in run.cfg.eval.n_shots:
         for seed in run.cfg.seeds:

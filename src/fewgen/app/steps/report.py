@@ -29,5 +29,5 @@ def step_report(run: Run) -> None:
     notes = [f"dataset: {run.data.protocol}"]
     if run.state.synthetic_source:
         notes.append(f"synthetic images: {run.state.synthetic_source}")
-    page = write_report(run.dir, examples, notes)
+    page = write_report(run.dir, examples, notes, name=run.out.name if run.out else None)
     run.log(f"report: {page.relative_to(run.dir)} in the run folder")

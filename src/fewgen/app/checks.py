@@ -1,0 +1,248 @@
+"""The checks of a run's settings taken together, before anything is computed.
+
+:func:`fewgen.app.runner.check_config` checks each value on its own (``fewgen.options``: names,
+ranges, registries) and the pipeline's order; :func:`check_combinations` checks what only the
+settings together decide: an option that needs another (``learner.model=clip`` needs
+``learner.clip_path``), an option a step would otherwise refuse hours in (``export`` of a CLIP
+learner), a generator whose adaptation step is missing while synthesis runs. It reads the config
+alone (and whether a named folder exists), so ``fewgen run`` and ``fewgen fit`` refuse such a run
+in one line before the first step. :func:`check_data` runs right after the data loads, for what the
+data decides (class counts, domains), still before the first step.
+
+Options that only apply to some settings are documented as such in their help and skipped where
+they do not apply (``learner.frozen_synthetic`` and ``learner.head_init`` with ``learner.model=clip``);
+a setting a user chose that the run would silently drop is refused here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fewgen.config import RunConfig
+from fewgen.errors import FewgenError
+
+#: generator kinds whose synthesis of the novel classes starts from a DataDream adapter of the shots
+#: (the exemplar generator is conditioned on the shots themselves)
+ADAPTED_KINDS = ("diffusion", "stable-diffusion")
+
+
+def check_combinations(cfg: RunConfig) -> None:
+    """Raise one :class:`FewgenError` line for the first combination of settings the run cannot honour."""
+    _check_learner(cfg)
+    _check_export(cfg)
+    _check_generator(cfg)
+    _check_synthesis(cfg)
+    _check_pretrain(cfg)
+    _check_domainfusion(cfg)
+    _check_gan(cfg)
+    if "import-synthetic" in cfg.pipeline:
+        folder = cfg.synthesis.import_dir
+        if not folder or not Path(folder).expanduser().is_dir():
+            raise FewgenError(f"the import-synthetic step needs synthesis.import_dir=<folder>/<class>/*.png"
+                              f"{f'; {folder} is not a folder' if folder else ''}")
+
+
+def check_data(cfg: RunConfig, data) -> None:
+    """What the loaded data (a :class:`fewgen.data.base.FewShotData`) decides, before the first step."""
+    steps = cfg.pipeline
+    if "pretrain" in steps and data.val.num_classes >= 2:  # one val class: the loop keeps the last epoch
+        need = cfg.pretrain.val_n_shot + 1
+        counts = data.val.counts()
+        low = int(counts.argmin())
+        if int(counts[low]) < need:
+            raise FewgenError(f"validation class {data.val.class_names[low]!r} has {int(counts[low])} image(s), but a "
+                              f"{cfg.pretrain.val_n_shot}-shot validation episode needs {need} per class (a shot and a "
+                              "query): lower pretrain.val_n_shot or give data.val_classes classes with more images")
+    if "domainfusion" in steps:
+        full = data.full
+        if full is None or full.domains is None:
+            raise FewgenError(f"the domainfusion step needs a domain dataset (pacs, or imagefolder with "
+                              f"<root>/<domain>/<class>/ folders); {data.name!r} has no domains")
+        bad = [t for t in cfg.domainfusion.targets or [] if t not in full.domain_names]
+        if bad:
+            raise FewgenError(f"unknown target domain(s) {bad} in domainfusion.targets; the dataset has "
+                              f"{list(full.domain_names)}")
+    if "import-synthetic" in steps:
+        root = Path(cfg.synthesis.import_dir).expanduser()
+        missing = [c for c in data.novel.class_names if not (root / c).is_dir()]
+        if missing:
+            raise FewgenError(f"{root} has no folder for novel class(es) {', '.join(map(repr, missing[:5]))}; "
+                              f"synthesis.import_dir needs one subfolder per novel class, named as the classes: "
+                              f"{', '.join(data.novel.class_names[:10])}")
+
+
+def image_size(cfg: RunConfig) -> int:
+    """The side of the run's (base) images: ``data.image_size``, else the dataset's default."""
+    from fewgen.data.datasets import DATASETS
+
+    return int(cfg.data.image_size or DATASETS.meta(cfg.data.dataset)["image_size"])
+
+
+def _local_path_missing(value: str) -> bool:
+    """A value written as a local path (absolute, ./, ../, ~) that does not exist; a hub id passes."""
+    return value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists()
+
+
+def _check_learner(cfg: RunConfig) -> None:
+    if "learn" not in cfg.pipeline:
+        return
+    lc = cfg.learner
+    if lc.precision == "float16":
+        from fewgen.utils import resolve_device
+
+        if resolve_device(cfg.device).type != "cuda":
+            raise FewgenError("learner.precision=float16 needs a CUDA device (its loss scaling is CUDA's) and this "
+                              "run is on the CPU; use learner.precision=bfloat16 or float32")
+    if lc.model == "clip":
+        if not lc.clip_path:
+            raise FewgenError("learner.model=clip needs learner.clip_path (a local CLIP folder, e.g. ViT-B/16)")
+        if _local_path_missing(lc.clip_path):
+            raise FewgenError(f"learner.clip_path={lc.clip_path} does not exist; give a local CLIP folder "
+                              "(config.json, weights and tokenizer files) or a hub id")
+        if lc.augmented_control:
+            raise FewgenError("learner.augmented_control needs learner.model=backbone (the control is the pretrained "
+                              "backbone's frozen classifiers); set learner.augmented_control=false with "
+                              "learner.model=clip")
+        if lc.synthetic_keep < 1:
+            raise FewgenError(f"learner.synthetic_keep={lc.synthetic_keep} needs learner.model=backbone (the "
+                              "pretrained backbone ranks the synthetic images); leave it at 1 with learner.model=clip")
+        if lc.sweep and lc.sweep_method == "frozen":
+            raise FewgenError("learner.sweep_method=frozen sweeps the pretrained backbone's frozen classifiers, not "
+                              "the CLIP learner: set learner.sweep_method to a method (e.g. datadream) or "
+                              "learner.sweep=[] with learner.model=clip")
+        if not lc.methods and not lc.sweep:
+            raise FewgenError("learner.model=clip fine-tunes CLIP for each of learner.methods, and learner.methods "
+                              "and learner.sweep are empty: list methods (e.g. learner.methods=[real-only,datadream]) "
+                              "or use learner.model=backbone")
+    from fewgen.learners.registry import method_specs
+
+    for spec in method_specs(lc):
+        w = spec.weights
+        if spec.kind == "diffalign" and w.real == w.synthetic == w.hallucination == w.mmd == 0:
+            raise FewgenError(f"every loss weight of {spec.name} is zero (learner.w_real, w_synthetic, "
+                              "w_hallucination, w_mmd, less the term learner.ablations switches off): set one above "
+                              "zero or drop that term from learner.ablations")
+
+
+def _check_export(cfg: RunConfig) -> None:
+    if "export" not in cfg.pipeline:
+        return
+    if cfg.learner.model == "clip":
+        from fewgen.backbones.registry import BACKBONES
+
+        if "clip" in BACKBONES.names():
+            folder = f" backbone.model={cfg.learner.clip_path or '<CLIP folder>'}" if hasattr(cfg.backbone, "model") else ""
+            alternative = (f"for a classifier on frozen CLIP features use backbone.name=clip{folder} with "
+                           "learner.model=backbone")
+        else:
+            alternative = "use learner.model=backbone"
+        raise FewgenError("the export step writes a classifier on the run's backbone and cannot export the "
+                          f"fine-tuned CLIP of learner.model=clip yet: {alternative}, or drop export from pipeline "
+                          "(fewgen run; the CLIP learner's rows go to metrics.json)")
+    ec = cfg.export
+    n_shot = max(cfg.eval.n_shots) if ec.n_shot is None else ec.n_shot
+    seed = cfg.seeds[0] if ec.seed is None else ec.seed
+    if n_shot not in cfg.eval.n_shots or seed not in cfg.seeds:
+        raise FewgenError(f"export.n_shot={n_shot} and export.seed={seed} must be among eval.n_shots "
+                          f"{cfg.eval.n_shots} and seeds {cfg.seeds}; set them, or leave them null for the largest "
+                          "K and the first seed")
+
+
+def _check_generator(cfg: RunConfig) -> None:
+    if "generator" not in cfg.pipeline:
+        return
+    g = cfg.generator
+    if g.kind == "stable-diffusion":
+        if not g.model:
+            raise FewgenError("generator.kind=stable-diffusion needs generator.model=<local folder or hub id>")
+        if _local_path_missing(g.model):
+            raise FewgenError(f"generator.model={g.model} does not exist; give a local diffusers folder "
+                              "(model_index.json) or a hub id")
+        return
+    if g.kind == "diffusion" and "name" in g.cond_mode:  # the class names' MiniLM embeddings
+        from fewgen.generators.text import default_text_encoder_path
+
+        default_text_encoder_path()
+    levels = len(g.block_out_channels)
+    if len(g.attention_levels) != levels:
+        raise FewgenError(f"generator.attention_levels has {len(g.attention_levels)} entries but "
+                          f"generator.block_out_channels has {levels}; give one per UNet level")
+    size, down = image_size(cfg), 2 ** (levels - 1)
+    if size % down:
+        raise FewgenError(f"the {size}px images cannot be halved by {levels} UNet levels (generator.block_out_channels); "
+                          f"use data.image_size divisible by {down}, or fewer levels")
+
+
+def _check_synthesis(cfg: RunConfig) -> None:
+    steps = cfg.pipeline
+    if "synthesize" not in steps:
+        return
+    g, s = cfg.generator, cfg.synthesis
+    adapted = "adapt" in steps and steps.index("adapt") < steps.index("synthesize")
+    if g.kind in ADAPTED_KINDS and not s.zero_shot and not adapted:
+        fixed = [x for x in steps if x != "adapt"]
+        fixed.insert(fixed.index("synthesize"), "adapt")
+        raise FewgenError(f"generator.kind={g.kind} draws the novel classes from a DataDream adapter of the shots, "
+                          f"but no 'adapt' step comes before 'synthesize' in pipeline: use "
+                          f"pipeline=[{','.join(fixed)}], or synthesis.zero_shot=true to draw them from their names "
+                          "alone")
+    if s.zero_shot and adapted:
+        raise FewgenError("synthesis.zero_shot=true draws the novel classes from their names, leaving the adapt "
+                          "step's adapters unused: drop 'adapt' from pipeline, or set synthesis.zero_shot=false")
+    if s.zero_shot and g.kind == "diffusion" and g.cond_mode == "class":
+        raise FewgenError("zero-shot generation needs the class names: set generator.cond_mode=name or class+name")
+    if g.kind == "stable-diffusion" and 0 in s.sdedit_strengths:
+        raise FewgenError(f"synthesis.sdedit_strengths={s.sdedit_strengths}: Stable Diffusion's img2img needs "
+                          "strengths in (0, 1]; drop the 0 (the shot itself)")
+    if s.precision == "float16" and g.kind != "stable-diffusion":
+        from fewgen.utils import resolve_device
+
+        if resolve_device(cfg.device).type == "cpu":
+            raise FewgenError("synthesis.precision=float16 needs a GPU and this run is on the CPU; use bfloat16 "
+                              "or float32")
+
+
+def _check_pretrain(cfg: RunConfig) -> None:
+    if "pretrain" in cfg.pipeline and cfg.pretrain.recipe in ("ier", "ier-distill"):
+        from fewgen.pretrain.ier import check_ier_settings
+
+        check_ier_settings(cfg.pretrain.ier, cfg.pretrain.recipe)
+
+
+def _check_gan(cfg: RunConfig) -> None:
+    gc = cfg.gan
+    if "gan-adapt" not in cfg.pipeline or gc.lpips_weights:
+        return
+    from fewgen.backbones.registry import BACKBONES
+
+    # intra-diversity compares feature maps: the frozen pretrained models (and clip:<folder>) give none
+    if gc.feature_net and gc.feature_net.startswith("clip:"):
+        net = f"gan.feature_net={gc.feature_net}"
+    elif BACKBONES.meta(cfg.backbone.name).get("pretrained"):
+        net = f"backbone.name={cfg.backbone.name}"
+    else:
+        return
+    raise FewgenError(f"gan-adapt's intra-diversity reads the metrics network's feature maps, which {net} does not "
+                      "give: set gan.lpips_weights=<LPIPS-AlexNet safetensors>, or use a trained backbone "
+                      "(backbone.name=conv4)")
+
+
+def _check_domainfusion(cfg: RunConfig) -> None:
+    if "domainfusion" not in cfg.pipeline:
+        return
+    from fewgen.data.datasets import DATASETS
+
+    d = cfg.domainfusion
+    if cfg.data.dataset != "imagefolder" and not DATASETS.meta(cfg.data.dataset).get("domains"):
+        raise FewgenError(f"the domainfusion step needs a domain dataset (pacs, or imagefolder with "
+                          f"<root>/<domain>/<class>/ folders); {cfg.data.dataset} has no domains")
+    if d.ld_t_min > d.ld_t_max:
+        raise FewgenError(f"domainfusion.ld_t_min={d.ld_t_min} is above domainfusion.ld_t_max={d.ld_t_max}; "
+                          "give ld_t_min <= ld_t_max")
+    if d.generator:
+        if "{}" not in d.prompt:
+            raise FewgenError(f"domainfusion.prompt {d.prompt!r} has no {{}} for the class name; "
+                              "e.g. 'a photo of a {}'")
+    elif d.gen_image_size > image_size(cfg):
+        raise FewgenError(f"domainfusion.gen_image_size {d.gen_image_size} is larger than the images "
+                          f"({image_size(cfg)}); use at most {image_size(cfg)}")
