@@ -37,10 +37,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"clip": tiny_clip_folder(root / "clip"), "sd": build_tiny_pipeline(root / "sd")}
 
 
-def combination_overrides(model: str, kind: str, tiny: dict[str, Path]) -> list[str]:
-    out = [f"learner.model={model}", f"generator.kind={kind}"]
+def combination_overrides(model: str, kind: str, tiny: dict[str, Path], command: str = "run") -> list[str]:
+    """``model``: backbone (the preset's backbone and learner) or clip (the frozen CLIP backbone, and
+    in ``run`` the CLIP + LoRA learner too; ``fit`` trains no learner and refuses learner.* keys)."""
+    out = [f"generator.kind={kind}"]
     if model == "clip":
-        out.append(f"learner.clip_path={tiny['clip']}")
+        out += ["backbone.name=clip", f"backbone.model={tiny['clip']}"]
+    if command == "run":
+        out.append(f"learner.model={model}")
+        if model == "clip":
+            out.append(f"learner.clip_path={tiny['clip']}")
     if kind == "stable-diffusion":
         out.append(f"generator.model={tiny['sd']}")
     return out
@@ -68,11 +74,10 @@ def test_every_combination_is_accepted_or_refused_in_one_line(tiny_models, tmp_p
         for command in COMMANDS:
             for model in MODELS:
                 for kind in GENERATOR_KINDS:
-                    overrides = [*combination_overrides(model, kind, tiny_models), f"cache_dir={cache}"]
-                    cfg = config_for(command, preset, overrides, tmp_path / "shots")
+                    overrides = [*combination_overrides(model, kind, tiny_models, command), f"cache_dir={cache}"]
                     line = None
                     try:
-                        check_config(cfg)
+                        check_config(config_for(command, preset, overrides, tmp_path / "shots"))
                     except FewgenError as e:
                         line = str(e)
                     except Exception as e:  # noqa: BLE001  (anything else is a bug: name the combination)
@@ -96,11 +101,14 @@ def test_every_combination_is_accepted_or_refused_in_one_line(tiny_models, tmp_p
     for kind in GENERATOR_KINDS:  # the defaults of the DataDream presets work with the CLIP learner
         assert refused("datadream", "run", "clip", kind) is None
         assert refused("diffalign", "run", "clip", kind) is None
-        # fit exports a classifier on the backbone: a CLIP learner is refused up front, naming the alternative
-        assert "backbone.name=clip" in refused("datadream", "fit", "clip", kind)
+        # fit exports the frozen CLIP backbone's classifier
+        assert refused("datadream", "fit", "clip", kind) is None
+    # fit trains no learner: a learner setting would be dropped, so it is refused up front, naming the alternative
+    with pytest.raises(FewgenError, match="backbone.name=clip"):
+        fit_config(tmp_path / "shots", "demo", ["learner.model=clip", f"learner.clip_path={tiny_models['clip']}"])
     # Stable Diffusion in fit is adapted to the shots (DataDream), not drawn from the class names alone
     assert "adapt" in fit_config(tmp_path / "shots", "demo", combination_overrides(
-        "backbone", "stable-diffusion", tiny_models)).pipeline
+        "backbone", "stable-diffusion", tiny_models, "fit")).pipeline
     assert "no 'adapt' step" in refused("demo", "run", "backbone", "stable-diffusion")
 
     rows = [r for r in results if r["refused"]]

@@ -267,7 +267,11 @@ def test_run_exports_a_classifier_that_predict_reads_alike(name, make, processor
     assert main(["run", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress", "--quiet"]) == 0
     assert not (out / "checkpoints" / "backbone.safetensors").exists()  # the model stays in its folder
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert rows and all(r["method"] == name for r in rows)  # rows name the frozen model, not a recipe
+    frozen = [r for r in rows if r["method"] == name]  # rows name the frozen model, not a recipe
+    zero_shot = [r for r in rows if r["method"] == "clip-zero-shot"]  # CLIP's text tower: one row per setting
+    assert frozen and len(frozen) + len(zero_shot) == len(rows)
+    assert len(zero_shot) == (2 if name == "clip" else 0)
+    assert all(r["classifier"] == "prompts" and not r["uses_synthetic"] for r in zero_shot)
     info = json.loads((out / "classifier" / "classifier.json").read_text())
     arch = info["backbone"]
     assert arch["name"] == name and arch["model"] == str(models[name].resolve()) and arch["num_features"] == dim
@@ -353,3 +357,122 @@ def test_fit_photos_preset_reads_colour_shots_and_predict_agrees(models, tmp_pat
     proba = clf.predict_proba(torch.stack([read_image_file(f, clf.image_shape) for f in files]))
     assert [r["file"] for r in rows] == [str(f) for f in files]
     assert all(abs(float(r["probability"]) - float(p.max())) <= 1e-6 for r, p in zip(rows, proba))
+
+
+def test_zero_shot_rows_classify_by_the_nearest_class_prompt():
+    """Queries whose features lie near their class's prompt embedding are all right, in episodes and
+    all-way; with the prompts of two classes swapped, those classes' queries are all wrong."""
+    from fewgen.data.base import ArrayDataset
+    from fewgen.data.fewshot import all_way_split, sample_episodes
+    from fewgen.evaluation.protocol import zero_shot_accuracies, zero_shot_all_way
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(10)
+    data = ArrayDataset(torch.zeros(60, 1, 4, 4, dtype=torch.uint8), labels, [f"c{i}" for i in range(6)], name="t")
+    w = torch.randn(6, 8, generator=g)
+    feats = w[labels] + 0.2 * torch.randn(60, 8, generator=g)
+    episodes = sample_episodes(data, 3, 1, 4, 50, 0)
+    query = all_way_split(data, 1, 0)[1]
+    assert zero_shot_accuracies(feats, w, episodes).min() == 1
+    assert zero_shot_all_way(feats, labels, w, query).min() == 1
+    swapped = w[[1, 0, 2, 3, 4, 5]]
+    wrong = zero_shot_all_way(feats, labels, swapped, query)
+    assert wrong[labels[query] < 2].max() == 0 and wrong[labels[query] >= 2].min() == 1
+
+
+def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
+    """The issue's command: `fewgen fit <photos> --preset photos generator.model=<tiny SD>
+    backbone.model=<tiny CLIP>` runs DataDream's generation (LoRA on the shots, synthesis) and exports
+    a CLIP-based classifier fitted on the shots and the generated images; `fewgen predict` on the
+    shots gives the run's own probabilities (the run's cached features + the exported head)."""
+    from fewgen.app.cli import main
+    from fewgen.classifier import load_classifier, read_image_file
+    from tests.tiny_sd import build_tiny_pipeline
+
+    sd = build_tiny_pipeline(tmp_path / "sd")
+    shots = photo_folder(tmp_path / "my_photos", ["apple", "pear", "plum"], per_class=2, size=(52, 44), seed=5)
+    out = tmp_path / "fit"
+    assert main(["fit", str(shots), "--preset", "photos", f"generator.model={sd}", f"backbone.model={models['clip']}",
+                 "generator.adapt_steps_per_class=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2",
+                 f"cache_dir={tmp_path / 'cache'}", "--out", str(out), "--no-progress", "--quiet"]) == 0
+    log = (out / "log.txt").read_text()
+    assert "== step adapt" in log and "== step synthesize" in log and "== step learn" not in log
+    info = json.loads((out / "classifier" / "classifier.json").read_text())
+    assert info["backbone"]["name"] == "clip" and info["backbone"]["model"] == str(models["clip"].resolve())
+    assert info["fit"]["synthetic"] == 6 and info["fit"]["uses_synthetic"] is True  # 2 per class, from SD
+    assert info["leave_one_out"]["shots"] == 6  # the estimate a user gets without queries
+    clf = load_classifier(out / "classifier")
+    files = sorted(shots.rglob("*.png"))
+    assert main(["predict", str(out / "classifier"), str(shots), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    images = torch.stack([read_image_file(f, clf.image_shape) for f in files])
+    proba = clf.predict_proba(images)
+    assert [r["file"] for r in rows] == [str(f) for f in files]
+    assert all(abs(float(r["probability"]) - float(p.max())) <= 1e-6 for r, p in zip(rows, proba))
+    # the run's own features of the same shots (its cache) through the exported head: the same scores
+    from fewgen.app.cli import fit_config
+    from fewgen.cache import ArtifactCache
+    from fewgen.data.loading import load_data
+    from fewgen.evaluation.features import cached_features
+    from fewgen.pretrain import pretrain_backbone
+
+    cfg = fit_config(shots, "photos", [f"generator.model={sd}", f"backbone.model={models['clip']}",
+                                       f"cache_dir={tmp_path / 'cache'}"])
+    data = load_data(cfg)
+    pb = pretrain_backbone(cfg, data, ArtifactCache(tmp_path / "cache"), "cpu", lambda *_: None, False)
+    feats = cached_features(ArtifactCache(tmp_path / "cache"), pb.key, pb.backbone, data.novel, "cpu", lambda *_: None)
+    own = clf._proba(clf._head(), feats[None])
+    # the novel set is read class folder by class folder, files sorted: the order of `files`
+    assert [data.novel.class_names[int(y)] for y in data.novel.labels] == [f.parent.name for f in files]
+    assert torch.allclose(own, proba, atol=1e-5)
+
+
+def test_run_photos_without_a_generator_gives_the_real_only_rows(models, tmp_path):
+    """`fewgen run photos backbone.model=<CLIP>` on a CPU: the generative steps are left out (no
+    generator.model) and so is fine-tuning (learner.cuda_only), each said in the log; the rows are
+    CLIP zero-shot and the frozen logreg / proto, on the same episodes. With learner.cuda_only=false
+    the CLIP + LoRA learner's real-only row joins them (its clip_path is the backbone's model)."""
+    from fewgen.app.cli import main
+
+    common = ["run", "photos", f"backbone.model={models['clip']}", "eval.episodes=6", "eval.n_shots=[1]",
+              "learner.steps=2", "learner.batch_size=4", f"cache_dir={tmp_path / 'cache'}", "--no-progress", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "config: no generator.model: the generator, adapt and synthesize steps and the learner methods " \
+           "datadream are left out" in log
+    assert "config: learner.cuda_only and no CUDA device: the learn step (fine-tuning) is left out" in log
+    rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
+    assert {(r["method"], r["classifier"]) for r in rows} == {("clip", "logreg"), ("clip", "proto"),
+                                                               ("clip-zero-shot", "prompts")}
+    assert not any(r["uses_synthetic"] for r in rows)
+    assert main([*common, "learner.cuda_only=false", "--out", str(tmp_path / "b")]) == 0
+    rows = json.loads((tmp_path / "b" / "metrics.json").read_text())["rows"]
+    assert ("real-only", "head") in {(r["method"], r["classifier"]) for r in rows}
+    assert f"learner.clip_path: the backbone's CLIP, {models['clip']}" in (tmp_path / "b" / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_run_with_one_log(models, tmp_path):
+    """`torchrun --nproc_per_node 2 -m fewgen.app.cli run photos ...` (gloo on CPU): the helper process
+    computes its share and writes no run folder; the run's log has each line once."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.tiny_sd import build_tiny_pipeline
+
+    sd = build_tiny_pipeline(tmp_path / "sd")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "fewgen.app.cli", "run", "photos", f"backbone.model={models['clip']}",
+                           f"generator.model={sd}", "generator.adapt_steps_per_class=2", "synthesis.synthetic_per_class=2",
+                           "synthesis.steps=2", "eval.episodes=5", "eval.n_shots=[1]", f"cache_dir={tmp_path / 'cache'}",
+                           "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    assert log.count("== step synthesize\n") == 1 and log.count("run finished") == 1
+    assert proc.stdout.count("run finished") == 1  # printed by the main process alone
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
+    assert json.loads((out / "metrics.json").read_text())["rows"]

@@ -26,6 +26,45 @@ from fewgen.errors import FewgenError
 ADAPTED_KINDS = ("diffusion", "stable-diffusion")
 
 
+GENERATIVE_STEPS = ("generator", "adapt", "synthesize")
+
+
+def resolve_defaults(cfg: RunConfig) -> list[str]:
+    """Settings that follow from others, filled in before the checks (so config.yaml and every cache
+    key hold what runs); returns a line for the log per change:
+
+    * ``learner.clip_path`` empty with ``learner.model=clip`` and ``backbone.name=clip``: the
+      backbone's model (the photos preset fine-tunes the CLIP it evaluates);
+    * ``generator.optional`` with a Stable Diffusion kind and no ``generator.model``: the generative
+      steps and the learner methods that need generated images are left out."""
+    notes = []
+    lc, g = cfg.learner, cfg.generator
+    if lc.model == "clip" and not lc.clip_path and cfg.backbone.name == "clip" and cfg.backbone.model:
+        lc.clip_path = cfg.backbone.model
+        notes.append(f"learner.clip_path: the backbone's CLIP, {lc.clip_path}")
+    if g.optional and g.kind == "stable-diffusion" and not g.model and set(GENERATIVE_STEPS) & set(cfg.pipeline):
+        from fewgen.learners.registry import method_specs
+
+        dropped = [s.name for s in method_specs(lc) if s.uses_synthetic]
+        cfg.pipeline = [s for s in cfg.pipeline if s not in GENERATIVE_STEPS]
+        lc.methods = [m for m in lc.methods if m not in dropped]
+        lc.sweep = []
+        if "learn" in cfg.pipeline and not lc.methods:
+            cfg.pipeline.remove("learn")
+        notes.append("no generator.model: the generator, adapt and synthesize steps"
+                     + (f" and the learner methods {', '.join(dropped)}" if dropped else "")
+                     + " are left out (real images only); set generator.model=<a Stable Diffusion folder or hub id> "
+                       "for DataDream's recipe")
+    if lc.cuda_only and "learn" in cfg.pipeline:
+        from fewgen.utils import resolve_device
+
+        if resolve_device(cfg.device).type != "cuda":
+            cfg.pipeline.remove("learn")
+            notes.append("learner.cuda_only and no CUDA device: the learn step (fine-tuning) is left out; "
+                         "set learner.cuda_only=false to fine-tune on the CPU anyway (slow)")
+    return notes
+
+
 def check_combinations(cfg: RunConfig) -> None:
     """Raise one :class:`FewgenError` line for the first combination of settings the run cannot honour."""
     _check_learner(cfg)
@@ -127,7 +166,7 @@ def _check_learner(cfg: RunConfig) -> None:
 def _check_export(cfg: RunConfig) -> None:
     if "export" not in cfg.pipeline:
         return
-    if cfg.learner.model == "clip":
+    if cfg.learner.model == "clip" and cfg.backbone.name != "clip" and "learn" in cfg.pipeline:
         from fewgen.backbones.registry import BACKBONES
 
         if "clip" in BACKBONES.names():

@@ -136,6 +136,12 @@ def fit_config(shots: str | Path, preset: str = "demo", overrides: list[str] | N
     from fewgen.config import load_config
 
     shots = Path(shots).expanduser()
+    learner = [o for o in overrides or [] if o.startswith("learner.")]
+    if learner:  # they would be dropped without a word: fit fine-tunes nothing
+        raise FewgenError(f"fewgen fit trains no learner (it has no query images to evaluate one), so {learner[0]} "
+                          "would be ignored: fit exports the frozen backbone with export.head (for CLIP: "
+                          "backbone.name=clip backbone.model=<folder or hub id>); drop the learner.* settings, or use "
+                          "fewgen run for the learner's rows")
     cfg = load_config(preset, ["data.novel_dataset=imagefolder", f"data.novel_root={shots}", "eval.n_shots=[0]",
                                "seeds=[0]", "export.n_shot=null", "export.seed=null", *(overrides or [])])
     steps = [s for s in cfg.pipeline if s not in ("evaluate", "learn")]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fewgen.app.checks import check_combinations, check_data
+from fewgen.app.checks import check_combinations, check_data, resolve_defaults
 from fewgen.app.rundir import (
     RunLog,
     check_run_dir,
@@ -202,13 +202,16 @@ def check_device(name: str) -> None:
         raise FewgenError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Every name and range in ``cfg`` (registries, devices, counts, threads), before anything runs."""
+def check_config(cfg: RunConfig) -> list[str]:
+    """Every name and range in ``cfg`` (registries, devices, counts, threads), before anything runs.
+    Settings that follow from others are filled in first (:func:`fewgen.app.checks.resolve_defaults`);
+    returns its lines for the log."""
     from fewgen.config import check_values
 
     import_steps()
     check_run_name(cfg.name)
     check_values(cfg, vocabularies())
+    notes = resolve_defaults(cfg)
     check_pipeline(cfg)
     check_device(cfg.device)
     check_combinations(cfg)
@@ -229,6 +232,7 @@ def check_config(cfg: RunConfig) -> None:
         if cfg.data.channels != native:
             raise FewgenError(f"config key 'data.channels': {cfg.data.dataset} images have {native} channel(s); "
                               f"data.channels={cfg.data.channels} applies to imagefolder only (leave it null)")
+    return notes
 
 
 def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
@@ -241,17 +245,17 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, overwrite: bool = Fal
     """
     from fewgen.utils import is_main_process
 
-    check_config(cfg)
+    notes = check_config(cfg)
     out_dir = Path(out_dir or Path("runs") / cfg.name)
     if not is_main_process():  # under a launcher the other processes do their share of the work and write no run
-        return _run_locked(cfg, None, progress=False, quiet=True)
+        return _run_locked(cfg, None, progress=False, quiet=True, notes=notes)
     check_run_dir(out_dir, overwrite)  # the quick refusals before taking the lock
     with run_lock(out_dir):
         check_run_dir(out_dir, overwrite)  # again, now that no other process can change it
-        return _run_locked(cfg, out_dir, progress, quiet)
+        return _run_locked(cfg, out_dir, progress, quiet, notes)
 
 
-def _run_locked(cfg: RunConfig, out_dir: Path | None, progress: bool, quiet: bool) -> Run:
+def _run_locked(cfg: RunConfig, out_dir: Path | None, progress: bool, quiet: bool, notes: list[str] = ()) -> Run:
     """The run itself, its folder's lock held (``out_dir`` None: a helper process of a launch, which
     writes no run folder and logs nothing)."""
     cache = ArtifactCache(cfg.cache_dir)
@@ -272,6 +276,8 @@ def _run_locked(cfg: RunConfig, out_dir: Path | None, progress: bool, quiet: boo
         write_json(run_dir / "env.json", environment(str(device)))
         write_json(run_dir / "splits.json", data.summary())
     r = Run(cfg, run_dir, cache, device, log, progress, data=data, out=out_dir)
+    for note in notes:
+        log(f"config: {note}")
     log(f"data: {r.data.protocol}; base {len(r.data.base)} images / {r.data.base.num_classes} classes, "
         f"val {r.data.val.num_classes} classes, novel {r.data.novel.num_classes} classes")
     r.timings["load_data"] = round(time.time() - t0, 2)

@@ -173,6 +173,29 @@ def all_way_accuracy(features: torch.Tensor, labels: torch.Tensor, support_idx: 
     return (pred == labels[query_idx]).double()
 
 
+def zero_shot_accuracies(features: torch.Tensor, weights: torch.Tensor, episodes: Episodes,
+                         chunk: int = 200) -> torch.Tensor:
+    """Per-episode accuracy (E,) of a classifier that uses no shots: each query goes to the episode
+    class whose weight (e.g. CLIP's class-prompt embedding, (n_classes, D)) is nearest in cosine."""
+    w = torch.nn.functional.normalize(weights.float(), dim=-1)
+    accs = []
+    y_q = torch.arange(episodes.n_way).repeat_interleave(episodes.n_query)
+    for start in range(0, episodes.n_episodes, chunk):
+        sl = slice(start, start + chunk)
+        q = torch.nn.functional.normalize(features[episodes.query[sl].reshape(len(episodes.query[sl]), -1)], dim=-1)
+        scores = torch.einsum("eqd,end->eqn", q, w[episodes.classes[sl]])
+        accs.append((scores.argmax(-1) == y_q).double().mean(1))
+    return torch.cat(accs)
+
+
+def zero_shot_all_way(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                      query_idx: torch.Tensor) -> torch.Tensor:
+    """Correctness (M,) of each query classified among all classes by its nearest class weight."""
+    w = torch.nn.functional.normalize(weights.float(), dim=-1)
+    pred = (torch.nn.functional.normalize(features[query_idx], dim=-1) @ w.t()).argmax(-1)
+    return (pred == labels[query_idx]).double()
+
+
 def leave_one_out_accuracy(features: torch.Tensor, labels: torch.Tensor, n_classes: int, classifier: str,
                            classifier_kwargs: dict | None = None, chunk: int = 64) -> torch.Tensor:
     """Correctness (M,) of each shot classified by the head fitted on all the other shots: the

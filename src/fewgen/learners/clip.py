@@ -53,6 +53,41 @@ class TextHead(nn.Module):
         return self.scale * F.normalize(features, dim=-1) @ w.t()
 
 
+def load_clip(path: str | Path):
+    """A ``CLIPModel``, its tokenizer and its image processor's steps (None without a
+    preprocessor_config.json) from a local folder or a hub id; one clear error otherwise."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from fewgen.errors import FewgenError
+
+    try:
+        model = CLIPModel.from_pretrained(str(path), use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise FewgenError(f"cannot load a CLIP model with its text tower from {str(path)!r} "
+                          f"({str(e).splitlines()[0]}); give a local CLIPModel folder holding config.json, weights and "
+                          "tokenizer files") from None
+    prep = None
+    if Path(path).is_dir() and (Path(path) / "preprocessor_config.json").is_file():
+        from fewgen.backbones.pretrained import read_preprocessing
+
+        prep = read_preprocessing(Path(path))
+    return model, tokenizer, prep
+
+
+@torch.no_grad()
+def zero_shot_weights(path: str | Path, class_names: list[str], prompt: str = "a photo of a {}.") -> torch.Tensor:
+    """CLIP's zero-shot classifier: the L2-normalised projected text embeddings (C, D) of
+    ``prompt.format(name)`` for each class (underscores read as spaces), in the space of the
+    ``clip`` backbone's image features."""
+    model, tokenizer, _ = load_clip(path)
+    tokens = tokenizer([prompt.format(n.replace("_", " ")) for n in class_names], padding=True, truncation=True,
+                       return_tensors="pt")
+    text = _embeds(model.eval().get_text_features(input_ids=tokens["input_ids"],
+                                                  attention_mask=tokens["attention_mask"]))
+    return F.normalize(text.float(), dim=-1)
+
+
 class CLIPClassifier(nn.Module):
     """CLIP + LoRA (both towers) + text-initialised head, with the fewgen learner interface:
     ``forward_features(x)`` on float images in [0, 1] of any size and channel count,
@@ -91,24 +126,29 @@ class CLIPClassifier(nn.Module):
     def from_pretrained(cls, path: str | Path, class_names: list[str], rank: int = 16,
                         prompt: str = "a photo of a {}.", **kwargs) -> CLIPClassifier:
         """Load CLIP and its tokenizer from a local folder (or a hub id when online)."""
-        from transformers import AutoTokenizer, CLIPModel
 
-        from fewgen.errors import FewgenError
 
-        try:
-            model = CLIPModel.from_pretrained(str(path), use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except OSError as e:
-            raise FewgenError(f"cannot load a CLIP model from {path!r} ({str(e).splitlines()[0]}); give "
-                              "learner.clip_path a local folder holding config.json, weights and tokenizer files") from None
-        return cls(model, tokenizer, class_names, rank=rank, prompt=prompt, **kwargs)
+        model, tokenizer, prep = load_clip(path)
+        out = cls(model, tokenizer, class_names, rank=rank, prompt=prompt, **kwargs)
+        out.preprocessing = prep
+        return out
 
     def text_embeddings(self) -> torch.Tensor:
         """Projected text embeddings of the class prompts, shape (C, D)."""
         return _embeds(self.clip.get_text_features(input_ids=self.input_ids, attention_mask=self.attention_mask))
 
+    #: the model's image processor steps (:mod:`fewgen.backbones.pretrained`) when its folder has a
+    #: preprocessor_config.json; else a plain bicubic resize to the vision tower's size
+    preprocessing = None
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Float images (B, 1 or 3, H, W) in [0, 1] -> CLIP pixel values (B, 3, S, S)."""
+        """Float images (B, 1 or 3, H, W) in [0, 1] -> CLIP pixel values (B, 3, S, S): as the model's
+        image processor makes them (shorter side, centre crop, normalisation; the frozen ``clip``
+        backbone's :func:`~fewgen.backbones.pretrained.preprocess`) when the model has one."""
+        if self.preprocessing is not None:
+            from fewgen.backbones.pretrained import preprocess
+
+            return preprocess(x, self.preprocessing).to(x.device)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:

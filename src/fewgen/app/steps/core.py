@@ -109,4 +109,45 @@ def step_evaluate(run: Run) -> None:
     # rows name how the backbone was made: its pretraining recipe, or the frozen pretrained model (clip, dinov2)
     b = run.cfg.backbone
     rows = evaluate_frozen(run, feats, method=b.name if is_pretrained(b.name) else run.cfg.pretrain.recipe)
+    if run.cfg.eval.zero_shot and b.name == "clip":
+        rows += zero_shot_rows(run, feats)
     run.add_rows(rows)
+
+
+def zero_shot_rows(run: Run, features: torch.Tensor) -> list[dict]:
+    """CLIP's zero-shot rows (``clip-zero-shot``, classifier ``prompts``) on the run's episodes and the
+    all-way queries: the queries of each setting classified by their nearest class prompt."""
+    import json
+
+    from fewgen.data.fewshot import all_way_split
+    from fewgen.evaluation.protocol import summary_row, zero_shot_accuracies, zero_shot_all_way
+    from fewgen.learners.clip import zero_shot_weights
+
+    cfg, novel, pb = run.cfg, run.data.novel, run.state.backbone
+    folder = getattr(pb.backbone, "folder", None)
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type") if folder else None
+    except (OSError, ValueError):
+        model_type = None
+    if model_type != "clip":
+        run.log(f"zero-shot rows skipped: {cfg.backbone.model} is an image tower without CLIP's text tower "
+                "(eval.zero_shot needs a CLIPModel folder or hub id)")
+        return []
+    weights = zero_shot_weights(folder, list(novel.class_names), cfg.eval.prompt)
+    fields = {"uses_synthetic": False, "prompt": cfg.eval.prompt}
+    rows = []
+    for n_way in cfg.eval.n_ways:
+        for n_shot in cfg.eval.n_shots:
+            accs = [zero_shot_accuracies(features, weights, run.episodes(n_way, n_shot, seed)) for seed in cfg.seeds]
+            rows.append(summary_row("clip-zero-shot", n_way, n_shot, accs, cfg.seeds, classifier="prompts",
+                                    n_query=cfg.eval.n_query, **fields))
+    if cfg.eval.all_way:
+        for n_shot in cfg.eval.n_shots:
+            correct = [zero_shot_all_way(features, novel.labels, weights, all_way_split(novel, n_shot, seed)[1])
+                       for seed in cfg.seeds]
+            row = summary_row("clip-zero-shot", novel.num_classes, n_shot, correct, cfg.seeds, classifier="prompts",
+                              all_way=True, **fields)
+            row["queries"], row["episodes"] = row["episodes"], len(cfg.seeds)
+            rows.append(row)
+    run.log(f"zero-shot: {len(rows)} rows from the class prompts {cfg.eval.prompt!r}")
+    return rows
