@@ -136,7 +136,7 @@ def test_datadream_on_digits_with_clip_passes_the_check(tiny_models, tmp_path):
     (["learner.model=clip", "learner.clip_path={clip}", "learner.synthetic_keep=0.5"], "synthetic_keep=0.5 needs"),
     (["learner.model=clip", "learner.clip_path={clip}", "learner.sweep_method=frozen"], "sweep_method=frozen"),
     (["learner.model=clip", "learner.clip_path={clip}", "pipeline=[pretrain,generator,adapt,synthesize,learn,export]"],
-     "cannot export the fine-tuned CLIP"),
+     "set export.model=learner to export that"),
     (["learner.methods=[diffalign]", "learner.w_real=0", "learner.w_synthetic=0", "learner.w_mmd=0",
       "learner.ablations=[hallucination]"], "every loss weight of diffalign-no-hallucination is zero"),
     (["generator.kind=stable-diffusion"], "needs generator.model"),

@@ -476,3 +476,79 @@ def test_two_processes_write_one_run_with_one_log(models, tmp_path):
     assert proc.stdout.count("run finished") == 1  # printed by the main process alone
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
     assert json.loads((out / "metrics.json").read_text())["rows"]
+
+
+def test_exported_clip_lora_is_the_learner(models):
+    """The classifier export.model=learner writes gives the CLIP + LoRA learner's own probabilities:
+    its image tower's LoRA over a fresh copy of the base CLIP, its class-prompt head as cosine
+    prototypes at CLIP's logit scale; saved and loaded, the same again."""
+    import tempfile
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from fewgen.backbones.pretrained import clip_lora_from_learner
+    from fewgen.classifier import FewgenClassifier, load_classifier
+    from fewgen.learners.clip import CLIPClassifier
+
+    learner = CLIPClassifier.from_pretrained(models["clip"], ["apple", "pear", "plum"], rank=4)
+    g = torch.Generator().manual_seed(0)
+    for name, p in learner.clip.named_parameters():
+        if "lora_B" in name:  # as if trained: LoRA's B starts at zero
+            p.data = 0.2 * torch.randn(p.shape, generator=g)
+    learner.head.residual.data = 0.1 * torch.randn(learner.head.residual.shape, generator=g)
+    images = random_images(5, 3, 44, 52, seed=3)
+    with torch.no_grad():
+        want = learner(images.float() / 255).softmax(-1)
+        w = F.normalize(learner.head.class_weights().float(), dim=-1)
+    backbone = clip_lora_from_learner(learner, str(models["clip"]))
+    clf = FewgenClassifier(backbone.eval(), "proto", {"prototypes": w}, ["apple", "pear", "plum"], (3, 44, 52),
+                           {"backbone": backbone.spec()}, temperature=float(learner.head.scale))
+    assert torch.allclose(clf.predict_proba(images), want, atol=1e-5)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_classifier(clf.save(Path(tmp) / "classifier"))
+        assert loaded.info["backbone"]["name"] == "clip-lora" and loaded.info["backbone"]["rank"] == 4
+        assert torch.allclose(loaded.predict_proba(images), want, atol=1e-5)
+
+
+def test_fit_exports_the_fine_tuned_clip_when_asked(models, tmp_path, capsys):
+    """`fewgen fit --preset photos export.model=learner`: the CLIP + LoRA learner trained on the shots
+    is the exported classifier (LoRA matrices in model.safetensors, the base CLIP by folder), and
+    fewgen predict reads it as any other; a LoRA matrix of another shape is refused in one line."""
+    from fewgen.app.cli import main
+    from fewgen.checkpoint import load_tensors, save_tensors
+    from fewgen.classifier import load_classifier, read_image_file
+
+    shots = photo_folder(tmp_path / "my_photos", ["apple", "pear"], per_class=3, size=(52, 44), seed=4)
+    out = tmp_path / "fit"
+    assert main(["fit", str(shots), "--preset", "photos", f"backbone.model={models['clip']}", "export.model=learner",
+                 "learner.steps=3", "learner.batch_size=4", f"cache_dir={tmp_path / 'cache'}", "--out", str(out),
+                 "--no-progress", "--quiet"]) == 0
+    info = json.loads((out / "classifier" / "classifier.json").read_text())
+    assert info["backbone"]["name"] == "clip-lora" and info["fit"]["method"] == "real-only"
+    tensors, _ = load_tensors(out / "classifier" / "model.safetensors")
+    lora = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
+    assert lora and all("lora_" in k for k in lora) and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    clf = load_classifier(out / "classifier")
+    files = sorted(shots.rglob("*.png"))
+    assert main(["predict", str(out / "classifier"), str(shots), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    proba = clf.predict_proba(torch.stack([read_image_file(f, clf.image_shape) for f in files]))
+    assert all(abs(float(r["probability"]) - float(p.max())) <= 1e-6 for r, p in zip(rows, proba))
+    # a LoRA matrix of another rank, recorded consistently (as if re-exported by hand): refused at load
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "classifier", bad)
+    key = next(k for k in lora if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    from fewgen.checkpoint import load_tensors as lt
+    _, meta = lt(bad / "model.safetensors")
+    save_tensors(bad / "model.safetensors", tensors, meta)
+    from fewgen.utils import sha256_file
+    record = json.loads((bad / "classifier.json").read_text())
+    record["files"]["model.safetensors"] = sha256_file(bad / "model.safetensors")
+    (bad / "classifier.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["predict", str(bad), str(shots), "--out", str(tmp_path / "q.csv"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not hold the LoRA matrices of this CLIP at rank" in err and "\n" not in err

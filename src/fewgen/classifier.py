@@ -180,8 +180,8 @@ class FewgenClassifier:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        tensors = {} if _frozen_pretrained(self.backbone) else {  # classifier.json names a pretrained model
-            f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        own = self.backbone.state_dict() if _own_weights(self.backbone) else {}  # else a pretrained model's, by name
+        tensors = {f"backbone.{k}": v for k, v in own.items()}
         tensors.update({f"head.{k}": v for k, v in self.tensors.items()})
         fields = {"head": self.head, "class_names": list(self.class_names), "image_shape": list(self.image_shape),
                   "temperature": float(self.temperature)}
@@ -265,7 +265,9 @@ def check_classifier_fields(info: dict, where: str) -> None:
     if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
         what = "has no 'backbone'" if arch is None else f"has backbone = {_shown(arch)}, not {{name, kwargs}}"
         raise FewgenError(f"{where} {what} (the backbone's architecture); {INTACT_COPY}")
-    if arch["name"] not in BACKBONES:
+    from fewgen.backbones.pretrained import CLIP_LORA
+
+    if arch["name"] not in BACKBONES and arch["name"] != CLIP_LORA:
         raise FewgenError(f"{where} names backbone {arch['name']!r}, which this fewgen does not have "
                           f"({', '.join(BACKBONES.names())}); {INTACT_COPY}, or use the fewgen version that wrote it")
     kwargs = arch.get("kwargs", {})
@@ -327,6 +329,14 @@ def check_classifier_folder(folder: Path, info: Any) -> None:
     check_classifier_fields(info, where)
 
 
+def _own_weights(backbone: nn.Module) -> bool:
+    """Whether the folder holds ``backbone``'s weights: all of a trained one's, a fine-tuned CLIP's LoRA
+    matrices; none of a frozen pretrained model's."""
+    from fewgen.backbones.pretrained import CLIPLoRABackbone
+
+    return isinstance(backbone, CLIPLoRABackbone) or not _frozen_pretrained(backbone)
+
+
 def _frozen_pretrained(backbone: nn.Module) -> bool:
     """Whether ``backbone`` is a frozen pretrained model (clip, dinov2): its weights stay in its model
     folder, and classifier.json's ``backbone`` records which model, its content digest, dtype, feature
@@ -359,9 +369,15 @@ def _backbone_outline(info: dict, where: str) -> tuple[dict[str, torch.Tensor], 
     describes, built on the meta device, and checked to read images of its image_shape. A frozen
     pretrained backbone has no tensors in the folder: its record gives the feature size."""
     from fewgen.backbones import create_backbone
-    from fewgen.backbones.pretrained import is_pretrained
+    from fewgen.backbones.pretrained import CLIP_LORA, is_pretrained
 
     arch, shape = info["backbone"], info["image_shape"]
+    if arch["name"] == CLIP_LORA:  # its LoRA matrices are checked against the base model when it is loaded
+        if not (_is_int(arch.get("rank")) and 0 < arch["rank"] <= 1024 and isinstance(arch.get("alpha"), int | float)
+                and not isinstance(arch.get("alpha"), bool) and 0 < arch["alpha"] <= 1e6):
+            raise FewgenError(f"{where} records the clip-lora backbone with rank {_shown(arch.get('rank'))} and alpha "
+                              f"{_shown(arch.get('alpha'))}, not a LoRA rank and scale; {INTACT_COPY}")
+        return None, _pretrained_feature_size(arch, where)
     if is_pretrained(arch["name"]):
         return {}, _pretrained_feature_size(arch, where)
     try:
@@ -397,6 +413,8 @@ def check_classifier_model(info: dict, tensors: dict[str, torch.Tensor], meta: d
     where, model = str(folder / "classifier.json"), str(folder / "model.safetensors")
     expected, dim = _backbone_outline(info, where)
     found = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    if expected is None:  # a fine-tuned CLIP's LoRA matrices: checked against its base model at load
+        expected = {k: v for k, v in found.items() if v.is_floating_point()}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
         raise FewgenError(f"{model} does not hold the {info['backbone']['name']} backbone classifier.json describes "
@@ -439,7 +457,13 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Few
     import json
 
     from fewgen.backbones import create_backbone
-    from fewgen.backbones.pretrained import Preprocessing, is_pretrained, load_pretrained
+    from fewgen.backbones.pretrained import (
+        CLIP_LORA,
+        CLIPLoRABackbone,
+        Preprocessing,
+        is_pretrained,
+        load_pretrained,
+    )
     from fewgen.checkpoint import load_tensors
 
     folder = Path(path).expanduser()
@@ -455,7 +479,13 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Few
     tensors, meta = load_tensors(folder / "model.safetensors", fix=INTACT_COPY)
     check_classifier_model(info, tensors, meta, folder)
     arch, shape = info["backbone"], tuple(info["image_shape"])
-    if is_pretrained(arch["name"]):  # weights from its model folder, refused unless its content is the recorded one
+    if arch["name"] == CLIP_LORA:  # the base CLIP from its folder (content checked), the LoRA matrices from here
+        base = load_pretrained("clip", arch["model"], arch["dtype"], digest=arch["digest"],
+                               preprocessing=Preprocessing.from_dict(arch["preprocessing"]))
+        backbone = CLIPLoRABackbone(base, arch["rank"], arch["alpha"])
+        backbone.load_lora({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")},
+                           str(folder / "model.safetensors"))
+    elif is_pretrained(arch["name"]):  # weights from its model folder, refused unless its content is the recorded one
         backbone = load_pretrained(arch["name"], arch["model"], arch["dtype"], digest=arch["digest"],
                                    preprocessing=Preprocessing.from_dict(arch["preprocessing"]))
     else:

@@ -339,6 +339,12 @@ class SynthesisConfig:
 class ExportConfig:
     """The classifier the ``export`` step writes to ``<run>/classifier/`` (fewgen.classifier)."""
 
+    model: str = opt("backbone", "backbone (a head, export.head, on the run's backbone's features: Conv-4, frozen "
+                     "CLIP / DINOv2) or learner (the CLIP + LoRA learner of learner.model=clip, trained with "
+                     "export.method on the export shots: its LoRA matrices and its class-prompt head)",
+                     choices=("backbone", "learner"))
+    method: str = opt("real-only", "export.model=learner: the learner method it is trained with (one of "
+                      "learner.methods; datadream adds the run's generated images)")
     head: str = opt("logreg", "logreg (calibrated probabilities) or proto, on the pretrained backbone's features",
                     choices=("logreg", "proto"))
     n_shot: int | None = opt(None, "shots per class it is fitted on (one of eval.n_shots; default the largest)", min=0)

@@ -166,7 +166,25 @@ def _check_learner(cfg: RunConfig) -> None:
 def _check_export(cfg: RunConfig) -> None:
     if "export" not in cfg.pipeline:
         return
-    if cfg.learner.model == "clip" and cfg.backbone.name != "clip" and "learn" in cfg.pipeline:
+    ec, lc = cfg.export, cfg.learner
+    if ec.model == "learner":
+        if lc.model != "clip":
+            raise FewgenError("export.model=learner exports the fine-tuned CLIP + LoRA learner: set learner.model=clip "
+                              "(and learner.clip_path, or backbone.name=clip backbone.model=...), or export.model=backbone")
+        if not lc.clip_path:
+            raise FewgenError("export.model=learner needs the CLIP to fine-tune: learner.clip_path=<CLIPModel folder "
+                              "or hub id>, or backbone.name=clip backbone.model=<the same> (taken as clip_path)")
+        if ec.method not in lc.methods:
+            raise FewgenError(f"export.method={ec.method!r} is not among learner.methods {lc.methods}; name one of "
+                              "them (real-only: the shots alone; datadream: the shots and the generated images)")
+        from fewgen.learners.registry import method_specs
+
+        spec = next(s for s in method_specs(lc) if s.name == ec.method)
+        if spec.uses_synthetic and "synthesize" not in cfg.pipeline:
+            raise FewgenError(f"export.method={ec.method} trains on generated images, and no 'synthesize' step is in "
+                              "pipeline: add the generator steps (generator.model for Stable Diffusion) or export "
+                              "export.method=real-only")
+    elif lc.model == "clip" and cfg.backbone.name != "clip" and "learn" in cfg.pipeline:
         from fewgen.backbones.registry import BACKBONES
 
         if "clip" in BACKBONES.names():
@@ -175,9 +193,8 @@ def _check_export(cfg: RunConfig) -> None:
                            "learner.model=backbone")
         else:
             alternative = "use learner.model=backbone"
-        raise FewgenError("the export step writes a classifier on the run's backbone and cannot export the "
-                          f"fine-tuned CLIP of learner.model=clip yet: {alternative}, or drop export from pipeline "
-                          "(fewgen run; the CLIP learner's rows go to metrics.json)")
+        raise FewgenError("the export step writes a classifier on the run's backbone, not the fine-tuned CLIP of "
+                          f"learner.model=clip: set export.model=learner to export that, or {alternative}")
     ec = cfg.export
     n_shot = max(cfg.eval.n_shots) if ec.n_shot is None else ec.n_shot
     seed = cfg.seeds[0] if ec.seed is None else ec.seed

@@ -137,11 +137,11 @@ def fit_config(shots: str | Path, preset: str = "demo", overrides: list[str] | N
 
     shots = Path(shots).expanduser()
     learner = [o for o in overrides or [] if o.startswith("learner.")]
-    if learner:  # they would be dropped without a word: fit fine-tunes nothing
-        raise FewgenError(f"fewgen fit trains no learner (it has no query images to evaluate one), so {learner[0]} "
-                          "would be ignored: fit exports the frozen backbone with export.head (for CLIP: "
-                          "backbone.name=clip backbone.model=<folder or hub id>); drop the learner.* settings, or use "
-                          "fewgen run for the learner's rows")
+    if learner and "export.model=learner" not in (overrides or []):  # dropped without a word: fit fine-tunes nothing
+        raise FewgenError(f"fewgen fit exports the frozen backbone with export.head unless export.model=learner, so "
+                          f"{learner[0]} would be ignored: add export.model=learner to export the fine-tuned CLIP + LoRA "
+                          "learner (learner.model=clip), or drop the learner.* settings (for frozen CLIP features: "
+                          "backbone.name=clip backbone.model=<folder or hub id>)")
     cfg = load_config(preset, ["data.novel_dataset=imagefolder", f"data.novel_root={shots}", "eval.n_shots=[0]",
                                "seeds=[0]", "export.n_shot=null", "export.seed=null", *(overrides or [])])
     steps = [s for s in cfg.pipeline if s not in ("evaluate", "learn")]

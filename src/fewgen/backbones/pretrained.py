@@ -430,3 +430,66 @@ def default_image_size(backbone_cfg) -> int | None:
 __all__ = ["KINDS", "MODEL_FILES", "PROCESSORS", "Preprocessing", "PretrainedImageBackbone", "center_crop",
            "default_image_size", "is_pretrained", "load_pretrained", "model_digest", "preprocess",
            "read_preprocessing", "resized_shape", "resolve_model"]
+
+
+# ----------------------------------------------------------------------------- CLIP + LoRA, exported
+
+#: the name an exported fine-tuned CLIP + LoRA classifier records for its backbone (not a choice for
+#: backbone.name: it is made by the export step from the CLIP learner, ``export.model=learner``)
+CLIP_LORA = "clip-lora"
+#: the attention projections DataDream's classifier adapts (``fewgen.learners.clip.LORA_TARGETS``)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_VISION_PREFIX = "base_model.model.vision_model."
+
+
+class CLIPLoRABackbone(PretrainedImageBackbone):
+    """CLIP's image tower from ``backbone.model`` with LoRA adapters on its attention projections:
+    the image side of the fine-tuned CLIP + LoRA learner. Its own weights are the LoRA matrices
+    (:meth:`state_dict`); the base stays in its model folder, checked by its content digest."""
+
+    def __init__(self, base: PretrainedImageBackbone, rank: int, alpha: float):
+        from peft import LoraConfig, get_peft_model
+
+        lora = get_peft_model(base.model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)))
+        super().__init__("clip", lora, base.preprocessing, base.source, base.folder, base.digest, base.dtype_name)
+        self.num_features = KINDS["clip"].num_features(base.model.config)
+        self.name, self.rank, self.alpha = CLIP_LORA, int(rank), float(alpha)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        p = next(self.model.parameters())
+        pixels = self.preprocess(x).to(device=p.device, dtype=p.dtype)
+        return KINDS["clip"].features(self.model(pixel_values=pixels)).float()
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102  (the LoRA matrices only)
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def load_lora(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Load LoRA matrices (keys as :meth:`state_dict` gives them), every one expected and present."""
+        from peft import set_peft_model_state_dict
+
+        expected = self.state_dict()
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or extra or bad:
+            raise FewgenError(f"{where} does not hold the LoRA matrices of this CLIP at rank {self.rank} "
+                              f"({len(missing)} missing, {len(extra)} unexpected, {len(bad)} of another shape); "
+                              "get an intact copy of the classifier folder")
+        set_peft_model_state_dict(self.model, state)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "name": CLIP_LORA, "rank": self.rank, "alpha": self.alpha}
+
+
+def clip_lora_from_learner(learner, model: str, dtype: str = "float32") -> CLIPLoRABackbone:
+    """The image side of a trained :class:`fewgen.learners.clip.CLIPClassifier` of the CLIP ``model``
+    (folder or hub id): a fresh copy of its image tower (LoRA is injected in place, so never into a
+    backbone in use) with the learner's vision LoRA matrices copied over."""
+    from peft import get_peft_model_state_dict
+
+    cfg = learner.clip.peft_config["default"]
+    out = CLIPLoRABackbone(load_pretrained("clip", model, dtype), cfg.r, cfg.lora_alpha)
+    state = {k: v for k, v in get_peft_model_state_dict(learner.clip).items() if k.startswith(_VISION_PREFIX)}
+    out.load_lora(state, "the CLIP learner")
+    return out

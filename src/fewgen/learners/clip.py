@@ -65,8 +65,8 @@ def load_clip(path: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise FewgenError(f"cannot load a CLIP model with its text tower from {str(path)!r} "
-                          f"({str(e).splitlines()[0]}); give a local CLIPModel folder holding config.json, weights and "
-                          "tokenizer files") from None
+                          f"({str(e).splitlines()[0]}); give learner.clip_path (or backbone.model) a local CLIPModel folder "
+                          "holding config.json, weights and tokenizer files") from None
     prep = None
     if Path(path).is_dir() and (Path(path) / "preprocessor_config.json").is_file():
         from fewgen.backbones.pretrained import read_preprocessing

@@ -21,8 +21,6 @@ def step_export(run: Run) -> None:
     those shots, augmented copies of them, or both, weighted as the learn step weights them): the fit
     of the run's all-way row of the same classifier and extra images. Its accuracy on the remaining
     novel images (when there are any) is recorded."""
-    import yaml
-
     from fewgen.classifier import fit_classifier
     from fewgen.evaluation.features import cached_features
     from fewgen.evaluation.protocol import ExtraSupport
@@ -42,6 +40,18 @@ def step_export(run: Run) -> None:
         parts.append(syn)
         weights.append(torch.full((len(syn),), lc.synthetic_weight))
     extra = None
+    if ec.model == "learner":
+        clf, queries = export_learner(run, shots, n_shot, seed), len(novel) - len(shots)
+        if queries > 0:
+            from fewgen.data.fewshot import all_way_split
+
+            _, qry = all_way_split(novel, n_shot, seed)
+            pred = clf.predict_proba(novel.images[qry]).argmax(1)
+            correct = int((pred == novel.labels[qry]).sum())
+            clf.info["all_way"] = {"queries": int(len(qry)), "correct": correct,
+                                   "accuracy": round(100 * correct / len(qry), 3)}
+        _save(run, clf, f"fine-tuned CLIP + LoRA ({ec.method}), {novel.num_classes} classes, {len(shots)} shots")
+        return
     uses_synthetic = syn is not None and len(syn) > 0 and generated(run)
     if parts:
         more = ArrayDataset.concat(parts, name=f"{shots.name}+extra") if len(parts) > 1 else parts[0]
@@ -84,13 +94,52 @@ def step_export(run: Run) -> None:
                                          "ci95": None if half != half else round(half, 3),
                                          "note": "each shot classified by the head fitted on the other shots "
                                                  "(no generated images or copies); classes with one shot left out"}
+    _save(run, clf, f"{ec.head}, {novel.num_classes} classes, {len(shots)} shots"
+          f"{f' + {len(extra[0])} more ({ec.extra})' if extra is not None else ''}")
+
+
+def _save(run: Run, clf, what: str) -> None:
+    """Write ``<run>/classifier/`` and log what it is and how well it did."""
+    import yaml
+
     if run.dir is not None:
-        folder = clf.save(run.dir / "classifier", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        folder = clf.save(run.dir / "classifier", yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
         acc, loo = clf.info.get("all_way"), clf.info.get("leave_one_out")
-        run.log(f"classifier ({ec.head}, {novel.num_classes} classes, {len(shots)} shots"
-                f"{f' + {len(extra[0])} more ({ec.extra})' if extra is not None else ''}) in {folder.name}/"
+        run.log(f"classifier ({what}) in {folder.name}/"
                 + (f"; {acc['correct']} of the other {acc['queries']} novel images right ({acc['accuracy']:.3f}%)" if acc else "")
                 + (f"; estimate from the shots alone (leave one out): {loo['accuracy']:.2f}%"
                    + (f" +- {loo['ci95']:.2f}" if loo["ci95"] is not None else "")
                    + f" ({loo['correct']}/{loo['shots']} shots)" if loo else ""))
     run.state.classifier = clf
+
+
+def export_learner(run: Run, shots: ArrayDataset, n_shot: int, seed: int):
+    """The CLIP + LoRA learner (``learner.model=clip``) trained with ``export.method`` on the export
+    shots (and, for a method that uses them, the run's generated images of those shots), as a
+    classifier: the LoRA matrices of its image tower over the base CLIP (by folder or hub id and
+    content digest) and its class-prompt head as cosine prototypes at CLIP's logit scale, so the
+    exported probabilities are the learner's ``softmax(s * cos(image, class))``."""
+    import torch.nn.functional as F
+
+    from fewgen.app.steps.learn import SeedContext, synthetic_set, train_one
+    from fewgen.backbones.pretrained import clip_lora_from_learner
+    from fewgen.classifier import FewgenClassifier
+    from fewgen.learners.registry import method_specs
+
+    cfg, lc, ec = run.cfg, run.cfg.learner, run.cfg.export
+    spec = next(s for s in method_specs(lc) if s.name == ec.method)  # among learner.methods: fewgen.app.checks
+    syn = synthetic_set(run, seed, n_shot, spec.uses_synthetic) if spec.uses_synthetic else None
+    ctx = SeedContext(run, seed, n_shot, syn)  # its shots are few_shot_set(novel, n_shot, seed): these
+    model, _, seconds = train_one(ctx, spec, syn)
+    model = model.cpu().eval()
+    with torch.no_grad():
+        weights = F.normalize(model.head.class_weights().detach().float(), dim=-1)
+    dtype = cfg.backbone.dtype if cfg.backbone.name == "clip" else "float32"
+    backbone = clip_lora_from_learner(model, lc.clip_path, dtype)
+    info = {"backbone": backbone.spec(),
+            "fit": {"n_shot": n_shot, "seed": seed, "shots": len(shots), "method": spec.name,
+                    "synthetic": 0 if syn is None else len(syn), "uses_synthetic": syn is not None and len(syn) > 0,
+                    "steps": lc.steps, "prompt": lc.clip_prompt, "train_seconds": seconds},
+            "novel": run.data.protocol, "run": cfg.name}
+    return FewgenClassifier(backbone.eval(), "proto", {"prototypes": weights.contiguous()}, list(shots.class_names),
+                            tuple(shots.image_shape), info, temperature=float(model.head.scale))

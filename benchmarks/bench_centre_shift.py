@@ -1,0 +1,276 @@
+"""Do generated images move each class's prototype toward its class centre? (issue 27)
+
+Frozen Conv-4 of the ``omniglot`` preset (pretrained on the base characters), 1-shot cosine
+prototypes on the validation (or novel) characters of the development split. Every row is scored
+on the same episodes (the same shots and queries) and reported as its paired difference against
+the shot-only prototype, with the 95% CI of the per-episode (all-way: per-query) difference.
+
+Rows, each prototype ``normalize((1 - s) * shot + s * mean(extra))`` over L2-normalised features:
+
+* shot only; a second real shot (the upper bound, s = 0.5);
+* + affine copies of the shot (``augmented_copies``), at equal weight and at shares s;
+* feature references (not images): Distribution-Calibration-like shift to the 2 nearest base-class
+  means, and an E[f(x2) | f(x1)] regressor (a small MLP trained by MSE on pairs of base drawings);
+* + images of the deformation generator (``fewgen.generators.deform``) trained through the
+  prototype loss on base episodes, scored through the backbone it was trained with (seed 0) and
+  through an independently trained backbone it never saw (``pretrain.seed=1``).
+
+``cos->centre`` is the mean cosine of each prototype with its class centre (the normalised mean
+feature of the class's drawings other than its two shots): what a generator has to raise.
+
+    FEWGEN_CACHE=/tmp/i27/cache python benchmarks/bench_centre_shift.py --split val \\
+        --generators max_shift=0.2 max_shift=0.4 --shares 0.25 0.5 0.75 --per-shot 5 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def log(s: str) -> None:
+    print(s, flush=True)
+
+
+def parse_spec(spec: str):
+    """``"max_shift=0.4,proto_share=0.75"`` -> DeformOptions with those fields changed."""
+    from fewgen.generators.deform import DeformOptions
+
+    o = DeformOptions()
+    types = {f.name: type(getattr(o, f.name)) for f in dataclasses.fields(o)}
+    for item in filter(None, spec.split(",")):
+        k, v = item.split("=", 1)
+        if k not in types:
+            raise SystemExit(f"unknown DeformOptions field {k!r}; fields: {', '.join(types)}")
+        setattr(o, k, v.lower() in ("1", "true") if types[k] is bool else types[k](v))
+    return o
+
+
+def prototypes(shot: torch.Tensor, extra: torch.Tensor | None = None, share: float = 0.0) -> torch.Tensor:
+    """Cosine prototypes (C, D) from shot features (C, D) and extra features (C, m, D)."""
+    p = F.normalize(shot, dim=-1)
+    if extra is not None:
+        p = (1 - share) * p + share * F.normalize(extra, dim=-1).mean(1)
+    return F.normalize(p, dim=-1)
+
+
+def episode_acc(protos: torch.Tensor, feats: torch.Tensor, episodes) -> torch.Tensor:
+    """Per-episode accuracy (E,) of class prototypes (C, D) on the episodes' queries."""
+    e, n, q = episodes.query.shape
+    queries = F.normalize(feats[episodes.query.reshape(e, -1)], dim=-1)
+    pred = (queries @ protos[episodes.classes].transpose(1, 2)).argmax(-1)
+    return (pred == torch.arange(n).repeat_interleave(q)).double().mean(1)
+
+
+def all_way_correct(protos: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, query_idx: torch.Tensor):
+    return ((F.normalize(feats[query_idx], dim=-1) @ protos.T).argmax(-1) == labels[query_idx]).double()
+
+
+def train_regressor(base_feats: torch.Tensor, base_labels: torch.Tensor, steps: int = 3000, seed: int = 0):
+    """E[f(x2) | f(x1)] on normalised base features: residual MLP, MSE on random same-class pairs."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    f = F.normalize(base_feats, dim=-1)
+    d = f.shape[1]
+    mlp = torch.nn.Sequential(torch.nn.Linear(d, 256), torch.nn.ReLU(), torch.nn.Linear(256, d))
+    opt = torch.optim.Adam(mlp.parameters(), 1e-3, weight_decay=1e-5)
+    by_class = [(base_labels == c).nonzero().squeeze(1) for c in range(int(base_labels.max()) + 1)]
+    counts = torch.tensor([len(ix) for ix in by_class])
+    table = torch.nn.utils.rnn.pad_sequence(by_class, batch_first=True)
+    for _ in range(steps):
+        c = torch.randint(len(by_class), (512,), generator=g)
+        i = (torch.rand(512, generator=g) * counts[c]).long()
+        j = (i + 1 + (torch.rand(512, generator=g) * (counts[c] - 1)).long()) % counts[c]
+        x, y = f[table[c, i]], f[table[c, j]]
+        loss = F.mse_loss(x + mlp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mlp.eval()
+    return lambda z: (F.normalize(z, dim=-1) + mlp(F.normalize(z, dim=-1))).detach()
+
+
+def paired(values: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    from fewgen.evaluation.protocol import mean_ci95
+
+    m, h = mean_ci95((values - reference).numpy() * 100)
+    return m, h
+
+
+def save_grid(path: Path, shots: torch.Tensor, generated: torch.Tensor, second: torch.Tensor, per_row: int) -> None:
+    """A PNG: per class, its shot, ``per_row`` generated images, then its second real drawing."""
+    from PIL import Image
+
+    rows = []
+    for c in range(len(shots)):
+        cells = [shots[c], *generated[c, :per_row], second[c]]
+        rows.append(torch.cat([torch.nn.functional.pad(x[0], (1, 1, 1, 1), value=128) for x in cells], 1))
+    Image.fromarray(torch.cat(rows, 0).numpy()).resize((rows[0].shape[1] * 3, len(rows) * rows[0].shape[0] * 3),
+                                                       Image.NEAREST).save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.environ.get("FEWGEN_DATA", "/work/shared/data"))
+    ap.add_argument("--cache", default=None, help="artifact cache (default $FEWGEN_CACHE)")
+    ap.add_argument("--split", default="val", choices=("val", "novel"))
+    ap.add_argument("--n-way", type=int, default=20)
+    ap.add_argument("--n-query", type=int, default=15)
+    ap.add_argument("--episodes", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0, help="the few-shot set and episodes")
+    ap.add_argument("--generators", nargs="*", default=["max_shift=0.2"],
+                    help="deform generators, each as comma-separated DeformOptions fields")
+    ap.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    ap.add_argument("--per-shot", nargs="+", type=int, default=[5, 20])
+    ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
+
+    from fewgen.cache import ArtifactCache
+    from fewgen.config import load_config
+    from fewgen.data import load_dataset
+    from fewgen.data.fewshot import all_way_split, few_shot_indices, sample_episodes
+    from fewgen.evaluation.features import extract_features
+    from fewgen.generators.deform import DeformGenerator
+    from fewgen.learners.synthetic import augmented_copies
+    from fewgen.pretrain import pretrain_backbone
+
+    t0 = time.time()
+    cache = ArtifactCache(a.cache)
+    data = load_dataset("omniglot", a.root)
+    split = data.split(a.split)
+    backbones = {}
+    for name, seed in (("train", 0), ("indep", 1)):
+        cfg = load_config("omniglot", [*a.pretrain, f"pretrain.seed={seed}"])
+        pb = pretrain_backbone(cfg, data, cache, "cpu", log, progress=False)
+        backbones[name] = pb
+        log(f"backbone {name} (pretrain.seed={seed}): {pb.key}, best val {pb.best_val:.2f}")
+
+    # 2 shots per class: the first is the shot, the second the upper bound; queries exclude both
+    shots2 = few_shot_indices(split, 2, a.seed)
+    shot_idx, second_idx = shots2[:, 0], shots2[:, 1]
+    episodes = sample_episodes(split, a.n_way, 2, a.n_query, a.episodes, a.seed)
+    _, all_query = all_way_split(split, 2, a.seed)
+    n_classes = split.num_classes
+    shot_set = split.subset(shot_idx, name=f"{split.name}/shots-s{a.seed}")
+    copies = augmented_copies(shot_set, a.copies, a.seed)
+    copy_table = torch.stack([(copies.labels == c).nonzero().squeeze(1) for c in range(n_classes)])
+
+    rows: list[dict] = []
+    generated_images: dict[str, torch.Tensor] = {}
+    generators = []
+    for spec in a.generators:
+        o = parse_spec(spec)
+        parts = {"options": dataclasses.asdict(o), "backbone": backbones["train"].key, "base": data.base.digest()}
+        entry = cache.entry("deform-generators", parts)
+        t = time.time()
+        if cache.ready(entry, log):
+            gen = DeformGenerator.load(entry / "generator.safetensors")
+            log(f"deform generator {spec!r} from cache {entry}")
+        else:
+            gen = DeformGenerator(data.base.image_shape[0], o)
+            gen.fit(backbones["train"].backbone, data.base, checkpoint=entry / "train-state.safetensors", log=log)
+            gen.save(entry / "generator.safetensors")
+            cache.mark_done(entry, {"spec": spec}, files=["generator.safetensors"])
+        train_s = time.time() - t
+        ident = DeformGenerator(data.base.image_shape[0], o)
+        loss = gen.episode_loss(backbones["train"].backbone, split, 50, a.seed)
+        loss0 = ident.episode_loss(backbones["train"].backbone, split, 50, a.seed)
+        m = max(a.per_shot)
+        images = gen.generate(split.images[shot_idx], m, seed=a.seed)
+        change = (images.float() - split.images[shot_idx].repeat_interleave(m, 0).float()).abs().mean().item() / 255
+        log(f"deform generator {spec!r}: {a.split} prototype loss {loss:.4f} (untrained: {loss0:.4f}); "
+            f"mean pixel change {change:.3f}; {train_s:.0f} s")
+        generators.append({"spec": spec, "options": dataclasses.asdict(o), "split_loss": loss,
+                           "split_loss_untrained": loss0, "pixel_change": change, "train_s": round(train_s, 1),
+                           "history_first100": float(np.mean(gen.history[:100])) if gen.history else None,
+                           "history_last100": float(np.mean(gen.history[-100:])) if gen.history else None})
+        generated_images[spec] = images.view(n_classes, m, *images.shape[1:])
+
+    for bname, pb in backbones.items():
+        bb = pb.backbone.eval()
+        feats = extract_features(bb, split)
+        labels = split.labels
+        shot, second = feats[shot_idx], feats[second_idx]
+        centre_mask = torch.ones(len(split), dtype=torch.bool)
+        centre_mask[shots2.reshape(-1)] = False
+        centres = F.normalize(torch.stack([F.normalize(feats[(labels == c) & centre_mask], dim=-1).mean(0)
+                                           for c in range(n_classes)]), dim=-1)
+        copy_feats = extract_features(bb, copies.images)[copy_table]
+        base_feats = extract_features(bb, data.base)
+
+        candidates: list[tuple[str, str, torch.Tensor]] = [("shot only", "", prototypes(shot)),
+                                                           ("second real shot", "s=0.5",
+                                                            prototypes(shot, second[:, None], 0.5))]
+        candidates.append((f"+ {a.copies} affine copies", "equal weights",
+                           prototypes(shot, copy_feats, a.copies / (a.copies + 1))))
+        candidates += [(f"+ {a.copies} affine copies", f"s={s}", prototypes(shot, copy_feats, s)) for s in a.shares]
+        # feature references per backbone, fitted on its own base features
+        base_means = F.normalize(torch.stack([F.normalize(base_feats[data.base.labels == c], dim=-1).mean(0)
+                                              for c in range(data.base.num_classes)]), dim=-1)
+        nearest = (F.normalize(shot, dim=-1) @ base_means.T).topk(2, dim=1).indices
+        candidates += [("feature ref: DC-like 2 nearest base means", f"s={s}",
+                        prototypes(shot, base_means[nearest], s)) for s in a.shares]
+        regress = train_regressor(base_feats, data.base.labels, seed=a.seed)
+        predicted = regress(shot)[:, None]
+        candidates += [("feature ref: E[f2|f1] regressor", f"s={s}", prototypes(shot, predicted, s))
+                       for s in a.shares]
+        for spec, images in generated_images.items():
+            gen_feats = extract_features(bb, images.reshape(-1, *images.shape[2:])).view(n_classes, images.shape[1], -1)
+            candidates += [(f"+ deform [{spec}]", f"m={m} s={s}", prototypes(shot, gen_feats[:, :m], s))
+                           for m in a.per_shot for s in a.shares]
+
+        ref_ep = ref_all = None
+        for row, setting, protos in candidates:
+            acc_ep = episode_acc(protos, feats, episodes)
+            acc_all = all_way_correct(protos, feats, labels, all_query)
+            if ref_ep is None:
+                ref_ep, ref_all = acc_ep, acc_all
+            d_ep, h_ep = paired(acc_ep, ref_ep)
+            d_all, h_all = paired(acc_all, ref_all)
+            rows.append({"backbone": bname, "row": row, "setting": setting,
+                         f"acc_{a.n_way}way": round(acc_ep.mean().item() * 100, 2),
+                         f"diff_{a.n_way}way": round(d_ep, 3), f"ci95_{a.n_way}way": round(h_ep, 3),
+                         "acc_allway": round(acc_all.mean().item() * 100, 2),
+                         "diff_allway": round(d_all, 3), "ci95_allway": round(h_all, 3),
+                         "cos_centre": round((protos * centres).sum(1).mean().item(), 4)})
+        log(f"backbone {bname}: {len(candidates)} rows scored")
+
+    if generated_images:
+        spec = next(iter(generated_images))
+        grid = out.with_suffix(".png")
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(grid, split.images[shot_idx[:10]], generated_images[spec][:10], split.images[second_idx[:10]], 7)
+        log(f"image grid (shot | 7 generated | second real drawing), {spec!r}: {grid}")
+
+    head = (f"| backbone | row | setting | {a.n_way}-way 1-shot | diff (95% CI) | all-way ({n_classes}) 1-shot "
+            f"| diff (95% CI) | cos->centre |")
+    print(head)
+    print("|" + "---|" * 8)
+    for r in rows:
+        print(f"| {r['backbone']} | {r['row']} | {r['setting']} | {r[f'acc_{a.n_way}way']:.2f} | "
+              f"{r[f'diff_{a.n_way}way']:+.2f} +- {r[f'ci95_{a.n_way}way']:.2f} | {r['acc_allway']:.2f} | "
+              f"{r['diff_allway']:+.2f} +- {r['ci95_allway']:.2f} | {r['cos_centre']:.4f} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": vars(a), "split": a.split, "classes": n_classes,
+                               "backbones": {k: {"key": v.key, "best_val": v.best_val} for k, v in backbones.items()},
+                               "generators": generators, "rows": rows, "seconds": round(time.time() - t0, 1)},
+                              indent=2))
+    log(f"wrote {out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
