@@ -349,5 +349,7 @@ NOT_IN_KEYS = {
     "eval.episodes": "episodes are drawn per run and evaluated afresh",
     "eval.classifiers": "frozen-feature classifiers are fitted per run",
     "eval.all_way": "the all-way evaluation is computed per run",
+    "eval.zero_shot": "CLIP's zero-shot rows are computed per run (the features they read are cached by content)",
+    "eval.prompt": "the zero-shot rows' prompt: computed per run",
     "export": "the exported classifier is fitted per run, in the run folder",
 }
