@@ -155,3 +155,27 @@ def test_two_processes_on_one_out(tmp_path):
     log = (out / "log.txt").read_text()
     assert log.count("== step pretrain\n") == 1 and "run finished" in log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "x"]
+
+
+def test_sigterm_stops_with_the_resume_line_and_keeps_the_old_run(tmp_path):
+    """SIGTERM (a scheduler, `kill`) ends a run as Ctrl-C does: exit 143, one line with the command that
+    resumes it, no published run, the lock released (the same command then runs)."""
+    import signal
+
+    out, cache = tmp_path / "t", tmp_path / "cache"
+    args = _cli("run", DIGITS, f"cache_dir={cache}", "pretrain.epochs=30", "pretrain.val_episodes=5",
+                "eval.episodes=10", "seeds=[0]", "num_threads=1", "--no-progress", "--quiet", "--out", str(out))
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / ".t.incomplete" / "log.txt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("terminated (SIGTERM); run the same command again to resume")
+    assert "fewgen run" in lines[0] and f"--out {out}" in lines[0]
+    assert not out.exists() and not (tmp_path / ".t.lock").exists()
