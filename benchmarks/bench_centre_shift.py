@@ -54,6 +54,24 @@ def parse_spec(spec: str):
     return o
 
 
+def trained_generator(o, spec: str, pb, data, cache):
+    """The deformation generator of options ``o`` trained through backbone ``pb`` on the base
+    classes, from the artifact cache (keyed by the options, the backbone and the base content) or
+    trained there (resumable from its training state)."""
+    from fewgen.generators.deform import DeformGenerator
+
+    parts = {"options": dataclasses.asdict(o), "backbone": pb.key, "base": data.base.digest()}
+    entry = cache.entry("deform-generators", parts)
+    if cache.ready(entry, log):
+        log(f"deform generator {spec!r} from cache {entry}")
+        return DeformGenerator.load(entry / "generator.safetensors")
+    gen = DeformGenerator(data.base.image_shape[0], o)
+    gen.fit(pb.backbone, data.base, checkpoint=entry / "train-state.safetensors", log=log)
+    gen.save(entry / "generator.safetensors")
+    cache.mark_done(entry, {"spec": spec}, files=["generator.safetensors"])
+    return gen
+
+
 def prototypes(shot: torch.Tensor, extra: torch.Tensor | None = None, share: float = 0.0) -> torch.Tensor:
     """Cosine prototypes (C, D) from shot features (C, D) and extra features (C, m, D)."""
     p = F.normalize(shot, dim=-1)
@@ -173,17 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     generators = []
     for spec in a.generators:
         o = parse_spec(spec)
-        parts = {"options": dataclasses.asdict(o), "backbone": backbones["train"].key, "base": data.base.digest()}
-        entry = cache.entry("deform-generators", parts)
         t = time.time()
-        if cache.ready(entry, log):
-            gen = DeformGenerator.load(entry / "generator.safetensors")
-            log(f"deform generator {spec!r} from cache {entry}")
-        else:
-            gen = DeformGenerator(data.base.image_shape[0], o)
-            gen.fit(backbones["train"].backbone, data.base, checkpoint=entry / "train-state.safetensors", log=log)
-            gen.save(entry / "generator.safetensors")
-            cache.mark_done(entry, {"spec": spec}, files=["generator.safetensors"])
+        gen = trained_generator(o, spec, backbones["train"], data, cache)
         train_s = time.time() - t
         ident = DeformGenerator(data.base.image_shape[0], o)
         loss = gen.episode_loss(backbones["train"].backbone, split, 50, a.seed)
