@@ -48,6 +48,7 @@ def test_untrained_generator_returns_its_shots(digits):
     assert torch.equal(images, shots.repeat_interleave(2, 0))
 
 
+@pytest.mark.slow
 def test_loss_falls_and_images_are_drawings(digits, backbone):
     gen = DeformGenerator(1, DeformOptions(steps=100, checkpoint_every=100, **TINY))
     before = gen.episode_loss(backbone, digits.base, n_episodes=30, seed=1)
@@ -67,6 +68,7 @@ def test_loss_falls_and_images_are_drawings(digits, backbone):
     assert 0 < change < 0.2
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(digits, backbone, tmp_path):
     options = DeformOptions(steps=30, checkpoint_every=10, **TINY)
     whole = DeformGenerator(1, options).fit(backbone, digits.base)
