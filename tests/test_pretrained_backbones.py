@@ -282,7 +282,8 @@ def test_run_exports_a_classifier_that_predict_reads_alike(name, make, processor
 
     clf = load_classifier(out / "classifier")
     files = sorted((novel / "owl").glob("*.png")) + sorted((novel / "cat").glob("*.png"))
-    images = torch.stack([read_image_file(f, clf.image_shape) for f in files])
+    assert clf.crops  # a pretrained backbone's classifier reads files as the run did: aspect kept, centre cut out
+    images = torch.stack([read_image_file(f, clf.image_shape, clf.crops) for f in files])
     proba = clf.predict_proba(images)
     # the run's own: its cached features of the same images (the novel set, read alike) and its head
     cfg = load_config(str(tmp_path / "run.yaml"))
@@ -354,7 +355,7 @@ def test_fit_photos_preset_reads_colour_shots_and_predict_agrees(models, tmp_pat
     assert main(["predict", str(out / "classifier"), str(shots), "--out", str(tmp_path / "p.csv"),
                  "--no-progress"]) == 0
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
-    proba = clf.predict_proba(torch.stack([read_image_file(f, clf.image_shape) for f in files]))
+    proba = clf.predict_proba(torch.stack([read_image_file(f, clf.image_shape, clf.crops) for f in files]))
     assert [r["file"] for r in rows] == [str(f) for f in files]
     assert all(abs(float(r["probability"]) - float(p.max())) <= 1e-6 for r, p in zip(rows, proba))
 
@@ -406,7 +407,7 @@ def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
     assert main(["predict", str(out / "classifier"), str(shots), "--out", str(tmp_path / "p.csv"),
                  "--no-progress"]) == 0
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
-    images = torch.stack([read_image_file(f, clf.image_shape) for f in files])
+    images = torch.stack([read_image_file(f, clf.image_shape, clf.crops) for f in files])
     proba = clf.predict_proba(images)
     assert [r["file"] for r in rows] == [str(f) for f in files]
     assert all(abs(float(r["probability"]) - float(p.max())) <= 1e-6 for r, p in zip(rows, proba))
@@ -534,7 +535,7 @@ def test_fit_exports_the_fine_tuned_clip_when_asked(models, tmp_path, capsys):
     assert main(["predict", str(out / "classifier"), str(shots), "--out", str(tmp_path / "p.csv"),
                  "--no-progress"]) == 0
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
-    proba = clf.predict_proba(torch.stack([read_image_file(f, clf.image_shape) for f in files]))
+    proba = clf.predict_proba(torch.stack([read_image_file(f, clf.image_shape, clf.crops) for f in files]))
     assert all(abs(float(r["probability"]) - float(p.max())) <= 1e-6 for r, p in zip(rows, proba))
     # a LoRA matrix of another rank, recorded consistently (as if re-exported by hand): refused at load
     bad = tmp_path / "bad"
@@ -552,3 +553,23 @@ def test_fit_exports_the_fine_tuned_clip_when_asked(models, tmp_path, capsys):
     assert main(["predict", str(bad), str(shots), "--out", str(tmp_path / "q.csv"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not hold the LoRA matrices of this CLIP at rank" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name,make,processor_name,dim", BACKBONES)
+def test_a_photo_is_read_as_its_processor_reads_it(name, make, processor_name, dim, models, tmp_path):
+    """A non-square photo file read for a pretrained backbone (aspect kept, centre cut out) gives the
+    model exactly the pixel values its image processor makes from the same file: never stretched."""
+    from PIL import Image
+
+    from fewgen.backbones.pretrained import load_pretrained
+    from fewgen.classifier import read_image_file
+
+    backbone = load_pretrained(name, str(models[name]))
+    processor = pil_processor(processor_name, **json.loads((models[name] / "preprocessor_config.json").read_text()))
+    size = backbone.preprocessing.read_size
+    for w, h in [(97, 61), (50, 120), (40, 40), (33, 71)]:
+        path = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(random_images(1, 3, h, w, seed=w).permute(0, 2, 3, 1).numpy()[0], "RGB").save(path)
+        image = read_image_file(path, (3, size, size), crop=True)
+        want = processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"]
+        assert torch.allclose(backbone.preprocess(image[None]), want, atol=1e-6), (w, h)

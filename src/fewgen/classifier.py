@@ -52,12 +52,13 @@ MAX_KWARG_INT = 4096
 INTACT_COPY = "get an intact copy of the classifier folder"
 
 
-def read_image_file(path: str | Path, shape: Sequence[int]) -> torch.Tensor:
+def read_image_file(path: str | Path, shape: Sequence[int], crop: bool = False) -> torch.Tensor:
     """One image file as uint8 (C, H, W) at ``shape``, read as the novel images of a run are
-    (:func:`fewgen.data.novel.read_file`); an unreadable one is a :class:`FewgenError`."""
+    (:func:`fewgen.data.novel.read_file`; ``crop``: aspect kept, centre cut out, as for pretrained
+    backbones); an unreadable one is a :class:`FewgenError`."""
     from fewgen.data.novel import read_file
 
-    return read_file(path, tuple(shape))[0]
+    return read_file(path, tuple(shape), crop)[0]
 
 
 def image_paths(inputs: Iterable[str | Path]) -> list[Path]:
@@ -109,6 +110,12 @@ class FewgenClassifier:
     info: dict[str, Any] = field(default_factory=dict)
     temperature: float = 10.0
 
+    @property
+    def crops(self) -> bool:
+        """Whether files are read aspect kept, centre cut out (a pretrained backbone: its spec says so)."""
+        arch = self.info.get("backbone")
+        return isinstance(arch, dict) and arch.get("read") == "shorter-side-crop"
+
     def _head(self):
         from fewgen.evaluation.classifiers import LogisticRegression, PrototypeClassifier
 
@@ -151,7 +158,7 @@ class FewgenClassifier:
             files = [str(p) for p in images]
             if not files:
                 return []
-            images = torch.stack([read_image_file(p, self.image_shape) for p in files])
+            images = torch.stack([read_image_file(p, self.image_shape, self.crops) for p in files])
         self._check(images)
         if not len(images):
             return []
@@ -212,7 +219,7 @@ def predict_files(clf: FewgenClassifier, paths: Sequence[Path], top_k: int = 3, 
         files, images = [], []
         for p in paths[start:start + batch_size]:
             try:
-                images.append(read_image_file(p, clf.image_shape))
+                images.append(read_image_file(p, clf.image_shape, clf.crops))
                 files.append(str(p))
             except FewgenError as e:
                 skipped.append((p, str(e)))

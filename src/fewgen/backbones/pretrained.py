@@ -353,7 +353,8 @@ class PretrainedImageBackbone(nn.Module):
         """What an exported classifier records instead of the weights: the model (folder or hub id)
         and its content digest, the dtype, the feature size and the preprocessing."""
         return {"name": self.name, "model": self.source, "digest": self.digest, "dtype": self.dtype_name,
-                "num_features": self.num_features, "preprocessing": self.preprocessing.to_dict()}
+                "num_features": self.num_features, "preprocessing": self.preprocessing.to_dict(),
+                "read": "shorter-side-crop"}  # files: aspect kept, centre cut out (fewgen.data.novel.crop_to)
 
 
 def load_pretrained(name: str, model: str | None, dtype: str = "float32", digest: str | None = None,

@@ -32,7 +32,8 @@ def load_data(cfg) -> FewShotData:
         shape = data.base.image_shape
         if is_pretrained(cfg.backbone.name):  # a pretrained model reads colour, whatever the base side's channels
             shape = (3, *shape[1:])
-        novel, rule = load_novel(d.novel_dataset, d.root, shape, d.novel_classes, d.novel_root)
+        novel, rule = load_novel(d.novel_dataset, d.root, shape, d.novel_classes, d.novel_root,
+                                 crop=is_pretrained(cfg.backbone.name))  # photos keep their aspect
         data = with_novel_dataset(data, novel, rule, d.novel_dataset)
     if d.eval_split == "val":  # model selection: the val classes stand in for the novel ones, never seen here
         import dataclasses

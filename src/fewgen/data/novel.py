@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fewgen.data.base import ArrayDataset, FewShotData
@@ -50,17 +51,43 @@ def check_convertible(src_side: int, dst_side: int, where: str) -> None:
             f"side with a smaller data.image_size or larger novel images")
 
 
-def read_file(path: str | Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+def read_file(path: str | Path, shape: tuple[int, int, int], crop: bool = False) -> tuple[torch.Tensor, int]:
     """One image file as uint8 (C, H, W) at ``shape`` and its original shorter side: read as ``L`` or
-    ``RGB`` by :func:`fewgen.data.reader.read_image_array`, then resized by :func:`convert_images`.
+    ``RGB`` by :func:`fewgen.data.reader.read_image_array`, then resized by :func:`convert_images`;
+    with ``crop`` (pretrained backbones), the aspect is kept instead: the shorter side resized to
+    fit (PIL bicubic on the 8-bit image, as the models' image processors do) and the centre cut out.
     Exported classifiers read images the same way. An unreadable file is a :class:`FewgenError`."""
     from fewgen.data.reader import read_image_array
 
     arr = read_image_array(path, shape[0], str(path))
-    return convert_images(torch.from_numpy(arr)[None], shape)[0], min(arr.shape[1:])
+    side = min(arr.shape[1:])
+    if crop:
+        return crop_to(arr, shape), side
+    return convert_images(torch.from_numpy(arr)[None], shape)[0], side
 
 
-def read_novel_folder(folder: Path, shape: tuple[int, int, int]) -> ArrayDataset:
+def crop_to(arr, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (C, h, w) -> (C, H, W): scaled (PIL bicubic) so both sides cover (H, W), aspect kept, then
+    the centre (H, W) cut out; a photo is never stretched."""
+    from PIL import Image
+
+    c, h, w = arr.shape
+    _, out_h, out_w = shape
+    if out_h == out_w:  # the shorter side to the size, the longer truncated (transformers' image processors)
+        new_h, new_w = (out_h, int(out_h * w / h)) if h <= w else (int(out_w * h / w), out_w)
+    else:
+        scale = max(out_h / h, out_w / w)
+        new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    img = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0))
+    if (new_h, new_w) != (h, w):
+        img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    x = np.asarray(img)
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    x = x[top:top + out_h, left:left + out_w]
+    return torch.from_numpy(np.ascontiguousarray(x[None] if c == 1 else x.transpose(2, 0, 1)))
+
+
+def read_novel_folder(folder: Path, shape: tuple[int, int, int], crop: bool = False) -> ArrayDataset:
     """``<folder>/<class>/*.png|jpg`` at ``shape`` (C, H, W), each file read by :func:`read_file`.
 
     Needs at least two classes, each with an image; an unreadable file is one clear error."""
@@ -79,7 +106,7 @@ def read_novel_folder(folder: Path, shape: tuple[int, int, int]) -> ArrayDataset
         if not files:
             raise FewgenError(f"class folder {cls} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
         for f in files:
-            x, side = read_file(f, shape)
+            x, side = read_file(f, shape, crop)
             images.append(x)
             labels.append(label)
             sides.append(side)
@@ -89,16 +116,18 @@ def read_novel_folder(folder: Path, shape: tuple[int, int, int]) -> ArrayDataset
 
 
 def load_novel(name: str, root, shape: tuple[int, int, int], classes: list[str] | None = None,
-               novel_root: str | None = None) -> tuple[ArrayDataset, str]:
+               novel_root: str | None = None, crop: bool = False) -> tuple[ArrayDataset, str]:
     """The novel classes of dataset ``name`` at ``shape`` and the sentence saying how they were made."""
     from fewgen.data.datasets import DATASETS, data_root
 
     if name == "imagefolder":
         if not novel_root:
             raise FewgenError("data.novel_dataset=imagefolder needs data.novel_root=<folder>/<class>/*.png")
-        novel = read_novel_folder(Path(novel_root).expanduser(), shape)
-        rule = (f"files read as {'gray (PIL L)' if shape[0] == 1 else 'RGB'}, resized to {shape[1]}x{shape[2]} "
-                "(area average when shrinking, bilinear when enlarging)")
+        novel = read_novel_folder(Path(novel_root).expanduser(), shape, crop)
+        rule = (f"files read as {'gray (PIL L)' if shape[0] == 1 else 'RGB'}, "
+                + (f"shorter side scaled to {shape[1]} (PIL bicubic, aspect kept) and the centre "
+                   f"{shape[1]}x{shape[2]} cut out" if crop else
+                   f"resized to {shape[1]}x{shape[2]} (area average when shrinking, bilinear when enlarging)"))
     else:
         meta = DATASETS.meta(name)
         if meta.get("domains"):
