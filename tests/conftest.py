@@ -36,3 +36,15 @@ def data_root() -> Path:
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other work shares the cores
+    (a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from fewgen.generators.diffusion import SAMPLERS, DiffusionConfig, DiffusionGene
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_worker import TINY, tiny_generator  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def toy_data(n_per_class: int = 8, n_classes: int = 3) -> ArrayDataset:

@@ -17,13 +17,7 @@ from tests.conftest import DIGITS
 QUIET = {"log": lambda m: None, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other work shares the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def scalar_tags(folder) -> dict[str, list[float]]:

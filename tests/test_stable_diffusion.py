@@ -17,12 +17,7 @@ def tiny_pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_text_to_image_and_img2img(tiny_pipeline_dir):

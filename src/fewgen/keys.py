@@ -165,7 +165,8 @@ GENERATOR = rule(
             **{f: "Stable Diffusion options: base training of a pixel generator never reads them"
                for f in _STABLE_DIFFUSION},
             **{f: "how Stable Diffusion runs (memory, speed), not what it draws: in no key (_SD_RUNTIME)"
-               for f in _SD_RUNTIME}},
+               for f in _SD_RUNTIME},
+            "generator.optional": "whether the generative steps run without generator.model, not what they make"},
 )
 """The base pixel generator, trained on the base images (digest ``base``); an exemplar generator
 conditioned on backbone features also on that backbone (key ``encoder``)."""
@@ -251,6 +252,7 @@ LEARNER = rule(
                for f in _DIFFALIGN_WEIGHTS},
             **{f: "choose the synthetic images, which enter by content (input synthetic)" for f in _SYNTHETIC_CHOICE},
             "learner.eval_with": "how the trained model is evaluated, not its weights",
+            "learner.cuda_only": "whether the learn step runs on a CPU at all, not what it trains",
             "learner.frozen_synthetic": "an evaluation of the frozen backbone; trains nothing",
             "learner.synthetic_weight": "weights synthetic supports of the frozen classifiers; trains nothing",
             "learner.augmented_control": "a frozen-classifier evaluation; trains nothing",

@@ -30,16 +30,6 @@ def step_export(run: Run) -> None:
     seed = cfg.seeds[0] if ec.seed is None else ec.seed  # among eval.n_shots and seeds: fewgen.app.checks
     pb, novel, lc = run.state.backbone, run.data.novel, cfg.learner
     shots = few_shot_set(novel, n_shot, seed)
-    parts, weights = [], []  # in the order of the learn step's rows: copies, then generated images
-    if "copies" in ec.extra:
-        copies = augmented_copies(shots, lc.augmented_copies_per_class, seed)
-        parts.append(copies)
-        weights.append(torch.full((len(copies),), lc.augmented_weight))
-    syn = run.state.synthetic.get((seed, n_shot)) if "synthetic" in ec.extra else None
-    if syn is not None and len(syn):
-        parts.append(syn)
-        weights.append(torch.full((len(syn),), lc.synthetic_weight))
-    extra = None
     if ec.model == "learner":
         clf, queries = export_learner(run, shots, n_shot, seed), len(novel) - len(shots)
         if queries > 0:
@@ -52,6 +42,16 @@ def step_export(run: Run) -> None:
                                    "accuracy": round(100 * correct / len(qry), 3)}
         _save(run, clf, f"fine-tuned CLIP + LoRA ({ec.method}), {novel.num_classes} classes, {len(shots)} shots")
         return
+    parts, weights = [], []  # in the order of the learn step's rows: copies, then generated images
+    if "copies" in ec.extra:
+        copies = augmented_copies(shots, lc.augmented_copies_per_class, seed)
+        parts.append(copies)
+        weights.append(torch.full((len(copies),), lc.augmented_weight))
+    syn = run.state.synthetic.get((seed, n_shot)) if "synthetic" in ec.extra else None
+    if syn is not None and len(syn):
+        parts.append(syn)
+        weights.append(torch.full((len(syn),), lc.synthetic_weight))
+    extra = None
     uses_synthetic = syn is not None and len(syn) > 0 and generated(run)
     if parts:
         more = ArrayDataset.concat(parts, name=f"{shots.name}+extra") if len(parts) > 1 else parts[0]
