@@ -143,8 +143,8 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
     clip_lora_rank: int = opt(16, "LoRA rank on both CLIP towers", min=1)
     clip_prompt: str = opt("a photo of a {}.", "class prompt template for the CLIP head")
     cuda_only: bool = opt(False, "fine-tune only on a CUDA device: on a CPU the learn step is left out with a line in "
-                          "the log (the photos preset: CLIP + LoRA at ViT-B/16 takes ~45 s a step of 64 images on 2 "
-                          "CPU cores)")
+                          "the log (the photos preset: CLIP + LoRA at ViT-B/16 takes ~28 s a step of 64 images on 2 "
+                          "CPU cores, benchmarks/bench_clip_cpu.py)")
     precision: str = opt("float32", "fine-tuning precision: float32, bfloat16 (autocast; CPU or GPU) or float16 "
                          "(autocast with loss scaling; CUDA only)", choices=("float32", "bfloat16", "float16"))
     eval_with: list[str] = opt(["head", "logreg"],
