@@ -11,6 +11,9 @@ Rows, each prototype ``normalize((1 - s) * shot + s * mean(extra))`` over L2-nor
 * + affine copies of the shot (``augmented_copies``), at equal weight and at shares s;
 * feature references (not images): Distribution-Calibration-like shift to the 2 nearest base-class
   means, and an E[f(x2) | f(x1)] regressor (a small MLP trained by MSE on pairs of base drawings);
+* + steered redrawings (``fewgen.generators.steered``): of POOL random affine redrawings of each
+  shot, the M whose mean feature (train backbone) is nearest the regressor's prediction, and as a
+  control the first M of the same pool unsteered;
 * + images of the deformation generator (``fewgen.generators.deform``) trained through the
   prototype loss on base episodes, scored through the backbone it was trained with (seed 0) and
   through an independently trained backbone it never saw (``pretrain.seed=1``).
@@ -18,8 +21,11 @@ Rows, each prototype ``normalize((1 - s) * shot + s * mean(extra))`` over L2-nor
 ``cos->centre`` is the mean cosine of each prototype with its class centre (the normalised mean
 feature of the class's drawings other than its two shots): what a generator has to raise.
 
+Each row is also paired against the best real-only row chosen on val (``--reference``, the affine
+copies at s=0.25), the comparison issue 27's targets are stated in.
+
     FEWGEN_CACHE=/tmp/i27/cache python benchmarks/bench_centre_shift.py --split val \\
-        --generators max_shift=0.2 max_shift=0.4 --shares 0.25 0.5 0.75 --per-shot 5 20
+        --generators --steer affine:100:10 --shares 0.25 0.5 0.75
 """
 
 from __future__ import annotations
@@ -92,28 +98,12 @@ def all_way_correct(protos: torch.Tensor, feats: torch.Tensor, labels: torch.Ten
     return ((F.normalize(feats[query_idx], dim=-1) @ protos.T).argmax(-1) == labels[query_idx]).double()
 
 
-def train_regressor(base_feats: torch.Tensor, base_labels: torch.Tensor, steps: int = 3000, seed: int = 0):
-    """E[f(x2) | f(x1)] on normalised base features: residual MLP, MSE on random same-class pairs."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    f = F.normalize(base_feats, dim=-1)
-    d = f.shape[1]
-    mlp = torch.nn.Sequential(torch.nn.Linear(d, 256), torch.nn.ReLU(), torch.nn.Linear(256, d))
-    opt = torch.optim.Adam(mlp.parameters(), 1e-3, weight_decay=1e-5)
-    by_class = [(base_labels == c).nonzero().squeeze(1) for c in range(int(base_labels.max()) + 1)]
-    counts = torch.tensor([len(ix) for ix in by_class])
-    table = torch.nn.utils.rnn.pad_sequence(by_class, batch_first=True)
-    for _ in range(steps):
-        c = torch.randint(len(by_class), (512,), generator=g)
-        i = (torch.rand(512, generator=g) * counts[c]).long()
-        j = (i + 1 + (torch.rand(512, generator=g) * (counts[c] - 1)).long()) % counts[c]
-        x, y = f[table[c, i]], f[table[c, j]]
-        loss = F.mse_loss(x + mlp(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    mlp.eval()
-    return lambda z: (F.normalize(z, dim=-1) + mlp(F.normalize(z, dim=-1))).detach()
+def train_regressor(base_feats: torch.Tensor, base_labels: torch.Tensor, seed: int = 0):
+    """E[f(x2) | f(x1)] on normalised base features (``fewgen.generators.steered``), as a function."""
+    from fewgen.generators.steered import SteeredOptions, train_centre_regressor
+
+    reg, _ = train_centre_regressor(base_feats, base_labels, SteeredOptions(seed=seed))
+    return lambda z: F.normalize(reg(z), dim=-1).detach()
 
 
 def paired(values: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -149,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     ap.add_argument("--per-shot", nargs="+", type=int, default=[5, 20])
     ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--steer", nargs="*", default=[],
+                    help="steered redrawings (fewgen.generators.steered), each KIND:POOL:M (KIND affine: its default "
+                         "distortion, or copies: the milder one of the affine copies): POOL random redrawings of each "
+                         "shot, of which the M whose mean feature (train backbone) is nearest the regressor's "
+                         "prediction are kept")
+    ap.add_argument("--reference", default="+ {copies} affine copies|s=0.25",
+                    help="ROW|SETTING of the best real-only row (chosen on val): every row's paired difference "
+                         "against it is reported too")
     ap.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     backbones = {}
     for name, seed in (("train", 0), ("indep", 1)):
         cfg = load_config("omniglot", [*a.pretrain, f"pretrain.seed={seed}"])
-        pb = pretrain_backbone(cfg, data, cache, "cpu", log, progress=False)
+        pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
         backbones[name] = pb
         log(f"backbone {name} (pretrain.seed={seed}): {pb.key}, best val {pb.best_val:.2f}")
 
@@ -208,6 +206,21 @@ def main(argv: list[str] | None = None) -> int:
                            "history_last100": float(np.mean(gen.history[-100:])) if gen.history else None})
         generated_images[spec] = images.view(n_classes, m, *images.shape[1:])
 
+    steered: dict[str, torch.Tensor] = {}
+    if a.steer:
+        from fewgen.generators.steered import SteeredOptions, SteeredRedrawings, affine_pool
+
+        bb = backbones["train"].backbone.eval()
+        shots = split.images[shot_idx]
+        for spec in a.steer:
+            kind, pool_n, m = spec.split(":")
+            mild = dict(degrees=15.0, translate=0.1, scale=(0.85, 1.15), shear=10.0) if kind == "copies" else {}
+            o = SteeredOptions(pool=int(pool_n), keep=int(m), seed=a.seed, **mild)
+            steerer = SteeredRedrawings(o).fit(bb, data.base)
+            steered[spec] = steerer.generate(bb, shots).view(n_classes, o.keep, *shots.shape[1:])
+            steered[spec + " (unsteered)"] = affine_pool(shots, o)[:, :o.keep]
+            log(f"steered {spec}: kept {m} of {pool_n} per shot")
+
     for bname, pb in backbones.items():
         bb = pb.backbone.eval()
         feats = extract_features(bb, split)
@@ -241,22 +254,43 @@ def main(argv: list[str] | None = None) -> int:
             candidates += [(f"+ deform [{spec}]", f"m={m} s={s}", prototypes(shot, gen_feats[:, :m], s))
                            for m in a.per_shot for s in a.shares]
 
+        for spec, images in steered.items():
+            st_feats = extract_features(bb, images.reshape(-1, *images.shape[2:])).view(n_classes, images.shape[1], -1)
+            candidates += [(f"+ redrawings [{spec}]", f"s={s}", prototypes(shot, st_feats, s)) for s in a.shares]
+
         ref_ep = ref_all = None
+        scored = []
         for row, setting, protos in candidates:
             acc_ep = episode_acc(protos, feats, episodes)
             acc_all = all_way_correct(protos, feats, labels, all_query)
             if ref_ep is None:
                 ref_ep, ref_all = acc_ep, acc_all
+            scored.append((row, setting, protos, acc_ep, acc_all))
+        best_row, best_setting = a.reference.format(copies=a.copies).split("|")
+        best = [(e, w) for row, setting, _, e, w in scored if row == best_row and setting == best_setting]
+        if not best:
+            raise SystemExit(f"--reference {a.reference!r} names no row")
+        best_ep, best_all = best[0]
+        for row, setting, protos, acc_ep, acc_all in scored:
             d_ep, h_ep = paired(acc_ep, ref_ep)
             d_all, h_all = paired(acc_all, ref_all)
+            v_ep, vh_ep = paired(acc_ep, best_ep)
+            v_all, vh_all = paired(acc_all, best_all)
             rows.append({"backbone": bname, "row": row, "setting": setting,
                          f"acc_{a.n_way}way": round(acc_ep.mean().item() * 100, 2),
                          f"diff_{a.n_way}way": round(d_ep, 3), f"ci95_{a.n_way}way": round(h_ep, 3),
                          "acc_allway": round(acc_all.mean().item() * 100, 2),
                          "diff_allway": round(d_all, 3), "ci95_allway": round(h_all, 3),
+                         f"vs_best_real_{a.n_way}way": round(v_ep, 3), f"vs_best_real_ci95_{a.n_way}way": round(vh_ep, 3),
+                         "vs_best_real_allway": round(v_all, 3), "vs_best_real_ci95_allway": round(vh_all, 3),
                          "cos_centre": round((protos * centres).sum(1).mean().item(), 4)})
         log(f"backbone {bname}: {len(candidates)} rows scored")
 
+    for spec, images in steered.items():
+        if "unsteered" not in spec:
+            grid = out.with_name(out.stem + "_steered_" + spec.replace(":", "-") + ".png")
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(grid, split.images[shot_idx[:10]], images[:10], split.images[second_idx[:10]], 7)
     if generated_images:
         spec = next(iter(generated_images))
         grid = out.with_suffix(".png")
@@ -264,14 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         save_grid(grid, split.images[shot_idx[:10]], generated_images[spec][:10], split.images[second_idx[:10]], 7)
         log(f"image grid (shot | 7 generated | second real drawing), {spec!r}: {grid}")
 
-    head = (f"| backbone | row | setting | {a.n_way}-way 1-shot | diff (95% CI) | all-way ({n_classes}) 1-shot "
-            f"| diff (95% CI) | cos->centre |")
+    head = (f"| backbone | row | setting | {a.n_way}-way 1-shot | diff (95% CI) | vs best real-only | "
+            f"all-way ({n_classes}) 1-shot | diff (95% CI) | vs best real-only | cos->centre |")
+    print(f"diff: paired against shot only; vs best real-only: paired against {a.reference.format(copies=a.copies)}")
     print(head)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     for r in rows:
         print(f"| {r['backbone']} | {r['row']} | {r['setting']} | {r[f'acc_{a.n_way}way']:.2f} | "
-              f"{r[f'diff_{a.n_way}way']:+.2f} +- {r[f'ci95_{a.n_way}way']:.2f} | {r['acc_allway']:.2f} | "
-              f"{r['diff_allway']:+.2f} +- {r['ci95_allway']:.2f} | {r['cos_centre']:.4f} |")
+              f"{r[f'diff_{a.n_way}way']:+.2f} +- {r[f'ci95_{a.n_way}way']:.2f} | "
+              f"{r[f'vs_best_real_{a.n_way}way']:+.2f} +- {r[f'vs_best_real_ci95_{a.n_way}way']:.2f} | "
+              f"{r['acc_allway']:.2f} | {r['diff_allway']:+.2f} +- {r['ci95_allway']:.2f} | "
+              f"{r['vs_best_real_allway']:+.2f} +- {r['vs_best_real_ci95_allway']:.2f} | {r['cos_centre']:.4f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(a), "split": a.split, "classes": n_classes,
                                "backbones": {k: {"key": v.key, "best_val": v.best_val} for k, v in backbones.items()},

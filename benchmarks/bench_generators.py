@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     from fewgen.pretrain import pretrain_backbone
 
     cfg = load_config("omniglot", args.pretrain)
-    pb = pretrain_backbone(cfg, data, cache, "cpu", log, progress=False)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
     feature_net = FeatureNet(pb.backbone.eval())
     log(f"feature network: conv4 backbone {pb.key} (best val {pb.best_val:.1f}%); "
         f"{len(real_test)} held-out real images of {args.classes} novel classes")

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     from fewgen.pretrain import pretrain_backbone
 
     cfg = load_config(args.preset, args.overrides)
-    data = load_data(cfg)
-    pb = pretrain_backbone(cfg, data, ArtifactCache(cfg.cache_dir), log=lambda m: None, progress=False)
+    data = load_data(cfg.data, cfg.backbone)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, ArtifactCache(cfg.cache_dir), log=lambda m: None, progress=False)
     feats = extract_features(pb.backbone, data.novel)
     c = cfg.eval.logreg_c
     rows = []

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from fewgen.config import pretrain_options
+
 VARIANTS = {  # name -> (sampler, steps, DPMSolverMultistepScheduler overrides)
     "ddim 50": ("ddim", 50, {}),
     "dpm++ 20, time-uniform (dpmsolver++)": ("dpmsolver++", 20, {}),
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plain = [i for i, n in enumerate(names) if "rot" not in n]
     classes = plain[::max(1, len(plain) // 20)][:20]
     real = torch.cat([data.base.images[data.base.labels == c] for c in classes])
-    pb = pretrain_backbone(load_config("omniglot", []), data, ArtifactCache(None), "cpu", print, progress=False)
+    pb = pretrain_backbone(*pretrain_options(load_config("omniglot", [])), data, ArtifactCache(None), "cpu", print, progress=False)
     feature_net = FeatureNet(pb.backbone.eval())
     labels = [c for c in classes for _ in range(args.per_class)]
     build = diffusion.build_sampler

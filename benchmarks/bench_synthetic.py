@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     base_cfg = load_config(args.preset, [*args.set, f"data.eval_split={args.split}"])
-    data = load_data(base_cfg)
+    data = load_data(base_cfg.data, base_cfg.backbone)
     novel = data.novel
     if args.classes > novel.num_classes:
         sys.exit(f"--classes {args.classes} is more than the {novel.num_classes} classes of the {args.split} split")

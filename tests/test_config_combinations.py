@@ -18,7 +18,9 @@ from fewgen.app.cli import fit_config, main
 from fewgen.app.runner import check_config
 from fewgen.config import load_config, preset_names
 from fewgen.errors import FewgenError
-from fewgen.generators.protocol import GENERATOR_KINDS
+from fewgen.generators.registry import GENERATORS
+
+GENERATOR_KINDS = GENERATORS.names()
 
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
@@ -196,14 +198,14 @@ def test_one_validation_class_skips_validation_and_keeps_the_last_epoch(tmp_path
     cfg = load_config("demo", ["data.base_classes=['0','1','2']", "data.val_classes=['3']",
                                "data.novel_classes=['4','5','6','7','8','9']", "pretrain.epochs=2",
                                "pretrain.max_steps_per_epoch=1", "pipeline=[pretrain,evaluate]"])
-    data = load_data(cfg)
+    data = load_data(cfg.data, cfg.backbone)
     check_data(cfg, data)
     logs: list[str] = []
-    pb = pretrain_backbone(cfg, data, ArtifactCache(tmp_path / "cache"), log=logs.append, progress=False)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, ArtifactCache(tmp_path / "cache"), log=logs.append, progress=False)
     assert pb.best_epoch == 2 and pb.best_val is None
     assert all("val_acc" not in h for h in pb.history)
     assert any("validation skipped: 1 validation class(es)" in m and "data.val_classes" in m for m in logs)
     # a shot and a query per validation class, or one line right after the data loads
     two = load_config("demo", ["pretrain.val_n_shot=500"])
     with pytest.raises(FewgenError, match="validation class '[34]' has .* lower pretrain.val_n_shot"):
-        check_data(two, load_data(two))
+        check_data(two, load_data(two.data, two.backbone))

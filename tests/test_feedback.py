@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewgen.cache import ArtifactCache
-from fewgen.config import load_config
+from fewgen.config import load_config, pretrain_options
 from fewgen.data import load_dataset
 from fewgen.errors import FewgenError
 from fewgen.training import TrainingMonitor, format_duration, format_rate
@@ -75,9 +75,9 @@ def test_pretraining_writes_loss_events_and_the_same_weights(tmp_path):
     from fewgen.pretrain import pretrain_backbone
 
     data = load_dataset("digits")
-    plain = pretrain_backbone(_pretrain_cfg(), data, ArtifactCache(tmp_path / "a"), **QUIET)
+    plain = pretrain_backbone(*pretrain_options(_pretrain_cfg()), data, ArtifactCache(tmp_path / "a"), **QUIET)
     tb = tmp_path / "run" / "tensorboard" / "pretrain"
-    watched = pretrain_backbone(_pretrain_cfg(), data, ArtifactCache(tmp_path / "b"), log=lambda m: None,
+    watched = pretrain_backbone(*pretrain_options(_pretrain_cfg()), data, ArtifactCache(tmp_path / "b"), log=lambda m: None,
                                 progress=True, log_dir=tb)
     a, b = plain.backbone.state_dict(), watched.backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -86,7 +86,7 @@ def test_pretraining_writes_loss_events_and_the_same_weights(tmp_path):
     assert len(tags["loss/ce"]) == 8 and {"lr", "val_acc"} <= set(tags)
     # a backbone from the cache writes nothing
     again = tmp_path / "run2" / "tensorboard" / "pretrain"
-    pretrain_backbone(_pretrain_cfg(), data, ArtifactCache(tmp_path / "b"), log=lambda m: None, progress=False,
+    pretrain_backbone(*pretrain_options(_pretrain_cfg()), data, ArtifactCache(tmp_path / "b"), log=lambda m: None, progress=False,
                       log_dir=again)
     assert not again.exists()
 

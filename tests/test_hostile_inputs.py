@@ -140,7 +140,7 @@ def test_other_encodings_read_as_the_8bit_originals(tmp_path, classifier, capsys
     original, other = image_folder(tmp_path / "png8"), image_folder(tmp_path / encoding, encoding)
     for channels in (1, 3):
         data = [load_data(load_config(DIGITS, ["data.dataset=imagefolder", f"data.root={folder}", "data.image_size=16",
-                                               f"data.channels={channels}"])).full for folder in (original, other)]
+                                               f"data.channels={channels}"]).data).full for folder in (original, other)]
         assert data[0].images.shape == (30, channels, 16, 16) and data[1].class_names == data[0].class_names
         assert (data[0].images == data[1].images).all()
         assert (data[0].labels == data[1].labels).all()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fewgen.cache import ArtifactCache
 from fewgen.checkpoint import load_tensors
-from fewgen.config import load_config
+from fewgen.config import load_config, pretrain_options
 from fewgen.data import load_dataset
 from fewgen.data.augment import add_rotation_classes
 from fewgen.errors import FewgenError
@@ -215,14 +215,14 @@ def test_recipes_registered():
 def test_bad_settings_fail_before_training(digits, tmp_path, bad, match):
     cfg = tiny_cfg("ier", bad)
     with pytest.raises(FewgenError, match=match):
-        pretrain_backbone(cfg, digits, ArtifactCache(tmp_path), log=lambda m: None, progress=False)
+        pretrain_backbone(cfg.backbone, cfg.pretrain, digits, ArtifactCache(tmp_path), log=lambda m: None, progress=False)
     assert not list(tmp_path.glob("backbones/*/*.safetensors"))
 
 
 @pytest.mark.parametrize("mode", ["drop", "relabel"])
 def test_ier_end_to_end_on_digits(digits, tmp_path, mode):
     cfg = tiny_cfg("ier", f"pretrain.ier.rotation_classes={mode}")
-    pb = pretrain_backbone(cfg, digits, ArtifactCache(tmp_path), log=lambda m: None, progress=False)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, digits, ArtifactCache(tmp_path), log=lambda m: None, progress=False)
     rec = pb.history[-1]
     assert {"loss/ce", "loss/equivariant", "loss/invariant"} <= set(rec)
     assert all(math.isfinite(v) for k, v in rec.items() if k.startswith("loss/"))
@@ -235,16 +235,16 @@ def test_ier_end_to_end_on_digits(digits, tmp_path, mode):
 
 def test_ablation_weight_zero_drops_the_term(digits, tmp_path):
     cfg = tiny_cfg("ier", "pretrain.ier.invariant_weight=0", "pretrain.ier.equivariant_weight=0")
-    pb = pretrain_backbone(cfg, digits, ArtifactCache(tmp_path), log=lambda m: None, progress=False)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, digits, ArtifactCache(tmp_path), log=lambda m: None, progress=False)
     assert [k for k in pb.history[-1] if k.startswith("loss/")] == ["loss/ce"]
 
 
 def test_distillation_generations_reuse_ier_and_train_students(digits, tmp_path):
     cache = ArtifactCache(tmp_path)
-    pretrain_backbone(tiny_cfg("ier", "pretrain.ier.generations=2"), digits, cache, log=lambda m: None,
+    pretrain_backbone(*pretrain_options(tiny_cfg("ier", "pretrain.ier.generations=2")), digits, cache, log=lambda m: None,
                       progress=False)
     logs: list[str] = []
-    pb = pretrain_backbone(tiny_cfg("ier-distill", "pretrain.ier.generations=2"), digits, cache, log=logs.append,
+    pb = pretrain_backbone(*pretrain_options(tiny_cfg("ier-distill", "pretrain.ier.generations=2")), digits, cache, log=logs.append,
                            progress=False)
     assert any("generation 0 from the finished ier run" in m for m in logs)  # loaded, not retrained
     assert [r["stage"] for r in pb.history] == ["ier", "gen1", "gen2"]
@@ -269,7 +269,7 @@ def test_generation_loads_frozen_teacher_and_trains_student(digits, tmp_path):
 
     cfg = tiny_cfg("ier-distill")
     images, labels = add_rotation_classes(digits.base.images, digits.base.labels, digits.base.num_classes)
-    ctx = PretrainContext(cfg, digits, images, labels, 4 * digits.base.num_classes, tmp_path, torch.device("cpu"),
+    ctx = PretrainContext(cfg.backbone, cfg.pretrain, digits, images, labels, 4 * digits.base.num_classes, tmp_path, torch.device("cpu"),
                           lambda m: None, progress=False)
     ctx, plan = _prepare(ctx)
     # relabel (default): the unrotated images, labelled with the rotation classes

@@ -52,14 +52,14 @@ def _cli_run(tmp_path, out, *overrides):
 def test_foreign_novel_classes_are_brought_to_the_base_shape(tmp_path):
     folder = shapes_folder(tmp_path / "shapes")
     cfg = load_config(DIGITS, ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"])
-    data = load_data(cfg)
+    data = load_data(cfg.data, cfg.backbone)
     assert data.novel.image_shape == data.base.image_shape == (1, 16, 16)
     assert data.novel.class_names == ["bar", "cross", "disc"] and len(data.novel) == 18
     assert "novel classes from imagefolder" in data.protocol and "gray" in data.protocol
     assert data.base.num_classes == 8  # digits 0-2 and its own novel 5-9: every digit is base or val
     rgb = load_config(DIGITS, ["data.dataset=imagefolder", f"data.root={folder}", "data.channels=3",
                                "data.base_classes=[bar]", "data.val_classes=[cross]", "data.novel_classes=[disc]"])
-    assert load_data(rgb).novel.image_shape[0] == 3
+    assert load_data(rgb.data, rgb.backbone).novel.image_shape[0] == 3
 
 
 def test_runs_export_a_classifier_that_reloads_and_predicts_identically(tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_runs_export_a_classifier_that_reloads_and_predicts_identically(tmp_path
     # predict the same query images (the non-shot files) in a fresh process, from the CSV
     from fewgen.data.fewshot import few_shot_set
 
-    data = load_data(load_config(DIGITS, ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"]))
+    data = load_data(load_config(DIGITS, ["data.novel_dataset=imagefolder", f"data.novel_root={folder}"]).data)
     shots = few_shot_set(data.novel, 2, 0)
     shot_bytes = {bytes(x.numpy().tobytes()) for x in shots.images}
     queries = tmp_path / "queries"
@@ -175,7 +175,7 @@ def test_predict_refuses_what_is_not_a_classifier(tmp_path, capsys):
 @requires_data("mnist", "t10k-images-idx3-ubyte.gz")
 def test_mnist_as_novel_side_is_its_ten_thousand_test_digits(data_root):
     cfg = load_config(DIGITS, [f"data.root={data_root}", "data.novel_dataset=mnist"])
-    data = load_data(cfg)
+    data = load_data(cfg.data, cfg.backbone)
     assert data.novel.num_classes == 10 and len(data.novel) == 10000 and data.novel.image_shape == (1, 16, 16)
     assert "28 -> 16 px (area average)" in data.protocol
     assert torch.bincount(data.novel.labels).min() > 800

@@ -8,7 +8,7 @@ import torch
 import fewgen.pretrain.loop as loop
 from fewgen.cache import ArtifactCache
 from fewgen.checkpoint import load_tensors
-from fewgen.config import load_config
+from fewgen.config import load_config, pretrain_options
 from fewgen.data import load_dataset
 from fewgen.pretrain import pretrain_backbone
 from tests.conftest import DIGITS
@@ -23,7 +23,7 @@ def _cfg():
 @pytest.mark.slow
 def test_interrupted_pretraining_resumes_to_identical_weights(tmp_path, monkeypatch):
     data = load_dataset("digits")
-    full = pretrain_backbone(_cfg(), data, ArtifactCache(tmp_path / "a"), **QUIET)
+    full = pretrain_backbone(*pretrain_options(_cfg()), data, ArtifactCache(tmp_path / "a"), **QUIET)
 
     calls = {"n": 0}
     real_val = loop.validation_accuracy
@@ -37,10 +37,10 @@ def test_interrupted_pretraining_resumes_to_identical_weights(tmp_path, monkeypa
     monkeypatch.setattr(loop, "validation_accuracy", crash_on_second_epoch)
     cache_b = ArtifactCache(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        pretrain_backbone(_cfg(), data, cache_b, **QUIET)
+        pretrain_backbone(*pretrain_options(_cfg()), data, cache_b, **QUIET)
     monkeypatch.setattr(loop, "validation_accuracy", real_val)
     logs = []
-    resumed = pretrain_backbone(_cfg(), data, cache_b, log=logs.append, progress=False)
+    resumed = pretrain_backbone(*pretrain_options(_cfg()), data, cache_b, log=logs.append, progress=False)
     assert any("resuming after epoch 1/3" in m for m in logs)
     a, b = full.backbone.state_dict(), resumed.backbone.state_dict()
     for k in a:
@@ -51,19 +51,19 @@ def test_interrupted_pretraining_resumes_to_identical_weights(tmp_path, monkeypa
 def test_selection_uses_val_and_cache_is_reused(tmp_path, monkeypatch):
     data = load_dataset("digits")
     cache = ArtifactCache(tmp_path)
-    pb = pretrain_backbone(_cfg(), data, cache, **QUIET)
+    pb = pretrain_backbone(*pretrain_options(_cfg()), data, cache, **QUIET)
     vals = [h["val_acc"] for h in pb.history]
     assert pb.best_val == max(vals) and pb.history[pb.best_epoch - 1]["val_acc"] == pb.best_val
     tensors, meta = load_tensors(pb.path)
     assert meta["best_epoch"] == pb.best_epoch
     # a second call loads from the cache without training
     monkeypatch.setattr(loop, "train_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    again = pretrain_backbone(_cfg(), data, cache, **QUIET)
+    again = pretrain_backbone(*pretrain_options(_cfg()), data, cache, **QUIET)
     assert again.key == pb.key
     # another config gets another key
     other = load_config(DIGITS, ["pretrain.epochs=2", "pretrain.val_episodes=10", "pretrain.max_steps_per_epoch=6"])
     monkeypatch.undo()
-    assert pretrain_backbone(other, data, cache, **QUIET).key != pb.key
+    assert pretrain_backbone(other.backbone, other.pretrain, data, cache, **QUIET).key != pb.key
 
 
 def test_backbones_have_the_uniform_contract():

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from fewgen.config import pretrain_options
+
 pytest.importorskip("transformers")
 
 from tests.test_clip import tiny_clip_folder  # noqa: E402
@@ -196,17 +198,17 @@ def test_cache_key_follows_the_model_content_not_its_path(models, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(models["dinov2"], copy)
     quiet = {"log": lambda m: None}
-    pb = pretrain_backbone(_config("dinov2", models["dinov2"], cache.root), None, cache, **quiet)
+    pb = pretrain_backbone(*pretrain_options(_config("dinov2", models["dinov2"], cache.root)), None, cache, **quiet)
     assert pb.path == models["dinov2"].resolve() and pb.history == []
-    assert pretrain_backbone(_config("dinov2", copy, cache.root), None, cache, **quiet).key == pb.key
+    assert pretrain_backbone(*pretrain_options(_config("dinov2", copy, cache.root)), None, cache, **quiet).key == pb.key
     # the pretrain options are not read; the dtype is
-    assert pretrain_backbone(_config("dinov2", copy, cache.root, **{"pretrain.epochs": 3}), None, cache,
+    assert pretrain_backbone(*pretrain_options(_config("dinov2", copy, cache.root, **{"pretrain.epochs": 3})), None, cache,
                              **quiet).key == pb.key
-    assert pretrain_backbone(_config("dinov2", copy, cache.root, **{"backbone.dtype": "bfloat16"}), None, cache,
+    assert pretrain_backbone(*pretrain_options(_config("dinov2", copy, cache.root, **{"backbone.dtype": "bfloat16"})), None, cache,
                              **quiet).key != pb.key
     config = json.loads((copy / "preprocessor_config.json").read_text())
     (copy / "preprocessor_config.json").write_text(json.dumps({**config, "crop_size": {"height": 24, "width": 24}}))
-    assert pretrain_backbone(_config("dinov2", copy, cache.root), None, cache, **quiet).key != pb.key
+    assert pretrain_backbone(*pretrain_options(_config("dinov2", copy, cache.root)), None, cache, **quiet).key != pb.key
 
 
 def test_images_are_read_at_the_processors_resize_size(models, tmp_path):
@@ -215,11 +217,11 @@ def test_images_are_read_at_the_processors_resize_size(models, tmp_path):
     root = photo_folder(tmp_path / "photos", ["a", "b", "c"], per_class=2)
     for name in ("clip", "dinov2"):
         cfg = _config(name, models[name], tmp_path / "cache", **{"data.dataset": "imagefolder", "data.root": root})
-        assert load_data(cfg).base.image_shape == (3, 40, 40)  # size.shortest_edge of the tiny processors
+        assert load_data(cfg.data, cfg.backbone).base.image_shape == (3, 40, 40)  # size.shortest_edge of the tiny processors
         cfg.data.image_size = 56
-        assert load_data(cfg).base.image_shape == (3, 56, 56)
-    assert load_data(_config("conv4", "null", tmp_path / "cache", **{"data.dataset": "imagefolder",
-                                                                     "data.root": root})).base.image_shape == (3, 64, 64)
+        assert load_data(cfg.data, cfg.backbone).base.image_shape == (3, 56, 56)
+    conv4 = _config("conv4", "null", tmp_path / "cache", **{"data.dataset": "imagefolder", "data.root": root})
+    assert load_data(conv4.data, conv4.backbone).base.image_shape == (3, 64, 64)
 
 
 def photo_folder(folder, classes: list[str], per_class: int, size: tuple[int, int] = (48, 48), seed: int = 0):
@@ -287,8 +289,8 @@ def test_run_exports_a_classifier_that_predict_reads_alike(name, make, processor
     proba = clf.predict_proba(images)
     # the run's own: its cached features of the same images (the novel set, read alike) and its head
     cfg = load_config(str(tmp_path / "run.yaml"))
-    data, cache = load_data(cfg), ArtifactCache(cfg.cache_dir)
-    pb = pretrain_backbone(cfg, data, cache, log=lambda m: None)
+    data, cache = load_data(cfg.data, cfg.backbone), ArtifactCache(cfg.cache_dir)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, log=lambda m: None)
     assert cache.is_done(cache.path("features", key_parts("features", None, checkpoint=pb.key,
                                                            images=data.novel.digest())))  # made by the run
     feats = cached_features(cache, pb.key, pb.backbone, data.novel)
@@ -420,8 +422,8 @@ def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
 
     cfg = fit_config(shots, "photos", [f"generator.model={sd}", f"backbone.model={models['clip']}",
                                        f"cache_dir={tmp_path / 'cache'}"])
-    data = load_data(cfg)
-    pb = pretrain_backbone(cfg, data, ArtifactCache(tmp_path / "cache"), "cpu", lambda *_: None, False)
+    data = load_data(cfg.data, cfg.backbone)
+    pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, ArtifactCache(tmp_path / "cache"), "cpu", lambda *_: None, False)
     feats = cached_features(ArtifactCache(tmp_path / "cache"), pb.key, pb.backbone, data.novel, "cpu", lambda *_: None)
     own = clf._proba(clf._head(), feats[None])
     # the novel set is read class folder by class folder, files sorted: the order of `files`

@@ -106,20 +106,20 @@ def test_a_folder_whose_images_changed_is_not_mistaken_for_the_old_one(tmp_path)
 
 def test_one_changed_base_image_is_another_backbone():
     cfg = load_config(DIGITS)
-    data = load_data(cfg)
-    key = stable_hash(pretrain_key(cfg, data))
+    data = load_data(cfg.data, cfg.backbone)
+    key = stable_hash(pretrain_key(cfg.backbone, cfg.pretrain, data))
     data.base.images[0, 0, 0, 0] ^= 1
-    assert stable_hash(pretrain_key(cfg, data)) != key
+    assert stable_hash(pretrain_key(cfg.backbone, cfg.pretrain, data)) != key
     data.base.images[0, 0, 0, 0] ^= 1
     data.val.images[-1, 0, 0, 0] ^= 1  # the val images select the epoch: they are part of the backbone too
-    assert stable_hash(pretrain_key(cfg, data)) != key
+    assert stable_hash(pretrain_key(cfg.backbone, cfg.pretrain, data)) != key
 
 
 def test_another_class_split_is_another_backbone():
     default = load_config(DIGITS)
     split = load_config(DIGITS, ["data.base_classes=['0','1']", "data.val_classes=['2','3','4']",
                                  "data.novel_classes=['5','6','7','8','9']"])
-    assert stable_hash(pretrain_key(default, load_data(default))) != stable_hash(pretrain_key(split, load_data(split)))
+    assert stable_hash(pretrain_key(default.backbone, default.pretrain, load_data(default.data, default.backbone))) != stable_hash(pretrain_key(split.backbone, split.pretrain, load_data(split.data, split.backbone)))
 
 
 @requires_data("omniglot", "images_background.npz")
@@ -130,13 +130,13 @@ def test_omniglot_development_and_official_splits_never_share_a_backbone(tmp_pat
     (root / "omniglot").mkdir(parents=True)
     (root / "omniglot" / "images_background.npz").symlink_to(DATA_ROOT / "omniglot" / "images_background.npz")
     dev_cfg = load_config("omniglot", [f"data.root={root}"])
-    dev = load_data(dev_cfg)
+    dev = load_data(dev_cfg.data, dev_cfg.backbone)
     n = 20  # a stand-in evaluation set with the official array layout
     np.savez(root / "omniglot" / "images_evaluation.npz", images=np.ones((n, 20, 105, 105), dtype=bool),
              labels=np.arange(n * 20).reshape(n, 20) // 20 + 964)
-    official = load_data(dev_cfg)
+    official = load_data(dev_cfg.data, dev_cfg.backbone)
     assert "official" in official.protocol and official.base.num_classes != dev.base.num_classes
-    assert stable_hash(pretrain_key(dev_cfg, dev)) != stable_hash(pretrain_key(dev_cfg, official))
+    assert stable_hash(pretrain_key(dev_cfg.backbone, dev_cfg.pretrain, dev)) != stable_hash(pretrain_key(dev_cfg.backbone, dev_cfg.pretrain, official))
 
 
 # ----------------------------------------------------------------------------- damaged files
@@ -164,6 +164,25 @@ def test_cache_entry_records_checksums_and_rebuilds_on_damage(tmp_path):
     (entry / "weights.bin").write_bytes(b"y")
     (entry / "done").write_text("{not json")
     assert not cache.ready(entry, messages.append) and "done marker is unreadable" in messages[-1]
+
+
+def test_build_or_load_builds_once_loads_after_and_rebuilds_a_damaged_entry(tmp_path):
+    cache, built, logs = ArtifactCache(tmp_path), [], []
+
+    def build(entry):
+        built.append(entry)
+        (entry / "value.txt").write_text(str(len(built)))
+        cache.mark_done(entry)
+
+    def get():
+        return cache.build_or_load("things", {"a": 1}, build, lambda e: (e / "value.txt").read_text(), logs.append,
+                                   what="thing")
+
+    assert get() == "1" and get() == "1" and len(built) == 1
+    assert logs[-1].startswith("thing from cache ") and built[0] == cache.path("things", {"a": 1})
+    flip_bytes(built[0] / "value.txt", 1)
+    assert get() == "2" and len(built) == 2  # the damaged entry was reported, cleared and built again
+    assert any("does not match the checksum" in m for m in logs)
 
 
 def _backbone_entry(cache: Path) -> Path:

@@ -19,10 +19,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fewgen.errors import FewgenError
 from fewgen.utils import atomic_path, canonical_json, sha256_file, stable_hash, write_json
+
+T = TypeVar("T")
 
 #: files of an entry that ``done`` does not checksum: the key, the marker itself
 _UNRECORDED = ("key.json", "done")
@@ -120,6 +122,21 @@ class ArtifactCache:
             except OSError as e:
                 return f"{name} cannot be read ({e.strerror or e})"
         return None
+
+    def build_or_load(self, kind: str, parts: dict[str, Any], build: Callable[[Path], Any],
+                      load: Callable[[Path], T], log: Callable[[str], None] | None = None,
+                      what: str | None = None) -> T:
+        """The artifact of ``kind`` for ``parts``: ``load(entry)`` when the entry is done and intact
+        (with ``what``, a line ``"<what> from cache <entry>"`` in ``log``), else ``build(entry)``
+        first, which writes the entry's files and marks it done (:meth:`mark_done`), then
+        ``load(entry)``. A damaged entry is reported in ``log`` and rebuilt (:meth:`ready`)."""
+        entry = self.entry(kind, parts)
+        if self.ready(entry, log):
+            if log is not None and what is not None:
+                log(f"{what} from cache {entry}")
+        else:
+            build(entry)
+        return load(entry)
 
     def ready(self, entry: Path, log: Callable[[str], None] | None = None) -> bool:
         """True if the entry is done and intact. A done entry that is not intact is reported in one

@@ -518,6 +518,11 @@ def read_yaml_config(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[dic
     return [*chain, data]
 
 
+def pretrain_options(cfg: RunConfig) -> tuple[BackboneConfig, PretrainConfig]:
+    """The options pretraining takes (``fewgen.pretrain.pretrain_backbone(*pretrain_options(cfg), data, ...)``)."""
+    return cfg.backbone, cfg.pretrain
+
+
 def load_config(preset_or_file: str | None = None, overrides: list[str] | None = None,
                 user_file: str | None = None) -> RunConfig:
     """defaults < preset (and its bases) < user file < ``key=value`` overrides."""

@@ -37,6 +37,13 @@ def config_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield path, value
 
 
+def sections(**parts: Any) -> Any:
+    """A config of only these sections (config dataclasses, by name), for the key of a library
+    function that takes its options rather than the run's config: the same paths, so the same key."""
+    cls = dataclasses.make_dataclass("Sections", [(name, type(value)) for name, value in parts.items()])
+    return cls(**parts)
+
+
 def config_value(cfg: Any, path: str) -> Any:
     for part in path.split("."):
         cfg = getattr(cfg, part)
@@ -153,8 +160,14 @@ _EXEMPLAR = ("generator.exemplar_cond", "generator.exemplar_tokens", "generator.
              "generator.exemplar_rotations")
 
 
+def _kind(cfg):
+    from fewgen.generators.registry import generator_kind
+
+    return generator_kind(cfg.generator.kind)
+
+
 def _generator_ignores(cfg, inputs) -> dict[str, str]:
-    if cfg.generator.kind == "exemplar":
+    if _kind(cfg).exemplar:
         return {"generator.cond_mode": "class/name tokens of the class-token generator; an exemplar one has none"}
     return {f: "options of the exemplar generator" for f in _EXEMPLAR}
 
@@ -173,7 +186,7 @@ conditioned on backbone features also on that backbone (key ``encoder``)."""
 
 
 def _adapter_ignores(cfg, inputs) -> dict[str, str]:
-    if cfg.generator.kind == "stable-diffusion":
+    if _kind(cfg).prompted:
         return {}
     return {"generator.prompt": "the prompt template of Stable Diffusion; a pixel generator has no prompt"}
 
@@ -198,7 +211,7 @@ def _synthetic_ignores(cfg, inputs) -> dict[str, str]:
         out["generator.prompt"] = "the prompt template of Stable Diffusion; pixel generators are prompted by class name"
     else:
         out["synthesis.precision"] = "Stable Diffusion samples in generator.dtype (in the generator's key)"
-    if cfg.generator.kind == "exemplar":
+    if _kind(cfg).exemplar:
         out["synthesis.guidance"] = "an exemplar generator is guided by synthesis.exemplar_guidance"
         out["synthesis.zero_shot"] = "an exemplar generator always draws from the shots, adapted or not"
     else:

@@ -20,11 +20,7 @@ from pathlib import Path
 
 from fewgen.config import RunConfig
 from fewgen.errors import FewgenError
-
-#: generator kinds whose synthesis of the novel classes starts from a DataDream adapter of the shots
-#: (the exemplar generator is conditioned on the shots themselves)
-ADAPTED_KINDS = ("diffusion", "stable-diffusion")
-
+from fewgen.generators.registry import generator_kind
 
 GENERATIVE_STEPS = ("generator", "adapt", "synthesize")
 
@@ -42,7 +38,7 @@ def resolve_defaults(cfg: RunConfig) -> list[str]:
     if lc.model == "clip" and not lc.clip_path and cfg.backbone.name == "clip" and cfg.backbone.model:
         lc.clip_path = cfg.backbone.model
         notes.append(f"learner.clip_path: the backbone's CLIP, {lc.clip_path}")
-    if g.optional and g.kind == "stable-diffusion" and not g.model and set(GENERATIVE_STEPS) & set(cfg.pipeline):
+    if g.optional and generator_kind(g.kind).pretrained and not g.model and set(GENERATIVE_STEPS) & set(cfg.pipeline):
         from fewgen.learners.registry import method_specs
 
         dropped = [s.name for s in method_specs(lc) if s.uses_synthetic]
@@ -208,9 +204,9 @@ def _check_generator(cfg: RunConfig) -> None:
     if "generator" not in cfg.pipeline:
         return
     g = cfg.generator
-    if g.kind == "stable-diffusion":
+    if generator_kind(g.kind).pretrained:
         if not g.model:
-            raise FewgenError("generator.kind=stable-diffusion needs generator.model=<local folder or hub id>")
+            raise FewgenError(f"generator.kind={g.kind} needs generator.model=<local folder or hub id>")
         if _local_path_missing(g.model):
             raise FewgenError(f"generator.model={g.model} does not exist; give a local diffusers folder "
                               "(model_index.json) or a hub id")
@@ -235,7 +231,7 @@ def _check_synthesis(cfg: RunConfig) -> None:
         return
     g, s = cfg.generator, cfg.synthesis
     adapted = "adapt" in steps and steps.index("adapt") < steps.index("synthesize")
-    if g.kind in ADAPTED_KINDS and not s.zero_shot and not adapted:
+    if generator_kind(g.kind).adapted and not s.zero_shot and not adapted:
         fixed = [x for x in steps if x != "adapt"]
         fixed.insert(fixed.index("synthesize"), "adapt")
         raise FewgenError(f"generator.kind={g.kind} draws the novel classes from a DataDream adapter of the shots, "
@@ -247,10 +243,10 @@ def _check_synthesis(cfg: RunConfig) -> None:
                           "step's adapters unused: drop 'adapt' from pipeline, or set synthesis.zero_shot=false")
     if s.zero_shot and g.kind == "diffusion" and g.cond_mode == "class":
         raise FewgenError("zero-shot generation needs the class names: set generator.cond_mode=name or class+name")
-    if g.kind == "stable-diffusion" and 0 in s.sdedit_strengths:
+    if generator_kind(g.kind).pretrained and 0 in s.sdedit_strengths:
         raise FewgenError(f"synthesis.sdedit_strengths={s.sdedit_strengths}: Stable Diffusion's img2img needs "
                           "strengths in (0, 1]; drop the 0 (the shot itself)")
-    if s.precision == "float16" and g.kind != "stable-diffusion":
+    if s.precision == "float16" and not generator_kind(g.kind).pretrained:
         from fewgen.utils import resolve_device
 
         if resolve_device(cfg.device).type == "cpu":

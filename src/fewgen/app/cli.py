@@ -132,8 +132,8 @@ def fit_config(shots: str | Path, preset: str = "demo", overrides: list[str] | N
     classes, every image of a class a shot (one seed), the preset's pipeline without evaluate and learn (no
     queries) and with export; and, for a generator that draws from DataDream adapters of the shots, the adapt
     step before synthesize when the preset has none (unless synthesis.zero_shot)."""
-    from fewgen.app.checks import ADAPTED_KINDS
     from fewgen.config import load_config
+    from fewgen.generators.registry import generator_kind
 
     shots = Path(shots).expanduser()
     learner = [o for o in overrides or [] if o.startswith("learner.")]
@@ -147,7 +147,7 @@ def fit_config(shots: str | Path, preset: str = "demo", overrides: list[str] | N
     steps = [s for s in cfg.pipeline if s not in ("evaluate", "learn")]
     if "export" not in steps:
         steps.insert(steps.index("report") if "report" in steps else len(steps), "export")
-    if (cfg.generator.kind in ADAPTED_KINDS and "synthesize" in steps and "adapt" not in steps
+    if (generator_kind(cfg.generator.kind).adapted and "synthesize" in steps and "adapt" not in steps
             and not cfg.synthesis.zero_shot):
         steps.insert(steps.index("synthesize"), "adapt")
     cfg.pipeline = steps

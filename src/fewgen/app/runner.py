@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,13 @@ from fewgen.registry import Registry
 from fewgen.reports.tables import best_of_each_kind, format_best, format_table
 from fewgen.utils import resolve_device, seed_everything, write_json
 
+if TYPE_CHECKING:  # heavy (diffusers, the GAN) or circular at run time; the types only
+    from fewgen.classifier import FewgenClassifier
+    from fewgen.gan.model import SourceGAN
+    from fewgen.gan.setup import GenerationSetup
+    from fewgen.generators.protocol import Generator
+    from fewgen.pretrain import PretrainedBackbone
+
 STEPS: Registry = Registry("pipeline step")
 EPISODE_STEPS = {"evaluate", "learn"}  # steps that draw few-shot episodes from cfg.eval
 STEP_MODULES: tuple[str, ...] = (  # the modules that register the steps
@@ -57,17 +64,17 @@ class RunState:
     """What the steps of a run hand each other. A step declares the fields it needs and makes
     (:func:`step`); the runner checks the pipeline's order against them before anything runs."""
 
-    backbone: Any = None  # fewgen.pretrain.PretrainedBackbone
-    generator: Any = None  # a generator (fewgen.generators.protocol.Generator)
-    adapters: dict[tuple[int, int], Any] = field(default_factory=dict)  # (seed, K) -> DataDream adapter
+    backbone: PretrainedBackbone | None = None
+    generator: Generator | None = None
+    adapters: dict[tuple[int, int], Any] = field(default_factory=dict)  # (seed, K) -> what generator.adapt returned
     adapter_entries: list[Path] = field(default_factory=list)  # their cache entries
     synthetic: dict[tuple[int, int], ArrayDataset] = field(default_factory=dict)  # (seed, K) -> images
     synthetic_kind: str | None = None  # generated | augmented-copies | imported
     synthetic_source: str | None = None  # a sentence for the log and the report
     learn_histories: dict | None = None
-    classifier: Any = None  # fewgen.classifier.FewgenClassifier
-    gan_setups: dict | None = None  # seed -> fewgen.gan.setup.GenerationSetup
-    gan_source: Any = None  # fewgen.gan.model.SourceGAN
+    classifier: FewgenClassifier | None = None
+    gan_setups: dict[int, GenerationSetup] | None = None  # seed -> its generation setup
+    gan_source: SourceGAN | None = None
 
 
 Needs = tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]]
@@ -98,6 +105,15 @@ def check_pipeline(cfg: RunConfig) -> None:
                 raise FewgenError(f"the {name} step needs the run's {need}: put "
                                   f"{' or '.join(repr(m) for m in makers)} before it in pipeline")
         made.update(STEPS.meta(name).get("makes", ()))
+
+
+def check_made(run: Run, name: str) -> None:
+    """After step ``name``: every run state field it declares in ``makes`` was filled (a step that
+    does not is a bug in it, reported as one, not a confusing error in a later step)."""
+    empty = [f for f in STEPS.meta(name).get("makes", ()) if getattr(run.state, f) is None]
+    if empty:
+        raise RuntimeError(f"step {name!r} declares that it makes {', '.join(empty)} but left "
+                           f"{'it' if len(empty) == 1 else 'them'} empty")
 
 
 @dataclass
@@ -173,7 +189,7 @@ def vocabularies() -> dict[str, list[str]]:
     from fewgen.evaluation.classifiers import CLASSIFIERS
     from fewgen.gan import GAN_METHODS
     from fewgen.generators.diffusion import SAMPLERS
-    from fewgen.generators.protocol import GENERATOR_KINDS
+    from fewgen.generators.registry import GENERATORS
     from fewgen.learners import LEARNER_METHODS
     from fewgen.pretrain import RECIPES
 
@@ -181,7 +197,7 @@ def vocabularies() -> dict[str, list[str]]:
             "augmentation": list(AUGMENTATIONS), "classifier": CLASSIFIERS.names(),
             "learner method": LEARNER_METHODS.names(), "learner evaluation": ["head", *CLASSIFIERS.names()],
             "sweep method": [*LEARNER_METHODS.names(), "frozen"],
-            "GAN adaptation method": GAN_METHODS.names(), "generator kind": list(GENERATOR_KINDS),
+            "GAN adaptation method": GAN_METHODS.names(), "generator kind": GENERATORS.names(),
             "sampler": list(SAMPLERS), "pipeline step": STEPS.names(), "domainfusion method": DG_ALGORITHMS.names()}
 
 
@@ -265,7 +281,7 @@ def _run_locked(cfg: RunConfig, out_dir: Path | None, progress: bool, quiet: boo
     device = resolve_device(cfg.device)
     seed_everything(cfg.pretrain.seed)
     t0 = time.time()
-    data = load_data(cfg)  # bad data or impossible settings fail before anything is written
+    data = load_data(cfg.data, cfg.backbone)  # bad data or impossible settings fail before anything is written
     check_data(cfg, data)
     if EPISODE_STEPS & set(cfg.pipeline):
         check_eval_settings(cfg, data)
@@ -285,6 +301,7 @@ def _run_locked(cfg: RunConfig, out_dir: Path | None, progress: bool, quiet: boo
         t = time.time()
         log(f"== step {step}")
         STEPS.get(step)(r)
+        check_made(r, step)
         r.timings[step] = round(time.time() - t, 2)
         log(f"== step {step} done in {r.timings[step]:.0f}s")
     r.timings["total"] = round(time.time() - t0, 2)

@@ -10,19 +10,21 @@ from fewgen.data.base import FewShotData
 from fewgen.errors import FewgenError
 
 
-def load_data(cfg) -> FewShotData:
-    """The :class:`FewShotData` of a ``RunConfig`` (its ``data`` section)."""
+def load_data(d, backbone=None) -> FewShotData:
+    """The :class:`FewShotData` of the data options ``d`` (``fewgen.config.DataConfig``), read for
+    the backbone options ``backbone`` (``fewgen.config.BackboneConfig``; None: a backbone trained
+    here, which reads the dataset's own size and channels)."""
     from fewgen.data import load_dataset
 
-    d = cfg.data
     foreign = d.novel_dataset is not None
     if foreign and (d.base_classes is None) != (d.val_classes is None):
         raise FewgenError("with data.novel_dataset give both data.base_classes and data.val_classes, or neither")
     from fewgen.backbones.pretrained import default_image_size, is_pretrained
 
+    pretrained = backbone is not None and is_pretrained(backbone.name)
     image_size = d.image_size
-    if image_size is None:  # a pretrained backbone reads images at its processor's resize size
-        image_size = default_image_size(cfg.backbone)
+    if image_size is None and backbone is not None:  # a pretrained backbone reads images at its processor's size
+        image_size = default_image_size(backbone)
     data = load_dataset(d.dataset, d.root, image_size, base_classes=d.base_classes, val_classes=d.val_classes,
                         novel_classes=([] if d.base_classes is not None else None) if foreign else d.novel_classes,
                         download=d.download, channels=d.channels)
@@ -30,10 +32,10 @@ def load_data(cfg) -> FewShotData:
         from fewgen.data.novel import load_novel, with_novel_dataset
 
         shape = data.base.image_shape
-        if is_pretrained(cfg.backbone.name):  # a pretrained model reads colour, whatever the base side's channels
+        if pretrained:  # a pretrained model reads colour, whatever the base side's channels
             shape = (3, *shape[1:])
         novel, rule = load_novel(d.novel_dataset, d.root, shape, d.novel_classes, d.novel_root,
-                                 crop=is_pretrained(cfg.backbone.name))  # photos keep their aspect
+                                 crop=pretrained)  # photos keep their aspect
         data = with_novel_dataset(data, novel, rule, d.novel_dataset)
     if d.eval_split == "val":  # model selection: the val classes stand in for the novel ones, never seen here
         import dataclasses

@@ -39,12 +39,11 @@ def cached_features(cache, checkpoint_key: str, backbone: nn.Module, data: Array
     from fewgen.checkpoint import load_tensors, save_tensors
     from fewgen.keys import key_parts
 
+    def build(entry: Path) -> None:
+        save_tensors(entry / "features.safetensors", {"features": extract_features(backbone, data, device=device)},
+                     {"images": len(data)})
+        cache.mark_done(entry, {"images": len(data)})
+
     parts = key_parts("features", None, checkpoint=checkpoint_key, images=data.digest())
-    entry = cache.entry("features", parts)
-    path: Path = entry / "features.safetensors"
-    if cache.ready(entry, log):
-        return load_tensors(path)[0]["features"]
-    feats = extract_features(backbone, data, device=device)
-    save_tensors(path, {"features": feats}, {"images": len(data)})
-    cache.mark_done(entry, {"images": len(data)})
-    return feats
+    return cache.build_or_load("features", parts, build, lambda e: load_tensors(e / "features.safetensors")[0]["features"],
+                               log)

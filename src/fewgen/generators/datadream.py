@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -42,8 +42,21 @@ from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import content_digest, make_generator, read_json, stable_hash, write_json
 
-if TYPE_CHECKING:
-    from fewgen.generators.diffusion import DiffusionGenerator
+
+class PixelGenerator(Protocol):
+    """What DataDream reads of the class-token pixel generator
+    (:class:`fewgen.generators.diffusion.DiffusionGenerator`, which imports this module)."""
+
+    unet: torch.nn.Module
+    conditioner: torch.nn.Module
+    device: torch.device
+
+    def add_classes(self, names, init=None) -> list[int]: ...
+    def modules(self) -> dict[str, torch.nn.Module]: ...
+    def diffusion_loss(self, *args, **kwargs) -> torch.Tensor: ...
+    def sample(self, *args, **kwargs) -> torch.Tensor: ...
+    def state_key(self) -> str: ...
+
 
 MODES = ("cls", "dset")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -77,7 +90,7 @@ def lora_config(cfg: DataDreamConfig):
                       init_lora_weights="gaussian")
 
 
-def inject_lora(gen: DiffusionGenerator, cfg: DataDreamConfig) -> None:
+def inject_lora(gen: PixelGenerator, cfg: DataDreamConfig) -> None:
     """Add one LoRA adapter ("default") to ``gen.unet`` and freeze everything else."""
     for m in gen.modules().values():
         m.requires_grad_(False)
@@ -213,7 +226,7 @@ class AdaptedDiffusion(AdaptedGenerator):
     ``sample_class(c, seeds, ...)`` switches to class c's LoRA (``cls``) before sampling.
     """
 
-    def __init__(self, base: DiffusionGenerator, adapter: DataDreamAdapter):
+    def __init__(self, base: PixelGenerator, adapter: DataDreamAdapter):
         super().__init__(base, adapter)
         self.labels = self.gen.add_classes(adapter.class_names, init=adapter.class_embeddings)
 
@@ -225,7 +238,7 @@ class AdaptedDiffusion(AdaptedGenerator):
                                sampler=sampler, batch_size=batch_size, precision=precision)
 
 
-def _train_adapter(gen: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, steps: int,
+def _train_adapter(gen: PixelGenerator, images: torch.Tensor, labels: torch.Tensor, steps: int,
                    cfg: DataDreamConfig, seed_parts: tuple, log: Callable[[str], None] | None,
                    monitor: TrainingMonitor | None = None) -> list[float]:
     """Train the LoRA currently in ``gen.unet`` plus the newest class-token chunk, in place
@@ -264,7 +277,7 @@ def adaptation_monitor(name: str, steps: int, ctx: ProcessContext, log: Callable
     return TrainingMonitor(name, steps, log=log, progress=progress, log_dir=log_dir if steps else None)
 
 
-def train_datadream(base: DiffusionGenerator, few_shot: ArrayDataset, cfg: DataDreamConfig,
+def train_datadream(base: PixelGenerator, few_shot: ArrayDataset, cfg: DataDreamConfig,
                     ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None,
                     progress: bool = False, log_dir: str | Path | None = None) -> DataDreamAdapter:
     """Adapt ``base`` to ``few_shot`` (K real images per novel class; its labels index its

@@ -177,10 +177,30 @@ class Conditioner(nn.Module):
         return tok, tok.flatten(1)
 
 
+def norm_groups(channels: Sequence[int]) -> int:
+    """GroupNorm groups of a UNet with these level widths: 8 when every width divides by 8, else 1."""
+    return 8 if min(channels) % 8 == 0 else 1
+
+
 class DiffusionGenerator:
     """A pixel diffusion model conditioned on class tokens and/or class-name embeddings."""
 
-    kind = "pixel-diffusion"
+    kind = "diffusion"  # generator.kind (fewgen.generators.registry)
+    file_format = "pixel-diffusion"  # generator.json's "kind"
+
+    @classmethod
+    def from_options(cls, g, base, encoder=None, device: torch.device | str = "cpu") -> DiffusionGenerator:
+        """An untrained generator of the generator config ``g`` (``fewgen.config.GeneratorConfig``)
+        for the base classes ``base``; it reads no encoder."""
+        c, s = base.image_shape[0], base.image_shape[1]
+        cfg = DiffusionConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
+                              attention_levels=list(g.attention_levels), cond_dim=g.cond_dim, cond_mode=g.cond_mode,
+                              norm_num_groups=norm_groups(g.block_out_channels))
+        return cls(cfg, base.class_names, device)
+
+    @classmethod
+    def load_trained(cls, folder: str | Path, encoder=None, device: torch.device | str = "cpu") -> DiffusionGenerator:
+        return cls.load(folder, device)
 
     def __init__(self, cfg: DiffusionConfig, class_names: list[str], device: torch.device | str = "cpu",
                  text_embeddings: torch.Tensor | None = None, text_encoder_path: str | None = None):
@@ -436,7 +456,7 @@ class DiffusionGenerator:
         folder = Path(folder)
         tensors = {f"{name}.{k}": v for name, m in self.modules().items() for k, v in m.state_dict().items()}
         save_tensors(folder / "generator.safetensors", tensors, meta)
-        write_json(folder / "generator.json", {"kind": self.kind, "config": dataclasses.asdict(self.cfg),
+        write_json(folder / "generator.json", {"kind": self.file_format, "config": dataclasses.asdict(self.cfg),
                                                "class_names": self.class_names,
                                                "n_base_classes": self.conditioner.tables[0].shape[0]})
 

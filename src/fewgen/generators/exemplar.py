@@ -194,7 +194,29 @@ class ExemplarConditioner(nn.Module):
 class ExemplarDiffusion:
     """Pixel diffusion conditioned on an exemplar image (module docstring)."""
 
-    kind = "exemplar-diffusion"
+    kind = "exemplar"  # generator.kind (fewgen.generators.registry)
+    file_format = "exemplar-diffusion"  # generator.json's "kind", and part of an untrained model's state_key
+
+    @classmethod
+    def from_options(cls, g, base, encoder: nn.Module | None = None,
+                     device: torch.device | str = "cpu") -> ExemplarDiffusion:
+        """An untrained generator of the generator config ``g`` (``fewgen.config.GeneratorConfig``)
+        for images shaped as ``base``'s, reading exemplars through ``encoder`` (features/both)."""
+        from fewgen.generators.diffusion import norm_groups
+
+        c, s = base.image_shape[0], base.image_shape[1]
+        feat_dim = getattr(encoder, "num_features", 0) if encoder is not None else g.cond_dim
+        cfg = ExemplarConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
+                             attention_levels=list(g.attention_levels), norm_num_groups=norm_groups(g.block_out_channels),
+                             cond_mode=g.exemplar_cond, cond_dim=g.cond_dim, n_tokens=g.exemplar_tokens,
+                             feat_dim=feat_dim, p_uncond=g.exemplar_dropout, t_dist=g.exemplar_t_dist,
+                             exemplar_aug=g.exemplar_aug, pair_aug=g.exemplar_pair_aug, rotations=g.exemplar_rotations)
+        return cls(cfg, encoder, device)
+
+    @classmethod
+    def load_trained(cls, folder: str | Path, encoder: nn.Module | None = None,
+                     device: torch.device | str = "cpu") -> ExemplarDiffusion:
+        return cls.load(folder, encoder, device)
 
     def __init__(self, cfg: ExemplarConfig, encoder: nn.Module | None = None, device: torch.device | str = "cpu"):
         if cfg.uses_features and encoder is None:
@@ -416,7 +438,7 @@ class ExemplarDiffusion:
 
     # ------------------------------------------------------------------ persistence
     def state_key(self) -> str:
-        return self.trained_key or stable_hash({"cfg": dataclasses.asdict(self.cfg), "kind": self.kind})
+        return self.trained_key or stable_hash({"cfg": dataclasses.asdict(self.cfg), "kind": self.file_format})
 
     def save(self, folder: str | Path, meta: dict | None = None) -> None:
         """``generator.safetensors`` (UNet + conditioner) and ``generator.json`` (config); the
@@ -427,7 +449,7 @@ class ExemplarDiffusion:
         folder = Path(folder)
         tensors = {f"{name}.{k}": v for name, m in self.modules().items() for k, v in m.state_dict().items()}
         save_tensors(folder / "generator.safetensors", tensors, meta)
-        write_json(folder / "generator.json", {"kind": self.kind, "config": dataclasses.asdict(self.cfg)})
+        write_json(folder / "generator.json", {"kind": self.file_format, "config": dataclasses.asdict(self.cfg)})
 
     @classmethod
     def load(cls, folder: str | Path, encoder: nn.Module | None = None,
@@ -437,7 +459,7 @@ class ExemplarDiffusion:
 
         folder = Path(folder)
         info = read_json(folder / "generator.json")
-        if info.get("kind") != cls.kind:
+        if info.get("kind") != cls.file_format:
             raise FewgenError(f"{folder} holds a {info.get('kind')!r} generator, not an exemplar-conditioned one")
         gen = cls(ExemplarConfig(**info["config"]), encoder, device)
         tensors, _ = load_tensors(folder / "generator.safetensors")

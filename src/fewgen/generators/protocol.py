@@ -19,9 +19,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-#: the values of ``generator.kind``: the class-token pixel generator, the exemplar generator, Stable Diffusion
-GENERATOR_KINDS = ("diffusion", "exemplar", "stable-diffusion")
-
 
 @runtime_checkable
 class Generator(Protocol):

@@ -104,6 +104,12 @@ class StableDiffusionGenerator:
     kind = "stable-diffusion"
     parallel_sampling = False  # one pipeline per process
 
+    @classmethod
+    def from_options(cls, g, device: torch.device | str = "cpu") -> StableDiffusionGenerator:
+        """The pipeline ``g.model`` of the generator config ``g`` (``fewgen.config.GeneratorConfig``)."""
+        return cls(g.model, device=device, dtype=g.dtype, prompt=g.prompt, resolution=g.resolution,
+                   attention_slicing=g.attention_slicing, vae_slicing=g.vae_slicing, compile=g.compile)
+
     def __init__(self, model: str | Path, device: torch.device | str = "cpu", dtype: str = "auto",
                  prompt: str = "a photo of a {}", resolution: int | None = None, attention_slicing: bool = False,
                  vae_slicing: bool = False, compile: bool = False):

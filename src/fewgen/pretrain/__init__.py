@@ -29,10 +29,12 @@ class PretrainedBackbone:
     best_val: float = float("nan")
 
 
-def pretrain_backbone(cfg, data, cache, device: torch.device | str = "cpu",
+def pretrain_backbone(backbone_options, options, data, cache, device: torch.device | str = "cpu",
                       log: Callable[[str], None] = print, progress: bool = True,
                       log_dir: str | Path | None = None) -> PretrainedBackbone:
-    """Pretrain (or load from the cache, or resume) the backbone ``cfg`` describes.
+    """Pretrain (or load from the cache, or resume) the backbone of the options ``backbone_options``
+    (``fewgen.config.BackboneConfig``) with the pretraining options ``options`` (``PretrainConfig``)
+    on ``data``'s base classes.
 
     Returns the val-selected backbone. The cache entry is complete once it is marked done;
     an interrupted run resumes from the last epoch checkpoint in it. ``progress``: a bar per
@@ -45,51 +47,57 @@ def pretrain_backbone(cfg, data, cache, device: torch.device | str = "cpu",
     from fewgen.data.augment import add_rotation_classes
     from fewgen.utils import read_json, seed_everything, write_json
 
-    if is_pretrained(cfg.backbone.name):
-        return frozen_pretrained_backbone(cfg, data, cache, device, log)
-    recipe = RECIPES.get(cfg.pretrain.recipe)
-    parts = pretrain_key(cfg, data)
-    entry = cache.entry("backbones", parts)
-    key = cache.key(parts)
-    final = entry / "backbone.safetensors"
-    backbone = create_backbone(cfg.backbone.name, in_chans=data.base.image_shape[0], **cfg.backbone.kwargs)
-    if cache.ready(entry, log):
+    b, p = backbone_options, options
+    if is_pretrained(b.name):
+        return frozen_pretrained_backbone(b, data, cache, device, log)
+    recipe = RECIPES.get(p.recipe)
+    parts = pretrain_key(b, p, data)
+
+    def new_backbone():
+        return create_backbone(b.name, in_chans=data.base.image_shape[0], **b.kwargs)
+
+    def build(entry: Path) -> None:
+        seed_everything(p.seed)
+        images, labels, n_classes = data.base.images, data.base.labels, data.base.num_classes
+        if p.rotation_classes:
+            images, labels = add_rotation_classes(images, labels, n_classes)
+            n_classes *= 4
+        log(f"pretraining {b.name} with recipe {p.recipe!r} on {len(images)} images, "
+            f"{n_classes} classes ({data.name} base)")
+        ctx = PretrainContext(b, p, data, images, labels, n_classes, entry, torch.device(device), log, progress,
+                              None if log_dir is None else Path(log_dir))
+        result = recipe(ctx)
+        backbone = new_backbone()  # after training: the recipe starts from the seed's random state
+        load_model(result.best_path, backbone)
+        meta = {"best_epoch": result.best_epoch, "best_val": result.best_val, "recipe": p.recipe}
+        save_model(entry / "backbone.safetensors", backbone, meta)
+        write_json(entry / "history.json", {"history": result.history, **meta})
+        cache.mark_done(entry, meta)
+
+    def load(entry: Path) -> PretrainedBackbone:
+        backbone = new_backbone()
+        final = entry / "backbone.safetensors"
         meta = load_model(final, backbone)
-        log(f"pretrained backbone from cache {entry}")
         info = read_json(entry / "history.json")
-        return PretrainedBackbone(backbone.to(device), key, final, info["history"], meta.get("best_epoch", -1),
-                                  meta.get("best_val", float("nan")))
-    seed_everything(cfg.pretrain.seed)
-    images, labels, n_classes = data.base.images, data.base.labels, data.base.num_classes
-    if cfg.pretrain.rotation_classes:
-        images, labels = add_rotation_classes(images, labels, n_classes)
-        n_classes *= 4
-    log(f"pretraining {cfg.backbone.name} with recipe {cfg.pretrain.recipe!r} on {len(images)} images, "
-        f"{n_classes} classes ({data.name} base)")
-    ctx = PretrainContext(cfg, data, images, labels, n_classes, entry, torch.device(device), log, progress,
-                          None if log_dir is None else Path(log_dir))
-    result = recipe(ctx)
-    load_model(result.best_path, backbone)
-    meta = {"best_epoch": result.best_epoch, "best_val": result.best_val, "recipe": cfg.pretrain.recipe}
-    save_model(final, backbone, meta)
-    write_json(entry / "history.json", {"history": result.history, **meta})
-    cache.mark_done(entry, meta)
-    return PretrainedBackbone(backbone.to(device), key, final, result.history, result.best_epoch, result.best_val)
+        return PretrainedBackbone(backbone.to(device), cache.key(parts), final, info["history"],
+                                  meta.get("best_epoch", -1), meta.get("best_val", float("nan")))
+
+    return cache.build_or_load("backbones", parts, build, load, log, what="pretrained backbone")
 
 
-def frozen_pretrained_backbone(cfg, data, cache, device: torch.device | str = "cpu",
+def frozen_pretrained_backbone(backbone_options, data, cache, device: torch.device | str = "cpu",
                                log: Callable[[str], None] = print) -> PretrainedBackbone:
     """A frozen pretrained backbone (``clip``, ``dinov2``) from ``backbone.model``: loaded, never
     trained. Its key (``fewgen.keys``, kind ``pretrained-backbones``) is derived from the backbone
     section and the model's content, so its features are cached like a trained backbone's; ``path``
     is the model folder."""
     from fewgen.backbones import create_backbone
-    from fewgen.keys import key_parts
+    from fewgen.keys import key_parts, sections
 
-    b = cfg.backbone
+    b = backbone_options
     backbone = create_backbone(b.name, in_chans=data.base.image_shape[0] if data is not None else 3, model=b.model,
                                dtype=b.dtype, **b.kwargs)
-    key = cache.key(key_parts("pretrained-backbones", cfg, model=backbone.digest))
+    key = cache.key(key_parts("pretrained-backbones", sections(backbone=b), model=backbone.digest))
     shape = "" if data is None else f"; images {'x'.join(map(str, data.base.image_shape))} preprocessed as its " \
                                     f"image processor: {backbone.preprocessing.describe()}"
     log(f"pretrained {b.name} backbone {backbone.source} (frozen, {backbone.num_features} features, content "

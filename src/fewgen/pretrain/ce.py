@@ -17,7 +17,7 @@ def train_ce(ctx: PretrainContext):
     backbone = ctx.new_backbone()
     head = nn.Linear(backbone.num_features, ctx.num_classes)
     model = nn.ModuleDict({"backbone": backbone, "head": head})
-    smoothing = ctx.cfg.pretrain.label_smoothing
+    smoothing = ctx.options.label_smoothing
 
     def loss_fn(x, y, step):
         return {"ce": F.cross_entropy(head(backbone.forward_features(x)), y, label_smoothing=smoothing)}

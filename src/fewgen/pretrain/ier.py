@@ -348,11 +348,11 @@ def check_ier_settings(ic, recipe: str = "ier") -> None:
 
 def _prepare(ctx: PretrainContext) -> tuple[PretrainContext, _ViewPlan]:
     """Check the IER settings; choose the training set (see 'Rotation classes' above)."""
-    ic = ctx.cfg.pretrain.ier
-    check_ier_settings(ic, ctx.cfg.pretrain.recipe)
+    ic = ctx.options.ier
+    check_ier_settings(ic, ctx.options.recipe)
     ts = TransformSet(ic.transforms)
     n_views = len(ts) if ic.num_views is None else ic.num_views
-    rotation_data = ctx.cfg.pretrain.rotation_classes
+    rotation_data = ctx.options.rotation_classes
     relabel = False
     base_classes = ctx.data.base.num_classes
     if rotation_data and "rotate" in ts.families:
@@ -374,15 +374,15 @@ def _prepare(ctx: PretrainContext) -> tuple[PretrainContext, _ViewPlan]:
 
 
 def _build_model(ctx: PretrainContext, plan: _ViewPlan, stage: str) -> IERModel:
-    ic = ctx.cfg.pretrain.ier
+    ic = ctx.options.ier
     # seeded by stage, so a generation resumed alone starts from the same weights
-    torch.manual_seed(seed_hash("ier-init", ctx.cfg.pretrain.seed, stage))
+    torch.manual_seed(seed_hash("ier-init", ctx.options.seed, stage))
     return IERModel(ctx.new_backbone(), ctx.num_classes, len(plan.transforms), ic.feature_dim, ic.head_hidden)
 
 
 def _loss_fn(ctx: PretrainContext, model: IERModel, plan: _ViewPlan, bank: MemoryBank, settings: TrainSettings,
              stage: str, teacher: IERModel | None = None):
-    ic = ctx.cfg.pretrain.ier
+    ic = ctx.options.ier
     indexer = BatchIndexer(ctx.train_labels, settings, stage)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -423,9 +423,9 @@ def _loss_fn(ctx: PretrainContext, model: IERModel, plan: _ViewPlan, bank: Memor
 def _train_generation(ctx: PretrainContext, plan: _ViewPlan, stage: str,
                       teacher: IERModel | None = None) -> tuple[TrainResult, IERModel]:
     """Train one generation (student of ``teacher`` when given); save the whole final model."""
-    ic = ctx.cfg.pretrain.ier
+    ic = ctx.options.ier
     model = _build_model(ctx, plan, stage)
-    bank = MemoryBank(len(ctx.train_images), ic.feature_dim, ic.bank_momentum, seed=seed_hash(ctx.cfg.pretrain.seed, stage))
+    bank = MemoryBank(len(ctx.train_images), ic.feature_dim, ic.bank_momentum, seed=seed_hash(ctx.options.seed, stage))
     settings = ctx.settings()
     if teacher is not None:
         teacher.to(ctx.device).eval()
@@ -446,7 +446,7 @@ def load_generation(path: str | Path, ctx: PretrainContext, plan: _ViewPlan) -> 
     """A saved generation (``<stage>-model.safetensors``) as a frozen-ready :class:`IERModel`."""
     from fewgen.checkpoint import load_model
 
-    ic = ctx.cfg.pretrain.ier
+    ic = ctx.options.ier
     model = IERModel(ctx.new_backbone(), ctx.num_classes, len(plan.transforms), ic.feature_dim, ic.head_hidden)
     load_model(path, model)
     return model
@@ -464,10 +464,10 @@ def _cached_ier_model(ctx: PretrainContext) -> Path | None:
     """The final model of a finished ``ier`` run of the same config in the same cache, if any."""
     from fewgen.cache import ArtifactCache
 
-    cfg = copy.deepcopy(ctx.cfg)
-    cfg.pretrain.recipe = "ier"
+    options = copy.deepcopy(ctx.options)
+    options.recipe = "ier"
     cache = ArtifactCache(ctx.out_dir.parent.parent)
-    entry = cache.path("backbones", pretrain_key(cfg, ctx.data))
+    entry = cache.path("backbones", pretrain_key(ctx.backbone_options, options, ctx.data))
     path = entry / "ier-model.safetensors"
     return path if entry != ctx.out_dir and cache.ready(entry, ctx.log) and path.exists() else None
 
@@ -475,7 +475,7 @@ def _cached_ier_model(ctx: PretrainContext) -> Path | None:
 @RECIPES.register("ier-distill")
 def train_ier_distill(ctx: PretrainContext) -> TrainResult:
     """IER, then ``generations`` rounds of multi-head self-distillation (stages ier, gen1, gen2, ...)."""
-    generations = ctx.cfg.pretrain.ier.generations
+    generations = ctx.options.ier.generations
     ctx, plan = _prepare(ctx)  # checks generations >= 1
     history: list[dict] = []
     cached = _cached_ier_model(ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,24 +19,28 @@ from fewgen.registry import Registry
 RECIPES: Registry = Registry("pretraining recipe")
 
 
-def pretrain_key(cfg, data) -> dict:
-    """The cache-key parts of the backbone ``cfg`` trains on ``data``: the backbone and pretrain
-    sections (IER options only for the IER recipes) and the content of the base and val images
-    (``fewgen.keys``), so another class split or changed images is another backbone."""
-    from fewgen.keys import key_parts
+def pretrain_key(backbone, pretrain, data) -> dict:
+    """The cache-key parts of the backbone the options ``backbone`` (``fewgen.config.BackboneConfig``)
+    and ``pretrain`` (``PretrainConfig``) train on ``data``: those options (IER options only for the
+    IER recipes) and the content of the base and val images (``fewgen.keys``), so another class split
+    or changed images is another backbone."""
+    from fewgen.keys import key_parts, sections
 
-    return key_parts("backbones", cfg, base=data.base.digest(), val=data.val.digest())
+    return key_parts("backbones", sections(backbone=backbone, pretrain=pretrain), base=data.base.digest(),
+                     val=data.val.digest())
 
 
 @dataclass
 class PretrainContext:
-    """What a recipe gets: the config, base training data, val classes and a place to write.
+    """What a recipe gets: the backbone and pretraining options, base training data, val classes and
+    a place to write.
 
     ``train_images`` / ``train_labels`` already include the rotation classes when
     ``pretrain.rotation_classes`` is on.
     """
 
-    cfg: object  # RunConfig
+    backbone_options: Any  # fewgen.config.BackboneConfig
+    options: Any  # fewgen.config.PretrainConfig
     data: FewShotData
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -47,11 +52,11 @@ class PretrainContext:
     log_dir: Path | None = None  # TensorBoard events, one folder per stage (None: none)
 
     def new_backbone(self) -> nn.Module:
-        b = self.cfg.backbone
+        b = self.backbone_options
         return create_backbone(b.name, in_chans=self.data.base.image_shape[0], **b.kwargs)
 
     def settings(self, **overrides) -> TrainSettings:
-        p = self.cfg.pretrain
+        p = self.options
         s = TrainSettings(
             epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer, momentum=p.momentum,
             weight_decay=p.weight_decay, seed=p.seed, val_every=p.val_every, val_episodes=p.val_episodes,
@@ -63,7 +68,7 @@ class PretrainContext:
 
     def augmentation(self) -> nn.Module:
         shape = self.data.base.image_shape
-        return build_augmentation(self.cfg.pretrain.augment, shape[-1], shape[0]).to(self.device)
+        return build_augmentation(self.options.augment, shape[-1], shape[0]).to(self.device)
 
     def train(self, model: nn.Module, backbone: nn.Module, loss_fn, stage: str,
               settings: TrainSettings | None = None, extra_modules: dict | None = None) -> TrainResult:

@@ -131,7 +131,9 @@ def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: 
     few shots, for SDEdit; None when it starts from noise). ``fewgen.keys`` (kind ``synthetic``)
     declares what of the config it holds."""
     template = gc.prompt if stable_diffusion else "{}"
-    exemplar = gc.kind == "exemplar"
+    from fewgen.generators.registry import generator_kind
+
+    exemplar = generator_kind(gc.kind).exemplar
     extra = {"exemplar_condition": sc.exemplar_condition} if exemplar else \
         {"zero_shot": bool(sc.zero_shot or adapter is None)}
     return SynthesisSpec(generator_key=generator, class_names=list(class_names),

@@ -14,7 +14,7 @@ from fewgen.utils import write_json
 def step_pretrain(run: Run) -> None:
     from fewgen.pretrain import pretrain_backbone
 
-    pb = pretrain_backbone(run.cfg, run.data, run.cache, run.device, run.log, run.progress,
+    pb = pretrain_backbone(run.cfg.backbone, run.cfg.pretrain, run.data, run.cache, run.device, run.log, run.progress,
                            log_dir=tensorboard_dir(run, "pretrain"))
     run.state.backbone = pb
     if run.dir is not None:

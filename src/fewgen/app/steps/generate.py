@@ -20,13 +20,12 @@ from fewgen.app.runner import Run, step
 from fewgen.app.steps.core import tensorboard_dir
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import few_shot_set
+from fewgen.generators.registry import generator_kind
 from fewgen.generators.sampling import sampling_streams
 from fewgen.keys import key_parts
 from fewgen.reports.grids import write_grids
 from fewgen.synthesis.sharding import process_context
 from fewgen.utils import write_json
-
-#: values of generator.kind
 
 
 def generator_parts(run: Run, encoder_key: str | None = None) -> dict:
@@ -35,77 +34,32 @@ def generator_parts(run: Run, encoder_key: str | None = None) -> dict:
     return key_parts("generators", run.cfg, base=run.data.base.digest(), encoder=encoder_key)
 
 
-def _norm_groups(channels: list[int]) -> int:
-    return 8 if min(channels) % 8 == 0 else 1
-
-
-def diffusion_config(run: Run):
-    from fewgen.generators.diffusion import DiffusionConfig
-
-    g = run.cfg.generator
-    c, s = run.data.base.image_shape[0], run.data.base.image_shape[1]
-    return DiffusionConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
-                           attention_levels=list(g.attention_levels), cond_dim=g.cond_dim, cond_mode=g.cond_mode,
-                           norm_num_groups=_norm_groups(g.block_out_channels))
-
-
-def exemplar_config(run: Run, feat_dim: int):
-    from fewgen.generators.exemplar import ExemplarConfig
-
-    g = run.cfg.generator
-    c, s = run.data.base.image_shape[0], run.data.base.image_shape[1]
-    return ExemplarConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
-                          attention_levels=list(g.attention_levels), norm_num_groups=_norm_groups(g.block_out_channels),
-                          cond_mode=g.exemplar_cond, cond_dim=g.cond_dim, n_tokens=g.exemplar_tokens,
-                          feat_dim=feat_dim, p_uncond=g.exemplar_dropout, t_dist=g.exemplar_t_dist,
-                          exemplar_aug=g.exemplar_aug, pair_aug=g.exemplar_pair_aug, rotations=g.exemplar_rotations)
-
-
 def reads_backbone(cfg) -> bool:
     """Whether the generator reads exemplars through the pretrained backbone."""
-    return cfg.generator.kind == "exemplar" and cfg.generator.exemplar_cond != "channels"
+    return generator_kind(cfg.generator.kind).reads_backbone(cfg.generator)
 
 
 def _encoder(run: Run):
-    """The frozen pretrained backbone an exemplar generator reads its exemplars with (None for the
-    class-token generator and for exemplar_cond=channels)."""
+    """The frozen pretrained backbone the generator reads its exemplars with (None for a generator
+    that reads none)."""
     return run.state.backbone if reads_backbone(run.cfg) else None
 
 
 def train_or_load_generator(run: Run):
-    """The base pixel generator for the run's data and config (class-token or exemplar), through the
-    artifact cache."""
-    from fewgen.generators.diffusion import DiffusionGenerator
-    from fewgen.generators.exemplar import ExemplarDiffusion
-
+    """The base generator of the run's kind, trained on the base classes, through the artifact cache."""
     g = run.cfg.generator
+    cls = generator_kind(g.kind).generator_class()
     pb = _encoder(run)
     encoder = None if pb is None else pb.backbone
     parts = generator_parts(run, None if pb is None else pb.key)
-    entry = run.cache.entry("generators", parts)
-    key = run.cache.key(parts)
 
-    def load():
-        if g.kind == "exemplar":
-            return ExemplarDiffusion.load(entry, encoder, run.device)
-        return DiffusionGenerator.load(entry, run.device)
-
-    if run.cache.ready(entry, run.log):
-        gen = load()
-        run.log(f"generator from cache {entry}")
-    else:
+    def build(entry):
         ctx = process_context()
         if ctx.is_main:
             torch.manual_seed(g.seed)
-            if g.kind == "exemplar":
-                feat_dim = getattr(encoder, "num_features", 0) if encoder is not None else g.cond_dim
-                gen = ExemplarDiffusion(exemplar_config(run, feat_dim), encoder, run.device)
-                what = f"exemplar-conditioned ({g.exemplar_cond}) diffusion generator"
-            else:
-                gen = DiffusionGenerator(diffusion_config(run), run.data.base.class_names, run.device)
-                what = "base diffusion generator"
-            run.log(f"training the {what} ({gen.num_parameters() / 1e6:.2f}M parameters) for {g.train_steps} steps "
-                    f"on {len(run.data.base)} base images")
+            gen = cls.from_options(g, run.data.base, encoder, run.device)
+            run.log(f"training the {g.kind} generator ({gen.num_parameters() / 1e6:.2f}M parameters) for "
+                    f"{g.train_steps} steps on {len(run.data.base)} base images")
             res = gen.fit(run.data.base, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr, seed=g.seed,
                           state_path=entry / "training_state.safetensors", log=run.log, log_every=100,
                           progress=run.progress, log_dir=tensorboard_dir(run, "generator"))
@@ -114,23 +68,21 @@ def train_or_load_generator(run: Run):
             run.cache.mark_done(entry, {"steps": g.train_steps, "images_per_s": round(res.images_per_s, 1),
                                         "train_s": round(res.seconds, 1)})
         ctx.barrier()
-        gen = load()
-    gen.trained_key = key
+
+    gen = run.cache.build_or_load("generators", parts, build, lambda entry: cls.load_trained(entry, encoder, run.device),
+                                  run.log, what="generator")
+    gen.trained_key = run.cache.key(parts)
     return gen
 
 
 @step("generator", needs=lambda cfg: ("backbone",) if reads_backbone(cfg) else (), makes=("generator",),
       generative=True)
 def step_generator(run: Run) -> None:
-    g = run.cfg.generator
-    if g.kind == "stable-diffusion":
-        from fewgen.generators.stable_diffusion import StableDiffusionGenerator
-
-        run.state.generator = StableDiffusionGenerator(g.model, device=run.device, dtype=g.dtype, prompt=g.prompt,
-                                                       resolution=g.resolution, attention_slicing=g.attention_slicing,
-                                                       vae_slicing=g.vae_slicing, compile=g.compile)
-        return
-    run.state.generator = train_or_load_generator(run)
+    kind = generator_kind(run.cfg.generator.kind)
+    if kind.pretrained:
+        run.state.generator = kind.generator_class().from_options(run.cfg.generator, run.device)
+    else:
+        run.state.generator = train_or_load_generator(run)
 
 
 # ----------------------------------------------------------------------------- adapt
@@ -182,7 +134,7 @@ def run_synthesis_spec(run: Run, gen, adapter=None, few_shot: ArrayDataset | Non
     return synthesis_spec(run.cfg.synthesis, run.cfg.generator, generator=gen.state_key(),
                           adapter=None if adapter is None else adapter.key, class_names=list(novel.class_names),
                           image_shape=list(novel.image_shape),
-                          stable_diffusion=gen.kind == "stable-diffusion",
+                          stable_diffusion=generator_kind(gen.kind).prompted,
                           sources=None if few_shot is None else few_shot.digest())
 
 
@@ -191,7 +143,7 @@ def step_synthesize(run: Run) -> None:
     from fewgen.synthesis.store import SynthesisCache
 
     gen, s = run.state.generator, run.cfg.synthesis
-    exemplar = gen.kind == "exemplar-diffusion"
+    exemplar = generator_kind(gen.kind).exemplar
     zero_shot = s.zero_shot or not run.state.adapters
     if zero_shot and not s.zero_shot and not exemplar:
         run.log("no adapters in this run: synthesizing zero-shot from the class names (synthesis.zero_shot)")
