@@ -48,3 +48,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits_conv4():
+    """A 16-channel Conv-4 fitted for a few steps on the base digits (features that separate classes a
+    little), in eval mode: the frozen backbone the issue-27 generators are trained and steered through."""
+    import torch
+    import torch.nn.functional as F
+
+    from fewgen.backbones import create_backbone
+    from fewgen.data import load_dataset
+
+    base = load_dataset("digits").base
+    torch.manual_seed(0)
+    net = create_backbone("conv4", in_chans=1, hidden=16, out_channels=16)
+    head = torch.nn.Linear(16, base.num_classes)
+    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], 1e-2)
+    x, y = base.float_images(), base.labels
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx = torch.randint(len(x), (64,), generator=g)
+        loss = F.cross_entropy(head(net.forward_features(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fewgen.backbones import create_backbone
 from fewgen.data import load_dataset
 from fewgen.generators.deform import DeformGenerator, DeformOptions, warp
 
@@ -20,21 +18,8 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def backbone(digits):
-    """A 16-channel Conv-4 fitted for a few steps on the base digits (features that separate classes a little)."""
-    torch.manual_seed(0)
-    net = create_backbone("conv4", in_chans=1, hidden=16, out_channels=16)
-    head = torch.nn.Linear(16, digits.base.num_classes)
-    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], 1e-2)
-    x, y = digits.base.float_images(), digits.base.labels
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        idx = torch.randint(len(x), (64,), generator=g)
-        loss = F.cross_entropy(head(net.forward_features(x[idx])), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+def backbone(digits_conv4):
+    return digits_conv4
 
 
 def test_identity_offsets_keep_the_image(digits):
