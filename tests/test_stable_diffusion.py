@@ -42,6 +42,7 @@ def test_datadream_lora_saves_and_loads_into_pipeline(tiny_pipeline_dir, tmp_pat
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
+    from fewgen.cache import ArtifactCache
     from fewgen.data.base import ArrayDataset
     from fewgen.generators.datadream import DataDreamConfig
     from fewgen.generators.stable_diffusion import StableDiffusionGenerator
@@ -50,7 +51,7 @@ def test_datadream_lora_saves_and_loads_into_pipeline(tiny_pipeline_dir, tmp_pat
     few = ArrayDataset(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 0, 1, 1]),
                        ["cat", "dog"])
     cfg = DataDreamConfig(mode=mode, rank=4, alpha=4.0, steps_per_class=2, batch_size=2, lr=1e-3, warmup=1)
-    adapter = gen.adapt(few, cfg, tmp_path / "adapter")
+    adapter = gen.adapt(few, cfg, ArtifactCache(tmp_path), {"test": mode})
     assert sum(h["steps"] for h in adapter.history) == 4
     weights = adapter.class_folder(1) / "pytorch_lora_weights.safetensors"
     keys = list(load_file(str(weights)))

@@ -277,85 +277,101 @@ def adaptation_monitor(name: str, steps: int, ctx: ProcessContext, log: Callable
     return TrainingMonitor(name, steps, log=log, progress=progress, log_dir=log_dir if steps else None)
 
 
+#: One adapter's training: ``train(classes, name, steps, monitor) -> (state, losses)``, where
+#: ``classes`` are the indices (into the few-shot set's class names) of the classes it sees and
+#: ``name`` seeds it (``"dset"``, or the class's name for ``cls``).
+TrainOne = Callable[[list[int], str, int, TrainingMonitor], tuple[object, list[float]]]
+
+
+def run_datadream(names: list[str], cfg: DataDreamConfig, train: TrainOne, ctx: ProcessContext | None = None,
+                  log: Callable[[str], None] | None = None, progress: bool = False,
+                  log_dir: str | Path | None = None, label: str = "datadream") -> tuple[list, list[dict]]:
+    """DataDream's schedule, the same for every generator; the generator supplies ``train`` (its
+    LoRA target, loss and state). ``dset``: one adapter on all classes for ``classes x
+    steps_per_class`` steps, trained on the main process. ``cls``: one adapter per class, each
+    seeded by its class name, sharded over the processes and gathered in class order, so the result
+    equals one process's. Returns the states (one for ``dset``, one per class for ``cls``) and one
+    history record each; a bar with the ETA (``progress``) and TensorBoard events of the loss
+    (``log_dir``) while it trains (:func:`adaptation_monitor`)."""
+    ctx = ctx or ProcessContext()
+    n = len(names)
+    t0 = time.time()
+
+    def record(name: str, steps: int, losses: list[float]) -> dict:
+        return {"class": name, "steps": steps, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:])}
+
+    if cfg.mode == "dset":
+        states, history = [], []
+        if ctx.is_main:
+            steps = cfg.steps_per_class * n
+            with adaptation_monitor(f"[{label} dset] adaptation", steps, ctx, log, progress, log_dir) as monitor:
+                state, losses = train(list(range(n)), "dset", steps, monitor)
+            states, history = [state], [record("all", steps, losses)]
+            if log:
+                log(f"[{label} dset] {steps} steps, loss {history[0]['loss_last']:.4f} ({time.time() - t0:.0f}s)")
+        return ctx.gather_objects((states, history))[0]
+
+    mine: dict[int, tuple] = {}
+    my_classes = shard(list(range(n)), ctx.rank, ctx.world)
+    with adaptation_monitor(f"[{label} cls] adaptation", cfg.steps_per_class * len(my_classes), ctx, log, progress,
+                            log_dir) as monitor:
+        for c in my_classes:
+            state, losses = train([c], names[c], cfg.steps_per_class, monitor)
+            mine[c] = (state, record(names[c], cfg.steps_per_class, losses))
+            if log and len(mine) % max(1, n // 10) == 0:
+                log(f"[{label} cls] {len(mine)} classes on rank {ctx.rank} ({time.time() - t0:.0f}s)")
+    merged: dict[int, tuple] = {}
+    for part in ctx.gather_objects(mine):
+        merged.update(part)
+    return [merged[c][0] for c in range(n)], [merged[c][1] for c in range(n)]
+
+
+def images_of(few_shot: ArrayDataset, classes: list[int]) -> torch.Tensor:
+    """Indices of the images of ``classes`` in ``few_shot``, in their order there."""
+    return torch.nonzero(torch.isin(few_shot.labels, torch.tensor(classes))).squeeze(1)
+
+
 def train_datadream(base: PixelGenerator, few_shot: ArrayDataset, cfg: DataDreamConfig,
                     ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None,
                     progress: bool = False, log_dir: str | Path | None = None) -> DataDreamAdapter:
-    """Adapt ``base`` to ``few_shot`` (K real images per novel class; its labels index its
-    class_names) and return the adapter. The base generator is not modified. ``progress``: a bar
-    with the ETA; ``log_dir``: TensorBoard events of the loss per step (:func:`adaptation_monitor`).
-
-    ``cls`` adapters are independent (each seeded by its class name), so with several processes
-    each trains its shard of classes and the result equals one process's; ``dset`` trains on rank 0.
-    """
-    ctx = ctx or ProcessContext()
+    """Adapt the class-token generator ``base`` to ``few_shot`` (K real images per novel class; its
+    labels index its class_names) and return the adapter: LoRA on the UNet's attention and a new
+    class token per class (:func:`run_datadream`'s schedule). The base generator is not modified."""
     names = list(few_shot.class_names)
-    n_cls = len(names)
     gen = copy.deepcopy(base)
     new_labels = torch.tensor(gen.add_classes(names))
     init_table = gen.conditioner.tables[-1].detach().clone()
     inject_lora(gen, cfg)
-    key = base.state_key()
-    t0 = time.time()
-    history: list[dict] = []
-    if cfg.mode == "dset":
-        loras, table = [], init_table.clone()
-        if ctx.is_main:
-            with torch.no_grad():
-                gen.conditioner.tables[-1].copy_(init_table)
-            set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, "dset"), cfg.rank))
-            steps = cfg.steps_per_class * n_cls
-            with adaptation_monitor("[datadream dset] adaptation", steps, ctx, log, progress, log_dir) as monitor:
-                losses = _train_adapter(gen, few_shot.images, new_labels[few_shot.labels], steps, cfg,
-                                        (cfg.seed, "dset"), log, monitor)
-            loras, table = [lora_state(gen.unet)], gen.conditioner.tables[-1].detach().clone()
-            history.append({"class": "all", "steps": steps, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:])})
-            if log:
-                log(f"[datadream dset] {steps} steps, loss {history[-1]['loss_last']:.4f} ({time.time() - t0:.0f}s)")
-        loras, table, history = ctx.gather_objects((loras, table, history))[0]
-        return DataDreamAdapter(cfg, names, loras, table, key, history)
 
-    by_class = few_shot.indices_by_class()
-    mine: dict[int, tuple[dict, torch.Tensor, dict]] = {}
-    my_classes = shard(list(range(n_cls)), ctx.rank, ctx.world)
-    monitor = adaptation_monitor("[datadream cls] adaptation", cfg.steps_per_class * len(my_classes), ctx, log,
-                                 progress, log_dir)
-    with monitor:
-        for c in my_classes:
-            with torch.no_grad():
-                gen.conditioner.tables[-1].copy_(init_table)
-            set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, names[c]),
-                                                     cfg.rank))
-            idx = by_class[c]
-            losses = _train_adapter(gen, few_shot.images[idx], new_labels[few_shot.labels[idx]], cfg.steps_per_class,
-                                    cfg, (cfg.seed, names[c]), log, monitor)
-            rec = {"class": names[c], "steps": cfg.steps_per_class, "loss_first": losses[0],
-                   "loss_last": sum(losses[-10:]) / len(losses[-10:])}
-            mine[c] = (lora_state(gen.unet), gen.conditioner.tables[-1][c].detach().clone(), rec)
-            if log and (len(mine) % max(1, n_cls // 10) == 0):
-                log(f"[datadream cls] {len(mine)} classes on rank {ctx.rank} ({time.time() - t0:.0f}s)")
-    merged: dict[int, tuple] = {}
-    for part in ctx.gather_objects(mine):
-        merged.update(part)
-    loras = [merged[c][0] for c in range(n_cls)]
-    table = torch.stack([merged[c][1] for c in range(n_cls)])
-    history = [merged[c][2] for c in range(n_cls)]
-    return DataDreamAdapter(cfg, names, loras, table, key, history)
+    def train(classes: list[int], name: str, steps: int, monitor: TrainingMonitor) -> tuple[tuple, list[float]]:
+        with torch.no_grad():
+            gen.conditioner.tables[-1].copy_(init_table)
+        set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("datadream-init", cfg.seed, name), cfg.rank))
+        idx = images_of(few_shot, classes)
+        losses = _train_adapter(gen, few_shot.images[idx], new_labels[few_shot.labels[idx]], steps, cfg,
+                                (cfg.seed, name), log, monitor)
+        return (lora_state(gen.unet), gen.conditioner.tables[-1][classes].detach().clone()), losses
+
+    states, history = run_datadream(names, cfg, train, ctx, log, progress, log_dir)
+    return DataDreamAdapter(cfg, names, [lora for lora, _ in states], torch.cat([rows for _, rows in states]),
+                            base.state_key(), history)
 
 
-def cached_adapter(entry: Path, cache, train: Callable[[], DataDreamAdapter], ctx: ProcessContext | None = None,
-                   log: Callable[[str], None] | None = None, what: str = "DataDream adapter") -> DataDreamAdapter:
-    """The adapter in cache entry ``entry`` when it is ready there; else ``train()`` it (every process),
-    save it from the main process, mark the entry done (with the training time) and return it."""
+def cached_adaptation(cache, parts: dict, train: Callable[[Path], object], save: Callable[[object, Path], None],
+                      load: Callable[[Path], object], ctx: ProcessContext | None = None,
+                      log: Callable[[str], None] | None = None, what: str = "DataDream adapter"):
+    """The adapter of cache kind ``adapters`` for ``parts`` (:meth:`ArtifactCache.build_or_load`):
+    loaded when its entry is done and intact; else ``train(entry)`` on every process (``cls``
+    adapters are sharded; a generator may write its files into the entry as it trains),
+    ``save(trained, entry)`` and the done marker from the main process, then loaded."""
     ctx = ctx or ProcessContext()
-    if cache.ready(entry, log):
-        if log:
-            log(f"{what} from cache {entry}")
-        return DataDreamAdapter.load(entry)
-    t0 = time.time()
-    adapter = train()
-    if ctx.is_main:
-        adapter.save(entry)
-        cache.mark_done(entry, {"mode": adapter.cfg.mode, "classes": len(adapter.class_names),
-                                "train_s": round(time.time() - t0, 1)})
-    ctx.barrier()
-    return adapter
+
+    def build(entry: Path) -> None:
+        t0 = time.time()
+        trained = train(entry)
+        if ctx.is_main:
+            save(trained, entry)
+            cache.mark_done(entry, {"train_s": round(time.time() - t0, 1)})
+        ctx.barrier()
+
+    return cache.build_or_load("adapters", parts, build, load, log, what)

@@ -426,20 +426,19 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ the generator protocol
     parallel_sampling = True  # small UNets: in-process streams, each with its own copy, sample faster
 
-    def adapt(self, few_shot, cfg, entry: str | Path, cache=None, ctx=None, log: Callable[[str], None] | None = None,
+    def adapt(self, few_shot, cfg, cache, parts: dict, ctx=None, log: Callable[[str], None] | None = None,
               progress: bool = False, log_dir: str | Path | None = None):
-        """DataDream LoRA and class tokens for ``few_shot`` (``fewgen.generators.datadream``), cached in
-        ``entry``; ``progress`` and ``log_dir`` (TensorBoard) as :func:`train_datadream`'s."""
-        from fewgen.cache import ArtifactCache
-        from fewgen.generators.datadream import cached_adapter, train_datadream
+        """DataDream LoRA and class tokens for ``few_shot`` (``fewgen.generators.datadream``), cached
+        under ``parts`` in ``cache``; ``progress`` and ``log_dir`` (TensorBoard) as
+        :func:`train_datadream`'s."""
+        from fewgen.generators.datadream import DataDreamAdapter, cached_adaptation, train_datadream
 
-        entry = Path(entry)
         if log:
             log(f"DataDream {cfg.mode}: {few_shot.num_classes} classes x {len(few_shot) // few_shot.num_classes} "
                 f"shots, {cfg.steps_per_class * few_shot.num_classes} steps in total")
-        return cached_adapter(entry, cache or ArtifactCache(entry.parent.parent),
-                              lambda: train_datadream(self, few_shot, cfg, ctx, log, progress, log_dir), ctx, log,
-                              f"DataDream {cfg.mode} adapter")
+        return cached_adaptation(cache, parts, lambda entry: train_datadream(self, few_shot, cfg, ctx, log, progress, log_dir),
+                                 lambda adapter, entry: adapter.save(entry), DataDreamAdapter.load, ctx, log,
+                                 f"DataDream {cfg.mode} adapter")
 
     def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
         return pixel_sample_fn(self, spec, adapter, sources)

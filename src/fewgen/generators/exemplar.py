@@ -420,18 +420,17 @@ class ExemplarDiffusion:
     # ------------------------------------------------------------------ the generator protocol
     parallel_sampling = True
 
-    def adapt(self, few_shot: ArrayDataset, cfg, entry: str | Path, cache=None, ctx=None,
+    def adapt(self, few_shot: ArrayDataset, cfg, cache, parts: dict, ctx=None,
               log: Callable[[str], None] | None = None, progress: bool = False, log_dir: str | Path | None = None):
-        """DataDream's LoRA fitted to ``few_shot`` (:func:`train_exemplar_datadream`), cached in ``entry``;
-        ``progress`` (a bar with the ETA) and ``log_dir`` (TensorBoard events of the loss) while it trains."""
-        from fewgen.cache import ArtifactCache
-        from fewgen.generators.datadream import cached_adapter
+        """DataDream's LoRA fitted to ``few_shot`` (:func:`train_exemplar_datadream`), cached under
+        ``parts`` in ``cache``; ``progress`` (a bar with the ETA) and ``log_dir`` (TensorBoard events of
+        the loss) while it trains."""
+        from fewgen.generators.datadream import DataDreamAdapter, cached_adaptation
 
-        entry = Path(entry)
-        return cached_adapter(entry, cache or ArtifactCache(entry.parent.parent),
-                              lambda: train_exemplar_datadream(self, few_shot, cfg, ctx, log, progress, log_dir),
-                              ctx, log,
-                              f"exemplar DataDream {cfg.mode} adapter")
+        return cached_adaptation(cache, parts,
+                                 lambda entry: train_exemplar_datadream(self, few_shot, cfg, ctx, log, progress, log_dir),
+                                 lambda adapter, entry: adapter.save(entry), DataDreamAdapter.load, ctx, log,
+                                 f"exemplar DataDream {cfg.mode} adapter")
 
     def synthesis_sample_fn(self, spec, adapter, image_shape, sources=None):
         return exemplar_sample_fn(self, spec, adapter, sources)
@@ -483,22 +482,19 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
     condition). The base generator is not modified."""
     from fewgen.generators.datadream import (
         DataDreamAdapter,
-        adaptation_monitor,
         init_lora_state,
         inject_lora,
         lora_state,
+        run_datadream,
         set_lora_state,
     )
-    from fewgen.synthesis.sharding import ProcessContext, shard
 
-    ctx = ctx or ProcessContext()
     names = list(few_shot.class_names)
     groups = few_shot.indices_by_class()
     if any(len(ix) == 0 for ix in groups):
         raise FewgenError("every novel class needs at least one shot to adapt the exemplar generator")
     gen = copy.deepcopy(base)
     inject_lora(gen, cfg)
-    t0 = time.time()
 
     def train(classes: list[int], name: str, steps: int, monitor) -> tuple[dict, list[float]]:
         set_lora_state(gen.unet, init_lora_state(gen.unet, make_generator("exemplar-datadream-init", cfg.seed, name),
@@ -522,34 +518,7 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
             p.requires_grad_(False)
         return lora_state(gen.unet), losses
 
-    history: list[dict] = []
-    if cfg.mode == "dset":
-        loras = []
-        if ctx.is_main:
-            steps = cfg.steps_per_class * len(names)
-            with adaptation_monitor("[exemplar datadream dset] adaptation", steps, ctx, log, progress,
-                                    log_dir) as monitor:
-                state, losses = train(list(range(len(names))), "dset", steps, monitor)
-            loras = [state]
-            history.append({"class": "all", "steps": steps, "loss_last": sum(losses[-10:]) / len(losses[-10:])})
-            if log:
-                log(f"[exemplar datadream dset] {steps} steps, loss {history[-1]['loss_last']:.4f} "
-                    f"({time.time() - t0:.0f}s)")
-        loras, history = ctx.gather_objects((loras, history))[0]
-    else:
-        mine = {}
-        my_classes = shard(list(range(len(names))), ctx.rank, ctx.world)
-        with adaptation_monitor("[exemplar datadream cls] adaptation", cfg.steps_per_class * len(my_classes), ctx,
-                                log, progress, log_dir) as monitor:
-            for c in my_classes:
-                state, losses = train([c], names[c], cfg.steps_per_class, monitor)
-                mine[c] = (state, {"class": names[c], "steps": cfg.steps_per_class,
-                                   "loss_last": sum(losses[-10:]) / len(losses[-10:])})
-        merged: dict[int, tuple] = {}
-        for part in ctx.gather_objects(mine):
-            merged.update(part)
-        loras = [merged[c][0] for c in range(len(names))]
-        history = [merged[c][1] for c in range(len(names))]
+    loras, history = run_datadream(names, cfg, train, ctx, log, progress, log_dir, "exemplar datadream")
     return DataDreamAdapter(cfg, names, loras, torch.zeros(len(names), 0), base.state_key(), history)
 
 

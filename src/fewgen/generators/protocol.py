@@ -2,7 +2,7 @@
 generator, Stable Diffusion): one interface, so the steps never ask which kind they hold.
 
     gen.state_key()                                   # content key: the synthesis cache's generator key
-    gen.adapt(few_shot, datadream_cfg, entry, cache, ctx, log,    # a DataDream adapter, cached in entry
+    gen.adapt(few_shot, datadream_cfg, cache, parts, ctx, log,   # a DataDream adapter, cached under parts
               progress=False, log_dir=None)                   # its bar and TensorBoard events while it trains
     gen.synthesis_sample_fn(spec, adapter, image_shape, sources)  # sample_fn(class, seeds, image indices)
     gen.parallel_sampling                             # whether in-process streams may each hold a copy
@@ -29,11 +29,13 @@ class Generator(Protocol):
     def state_key(self) -> str:
         """The key synthetic sets and adapters of this generator are cached under."""
 
-    def adapt(self, few_shot, cfg, entry: Path, cache=None, ctx=None, log: Callable[[str], None] | None = None,
+    def adapt(self, few_shot, cfg, cache, parts: dict, ctx=None, log: Callable[[str], None] | None = None,
               progress: bool = False, log_dir: Path | None = None) -> Any:
-        """DataDream adaptation to ``few_shot`` (``fewgen.generators.datadream.DataDreamConfig``), loaded
-        from ``entry`` when it is ready there, else trained and saved in it (with a progress bar when
-        ``progress``, and TensorBoard events of its loss in ``log_dir``; a cached one writes none)."""
+        """DataDream adaptation to ``few_shot`` (``fewgen.generators.datadream.DataDreamConfig``): the
+        ``adapters`` entry of ``cache`` for ``parts`` when it is ready, else trained on
+        :func:`~fewgen.generators.datadream.run_datadream`'s schedule and saved there (with a progress
+        bar when ``progress``, and TensorBoard events of its loss in ``log_dir``; a cached one writes
+        none)."""
 
     def synthesis_sample_fn(self, spec, adapter: Any, image_shape: Sequence[int],
                             sources: list[torch.Tensor] | None = None) -> Callable:

@@ -18,7 +18,6 @@ or ``dset`` (one for all, same total steps). Adapters are written with the pipel
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.pixels import SAMPLERS
-from fewgen.synthesis.sharding import ProcessContext, shard
+from fewgen.synthesis.sharding import ProcessContext
 from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import (
     content_digest,
@@ -309,56 +308,41 @@ class StableDiffusionGenerator:
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
                                                   safe_serialization=True)
 
-    def adapt(self, few_shot: ArrayDataset, cfg: DataDreamConfig, entry: Path, cache=None,
+    def adapt(self, few_shot: ArrayDataset, cfg: DataDreamConfig, cache, parts: dict,
               ctx: ProcessContext | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
               log_dir: str | Path | None = None) -> SDAdapter:
-        """DataDream on the few-shot set, written to ``entry`` (reused when ``entry/done`` exists);
-        while it trains, a bar with the ETA (``progress``) and TensorBoard events of the loss in
-        ``log_dir`` (:func:`fewgen.generators.datadream.adaptation_monitor`)."""
-        from fewgen.cache import ArtifactCache
-        from fewgen.generators.datadream import adaptation_monitor
+        """DataDream LoRA on the UNet's and the text encoder's attention for the few-shot set
+        (:func:`fewgen.generators.datadream.run_datadream`'s schedule), cached under ``parts`` in
+        ``cache``; while it trains, a bar with the ETA (``progress``) and TensorBoard events of the
+        loss in ``log_dir``."""
+        from fewgen.generators.datadream import cached_adaptation, images_of, run_datadream
 
-        ctx = ctx or ProcessContext()
-        entry = Path(entry)
-        cache = cache or ArtifactCache(entry.parent.parent)
-        if cache.ready(entry, log):
-            return SDAdapter.load(entry)
         names = list(few_shot.class_names)
-        prompts_all = self.prompts_for(names)
-        self._inject(cfg)
-        t0 = time.time()
-        history = []
-        if cfg.mode == "dset":
-            if ctx.is_main:
-                steps = cfg.steps_per_class * len(names)
-                with adaptation_monitor("[datadream dset] Stable Diffusion adaptation", steps, ctx, log, progress,
-                                        log_dir) as monitor:
-                    losses = self._train(few_shot.images, [prompts_all[y] for y in few_shot.labels.tolist()], steps,
-                                         cfg, (cfg.seed, "dset"), monitor)
-                self._save_lora(entry)
-                history.append({"class": "all", "steps": steps, "loss_last": losses[-1]})
-        else:
-            by_class = few_shot.indices_by_class()
-            my_classes = shard(list(range(len(names))), ctx.rank, ctx.world)
-            with adaptation_monitor("[datadream cls] Stable Diffusion adaptation", cfg.steps_per_class * len(my_classes),
-                                    ctx, log, progress, log_dir) as monitor:
-                for c in my_classes:
-                    losses = self._train(few_shot.images[by_class[c]], [prompts_all[c]] * len(by_class[c]),
-                                         cfg.steps_per_class, cfg, (cfg.seed, names[c]), monitor)
-                    self._save_lora(entry / f"class_{c:04d}")
-                    history.append({"class": names[c], "steps": cfg.steps_per_class, "loss_last": losses[-1]})
-        self._remove_training_adapter()
-        history = [h for part in ctx.gather_objects(history) for h in part]
-        if log:
-            log(f"[datadream {cfg.mode}] Stable Diffusion adapters in {entry} ({time.time() - t0:.0f}s)")
-        if ctx.is_main:
+        prompts = self.prompts_for(names)
+
+        def train(entry: Path) -> list[dict]:
+            self._inject(cfg)
+
+            def train_one(classes: list[int], name: str, steps: int, monitor) -> tuple[None, list[float]]:
+                idx = images_of(few_shot, classes)
+                losses = self._train(few_shot.images[idx], [prompts[y] for y in few_shot.labels[idx].tolist()], steps,
+                                     cfg, (cfg.seed, name), monitor)
+                self._save_lora(entry if cfg.mode == "dset" else entry / f"class_{classes[0]:04d}")
+                return None, losses
+
+            _, history = run_datadream(names, cfg, train_one, ctx, log, progress, log_dir,
+                                       "datadream Stable Diffusion")
+            self._remove_training_adapter()
+            return history
+
+        def save(history: list[dict], entry: Path) -> None:
             write_json(entry / "adapter_config.json", {"method": "datadream", "datadream": asdict(cfg),
                                                        "class_names": names, "generator_key": self.state_key(),
                                                        "lora": {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS},
                                                        "history": history})
-            cache.mark_done(entry, {"mode": cfg.mode})
-        ctx.barrier()
-        return SDAdapter.load(entry)
+
+        return cached_adaptation(cache, parts, train, save, SDAdapter.load, ctx, log,
+                                 f"Stable Diffusion DataDream {cfg.mode} adapter")
 
     def use_adapter(self, adapter: SDAdapter | None, c: int = 0) -> None:
         """Load class ``c``'s LoRA (``cls``) or the set's (``dset``) into the pipeline; None unloads."""

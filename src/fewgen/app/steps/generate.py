@@ -106,10 +106,9 @@ def step_adapt(run: Run) -> None:
         for k in run.cfg.eval.n_shots:
             few = few_shot_set(run.data.novel, k, seed)
             parts = key_parts("adapters", run.cfg, generator=gen.state_key(), few_shot=few.digest())
-            entry = run.cache.entry("adapters", parts)
-            run.state.adapters[(seed, k)] = gen.adapt(few, dd, entry, run.cache, ctx, run.log, progress=run.progress,
+            run.state.adapters[(seed, k)] = gen.adapt(few, dd, run.cache, parts, ctx, run.log, progress=run.progress,
                                                       log_dir=tensorboard_dir(run, "adapt", f"seed{seed}-{k}shot"))
-            run.state.adapter_entries.append(entry)
+            run.state.adapter_entries.append(run.cache.entry("adapters", parts))
 
 
 # ----------------------------------------------------------------------------- synthesize
