@@ -125,86 +125,41 @@ def save_grid(path: Path, shots: torch.Tensor, generated: torch.Tensor, second: 
                                                        Image.NEAREST).save(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.environ.get("FEWGEN_DATA", "/work/shared/data"))
-    ap.add_argument("--cache", default=None, help="artifact cache (default $FEWGEN_CACHE)")
-    ap.add_argument("--split", default="val", choices=("val", "novel"))
-    ap.add_argument("--n-way", type=int, default=20)
-    ap.add_argument("--n-query", type=int, default=15)
-    ap.add_argument("--episodes", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0, help="the few-shot set and episodes")
-    ap.add_argument("--generators", nargs="*", default=["max_shift=0.2"],
-                    help="deform generators, each as comma-separated DeformOptions fields")
-    ap.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5, 0.75])
-    ap.add_argument("--per-shot", nargs="+", type=int, default=[5, 20])
-    ap.add_argument("--copies", type=int, default=20)
-    ap.add_argument("--steer", nargs="*", default=[],
-                    help="steered redrawings (fewgen.generators.steered), each KIND:POOL:M (KIND affine: its default "
-                         "distortion, or copies: the milder one of the affine copies): POOL random redrawings of each "
-                         "shot, of which the M whose mean feature (train backbone) is nearest the regressor's "
-                         "prediction are kept")
-    ap.add_argument("--reference", default="+ {copies} affine copies|s=0.25",
-                    help="ROW|SETTING of the best real-only row (chosen on val): every row's paired difference "
-                         "against it is reported too")
-    ap.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
-
-    from fewgen.cache import ArtifactCache
-    from fewgen.config import load_config
-    from fewgen.data import load_dataset
+def score_draw(a, seed: int, split, data, backbones: dict, deformers: list, generators: list | None,
+               scores: dict) -> tuple:
+    """Score every row on the shot draw and episodes of few-shot seed ``seed``, appending each row's
+    per-episode and per-query accuracies to ``scores``; returns this draw's shots and images (grids)."""
     from fewgen.data.fewshot import all_way_split, few_shot_indices, sample_episodes
     from fewgen.evaluation.features import extract_features
     from fewgen.generators.deform import DeformGenerator
     from fewgen.learners.synthetic import augmented_copies
-    from fewgen.pretrain import pretrain_backbone
-
-    t0 = time.time()
-    cache = ArtifactCache(a.cache)
-    data = load_dataset("omniglot", a.root)
-    split = data.split(a.split)
-    backbones = {}
-    for name, seed in (("train", 0), ("indep", 1)):
-        cfg = load_config("omniglot", [*a.pretrain, f"pretrain.seed={seed}"])
-        pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
-        backbones[name] = pb
-        log(f"backbone {name} (pretrain.seed={seed}): {pb.key}, best val {pb.best_val:.2f}")
 
     # 2 shots per class: the first is the shot, the second the upper bound; queries exclude both
-    shots2 = few_shot_indices(split, 2, a.seed)
+    shots2 = few_shot_indices(split, 2, seed)
     shot_idx, second_idx = shots2[:, 0], shots2[:, 1]
-    episodes = sample_episodes(split, a.n_way, 2, a.n_query, a.episodes, a.seed)
-    _, all_query = all_way_split(split, 2, a.seed)
+    episodes = sample_episodes(split, a.n_way, 2, a.n_query, a.episodes, seed)
+    _, all_query = all_way_split(split, 2, seed)
     n_classes = split.num_classes
-    shot_set = split.subset(shot_idx, name=f"{split.name}/shots-s{a.seed}")
-    copies = augmented_copies(shot_set, a.copies, a.seed)
+    shot_set = split.subset(shot_idx, name=f"{split.name}/shots-s{seed}")
+    copies = augmented_copies(shot_set, a.copies, seed)
     copy_table = torch.stack([(copies.labels == c).nonzero().squeeze(1) for c in range(n_classes)])
 
-    rows: list[dict] = []
     generated_images: dict[str, torch.Tensor] = {}
-    generators = []
-    for spec in a.generators:
-        o = parse_spec(spec)
-        t = time.time()
-        gen = trained_generator(o, spec, backbones["train"], data, cache)
-        train_s = time.time() - t
-        ident = DeformGenerator(data.base.image_shape[0], o)
-        loss = gen.episode_loss(backbones["train"].backbone, split, 50, a.seed)
-        loss0 = ident.episode_loss(backbones["train"].backbone, split, 50, a.seed)
+    for spec, o, gen, train_s in deformers:
         m = max(a.per_shot)
-        images = gen.generate(split.images[shot_idx], m, seed=a.seed)
-        change = (images.float() - split.images[shot_idx].repeat_interleave(m, 0).float()).abs().mean().item() / 255
-        log(f"deform generator {spec!r}: {a.split} prototype loss {loss:.4f} (untrained: {loss0:.4f}); "
-            f"mean pixel change {change:.3f}; {train_s:.0f} s")
-        generators.append({"spec": spec, "options": dataclasses.asdict(o), "split_loss": loss,
-                           "split_loss_untrained": loss0, "pixel_change": change, "train_s": round(train_s, 1),
-                           "history_first100": float(np.mean(gen.history[:100])) if gen.history else None,
-                           "history_last100": float(np.mean(gen.history[-100:])) if gen.history else None})
+        images = gen.generate(split.images[shot_idx], m, seed=seed)
         generated_images[spec] = images.view(n_classes, m, *images.shape[1:])
+        if generators is not None:  # the generator's own figures, on the first draw
+            ident = DeformGenerator(data.base.image_shape[0], o)
+            loss = gen.episode_loss(backbones["train"].backbone, split, 50, seed)
+            loss0 = ident.episode_loss(backbones["train"].backbone, split, 50, seed)
+            change = (images.float() - split.images[shot_idx].repeat_interleave(m, 0).float()).abs().mean().item() / 255
+            log(f"deform generator {spec!r}: {a.split} prototype loss {loss:.4f} (untrained: {loss0:.4f}); "
+                f"mean pixel change {change:.3f}; {train_s:.0f} s")
+            generators.append({"spec": spec, "options": dataclasses.asdict(o), "split_loss": loss,
+                               "split_loss_untrained": loss0, "pixel_change": change, "train_s": round(train_s, 1),
+                               "history_first100": float(np.mean(gen.history[:100])) if gen.history else None,
+                               "history_last100": float(np.mean(gen.history[-100:])) if gen.history else None})
 
     steered: dict[str, torch.Tensor] = {}
     if a.steer:
@@ -215,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         for spec in a.steer:
             kind, pool_n, m = spec.split(":")
             mild = dict(degrees=15.0, translate=0.1, scale=(0.85, 1.15), shear=10.0) if kind == "copies" else {}
-            o = SteeredOptions(pool=int(pool_n), keep=int(m), seed=a.seed, **mild)
+            # the pool and the regressor are seeded by the draw: each draw is also a generator run
+            o = SteeredOptions(pool=int(pool_n), keep=int(m), seed=seed, **mild)
             steerer = SteeredRedrawings(o).fit(bb, data.base)
             steered[spec] = steerer.generate(bb, shots).view(n_classes, o.keep, *shots.shape[1:])
             steered[spec + " (unsteered)"] = affine_pool(shots, o)[:, :o.keep]
-            log(f"steered {spec}: kept {m} of {pool_n} per shot")
+            log(f"seed {seed}: steered {spec}: kept {m} of {pool_n} per shot")
 
     for bname, pb in backbones.items():
         bb = pb.backbone.eval()
@@ -245,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         nearest = (F.normalize(shot, dim=-1) @ base_means.T).topk(2, dim=1).indices
         candidates += [("feature ref: DC-like 2 nearest base means", f"s={s}",
                         prototypes(shot, base_means[nearest], s)) for s in a.shares]
-        regress = train_regressor(base_feats, data.base.labels, seed=a.seed)
+        regress = train_regressor(base_feats, data.base.labels, seed=seed)
         predicted = regress(shot)[:, None]
         candidates += [("feature ref: E[f2|f1] regressor", f"s={s}", prototypes(shot, predicted, s))
                        for s in a.shares]
@@ -253,38 +209,116 @@ def main(argv: list[str] | None = None) -> int:
             gen_feats = extract_features(bb, images.reshape(-1, *images.shape[2:])).view(n_classes, images.shape[1], -1)
             candidates += [(f"+ deform [{spec}]", f"m={m} s={s}", prototypes(shot, gen_feats[:, :m], s))
                            for m in a.per_shot for s in a.shares]
-
         for spec, images in steered.items():
             st_feats = extract_features(bb, images.reshape(-1, *images.shape[2:])).view(n_classes, images.shape[1], -1)
             candidates += [(f"+ redrawings [{spec}]", f"s={s}", prototypes(shot, st_feats, s)) for s in a.shares]
 
-        ref_ep = ref_all = None
-        scored = []
         for row, setting, protos in candidates:
-            acc_ep = episode_acc(protos, feats, episodes)
-            acc_all = all_way_correct(protos, feats, labels, all_query)
-            if ref_ep is None:
-                ref_ep, ref_all = acc_ep, acc_all
-            scored.append((row, setting, protos, acc_ep, acc_all))
-        best_row, best_setting = a.reference.format(copies=a.copies).split("|")
-        best = [(e, w) for row, setting, _, e, w in scored if row == best_row and setting == best_setting]
-        if not best:
+            scores.setdefault((bname, row, setting), []).append(
+                (episode_acc(protos, feats, episodes), all_way_correct(protos, feats, labels, all_query),
+                 (protos * centres).sum(1).mean().item()))
+        log(f"seed {seed}, backbone {bname}: {len(candidates)} rows scored")
+    return shot_idx, second_idx, generated_images, steered
+
+
+def summarise(a, scores: dict, n_classes: int) -> list[dict]:
+    """One row per (backbone, row, setting): accuracies over all draws, the paired difference against
+    shot only and against the best real-only row (``--reference``) with the 95% CI of the per-episode
+    (all-way: per-query) difference pooled over draws, and, with several draws, the 95% CI over the
+    draws' mean differences (``*_draws``): the shots and the generators' seeds vary with the draw,
+    which the per-episode CI of one draw does not see."""
+    best_row, best_setting = a.reference.format(copies=a.copies).split("|")
+    rows = []
+    for bname in dict.fromkeys(b for b, _, _ in scores):
+        mine = {(r, s): v for (b, r, s), v in scores.items() if b == bname}
+        ref = mine[("shot only", "")]
+        if (best_row, best_setting) not in mine:
             raise SystemExit(f"--reference {a.reference!r} names no row")
-        best_ep, best_all = best[0]
-        for row, setting, protos, acc_ep, acc_all in scored:
-            d_ep, h_ep = paired(acc_ep, ref_ep)
-            d_all, h_all = paired(acc_all, ref_all)
-            v_ep, vh_ep = paired(acc_ep, best_ep)
-            v_all, vh_all = paired(acc_all, best_all)
-            rows.append({"backbone": bname, "row": row, "setting": setting,
-                         f"acc_{a.n_way}way": round(acc_ep.mean().item() * 100, 2),
-                         f"diff_{a.n_way}way": round(d_ep, 3), f"ci95_{a.n_way}way": round(h_ep, 3),
-                         "acc_allway": round(acc_all.mean().item() * 100, 2),
-                         "diff_allway": round(d_all, 3), "ci95_allway": round(h_all, 3),
-                         f"vs_best_real_{a.n_way}way": round(v_ep, 3), f"vs_best_real_ci95_{a.n_way}way": round(vh_ep, 3),
-                         "vs_best_real_allway": round(v_all, 3), "vs_best_real_ci95_allway": round(vh_all, 3),
-                         "cos_centre": round((protos * centres).sum(1).mean().item(), 4)})
-        log(f"backbone {bname}: {len(candidates)} rows scored")
+        best = mine[(best_row, best_setting)]
+        for (row, setting), per_draw in mine.items():
+            out = {"backbone": bname, "row": row, "setting": setting, "draws": len(per_draw),
+                   f"acc_{a.n_way}way": round(torch.cat([e for e, _, _ in per_draw]).mean().item() * 100, 2),
+                   "acc_allway": round(torch.cat([w for _, w, _ in per_draw]).mean().item() * 100, 2),
+                   "cos_centre": round(float(np.mean([c for _, _, c in per_draw])), 4)}
+            for tag, against in (("diff", ref), ("vs_best_real", best)):
+                for i, way in ((0, f"{a.n_way}way"), (1, "allway")):
+                    d, h = paired(torch.cat([x[i] for x in per_draw]), torch.cat([y[i] for y in against]))
+                    out[f"{tag}_{way}"], out[f"{tag}_ci95_{way}" if tag != "diff" else f"ci95_{way}"] = round(d, 3), round(h, 3)
+                    if len(per_draw) > 1:
+                        from fewgen.evaluation.protocol import mean_ci95
+
+                        _, hd = mean_ci95([(x[i].mean() - y[i].mean()).item() * 100
+                                           for x, y in zip(per_draw, against, strict=True)])
+                        out[f"{tag}_ci95_draws_{way}"] = round(hd, 3)
+            rows.append(out)
+    return rows
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.environ.get("FEWGEN_DATA", "/work/shared/data"))
+    ap.add_argument("--cache", default=None, help="artifact cache (default $FEWGEN_CACHE)")
+    ap.add_argument("--split", default="val", choices=("val", "novel"))
+    ap.add_argument("--n-way", type=int, default=20)
+    ap.add_argument("--n-query", type=int, default=15)
+    ap.add_argument("--episodes", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="few-shot seeds: each draws its own shots and episodes (and seeds the steered pools and "
+                         "regressors); with several, each difference also gets a CI over the draws")
+    ap.add_argument("--generators", nargs="*", default=["max_shift=0.2"],
+                    help="deform generators, each as comma-separated DeformOptions fields")
+    ap.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    ap.add_argument("--per-shot", nargs="+", type=int, default=[5, 20])
+    ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--steer", nargs="*", default=[],
+                    help="steered redrawings (fewgen.generators.steered), each KIND:POOL:M (KIND affine: its default "
+                         "distortion, or copies: the milder one of the affine copies): POOL random redrawings of each "
+                         "shot, of which the M whose mean feature (train backbone) is nearest the regressor's "
+                         "prediction are kept")
+    ap.add_argument("--reference", default="+ {copies} affine copies|s=0.25",
+                    help="ROW|SETTING of the best real-only row (chosen on val): every row's paired difference "
+                         "against it is reported too")
+    ap.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
+
+    from fewgen.cache import ArtifactCache
+    from fewgen.config import load_config
+    from fewgen.data import load_dataset
+    from fewgen.pretrain import pretrain_backbone
+
+    t0 = time.time()
+    cache = ArtifactCache(a.cache)
+    data = load_dataset("omniglot", a.root)
+    split = data.split(a.split)
+    backbones = {}
+    for name, seed in (("train", 0), ("indep", 1)):
+        cfg = load_config("omniglot", [*a.pretrain, f"pretrain.seed={seed}"])
+        pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
+        backbones[name] = pb
+        log(f"backbone {name} (pretrain.seed={seed}): {pb.key}, best val {pb.best_val:.2f}")
+
+    n_classes = split.num_classes
+    generators, deformers = [], []
+    for spec in a.generators:
+        o = parse_spec(spec)
+        t = time.time()
+        gen = trained_generator(o, spec, backbones["train"], data, cache)
+        deformers.append((spec, o, gen, time.time() - t))
+
+    # (backbone, row, setting) -> per shot draw: (per-episode acc, per-query all-way acc, cos->centre)
+    scores: dict[tuple[str, str, str], list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for seed in a.seeds:
+        grids = score_draw(a, seed, split, data, backbones, deformers, generators if seed == a.seeds[0] else None,
+                           scores)
+        if seed == a.seeds[0]:
+            first_draw = grids
+    rows = summarise(a, scores, n_classes)
+    shot_idx, second_idx, generated_images, steered = first_draw
 
     for spec, images in steered.items():
         if "unsteered" not in spec:
@@ -303,12 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"diff: paired against shot only; vs best real-only: paired against {a.reference.format(copies=a.copies)}")
     print(head)
     print("|" + "---|" * 10)
+    if len(a.seeds) > 1:
+        print(f"{len(a.seeds)} shot draws (seeds {a.seeds}): each +- is the per-episode (all-way: per-query) CI "
+              "pooled over draws, then [+- the CI over the draws' mean differences]")
+
+    def cell(r: dict, tag: str, way: str) -> str:
+        ci = r[f"{tag}_ci95_{way}" if tag != "diff" else f"ci95_{way}"]
+        draws = r.get(f"{tag}_ci95_draws_{way}")
+        return f"{r[f'{tag}_{way}']:+.2f} +- {ci:.2f}" + ("" if draws is None else f" [+- {draws:.2f}]")
+
     for r in rows:
-        print(f"| {r['backbone']} | {r['row']} | {r['setting']} | {r[f'acc_{a.n_way}way']:.2f} | "
-              f"{r[f'diff_{a.n_way}way']:+.2f} +- {r[f'ci95_{a.n_way}way']:.2f} | "
-              f"{r[f'vs_best_real_{a.n_way}way']:+.2f} +- {r[f'vs_best_real_ci95_{a.n_way}way']:.2f} | "
-              f"{r['acc_allway']:.2f} | {r['diff_allway']:+.2f} +- {r['ci95_allway']:.2f} | "
-              f"{r['vs_best_real_allway']:+.2f} +- {r['vs_best_real_ci95_allway']:.2f} | {r['cos_centre']:.4f} |")
+        w = f"{a.n_way}way"
+        print(f"| {r['backbone']} | {r['row']} | {r['setting']} | {r[f'acc_{w}']:.2f} | {cell(r, 'diff', w)} | "
+              f"{cell(r, 'vs_best_real', w)} | {r['acc_allway']:.2f} | {cell(r, 'diff', 'allway')} | "
+              f"{cell(r, 'vs_best_real', 'allway')} | {r['cos_centre']:.4f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(a), "split": a.split, "classes": n_classes,
                                "backbones": {k: {"key": v.key, "best_val": v.best_val} for k, v in backbones.items()},

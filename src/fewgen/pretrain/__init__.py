@@ -65,7 +65,7 @@ def pretrain_backbone(backbone_options, options, data, cache, device: torch.devi
         log(f"pretraining {b.name} with recipe {p.recipe!r} on {len(images)} images, "
             f"{n_classes} classes ({data.name} base)")
         ctx = PretrainContext(b, p, data, images, labels, n_classes, entry, torch.device(device), log, progress,
-                              None if log_dir is None else Path(log_dir))
+                              None if log_dir is None else Path(log_dir), cache)
         result = recipe(ctx)
         backbone = new_backbone()  # after training: the recipe starts from the seed's random state
         load_model(result.best_path, backbone)

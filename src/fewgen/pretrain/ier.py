@@ -461,12 +461,12 @@ def train_ier(ctx: PretrainContext) -> TrainResult:
 
 
 def _cached_ier_model(ctx: PretrainContext) -> Path | None:
-    """The final model of a finished ``ier`` run of the same config in the same cache, if any."""
-    from fewgen.cache import ArtifactCache
-
+    """The final model of a finished ``ier`` run of the same config in the run's cache, if any."""
+    cache = ctx.cache
+    if cache is None:
+        return None
     options = copy.deepcopy(ctx.options)
     options.recipe = "ier"
-    cache = ArtifactCache(ctx.out_dir.parent.parent)
     entry = cache.path("backbones", pretrain_key(ctx.backbone_options, options, ctx.data))
     path = entry / "ier-model.safetensors"
     return path if entry != ctx.out_dir and cache.ready(entry, ctx.log) and path.exists() else None

@@ -50,6 +50,7 @@ class PretrainContext:
     log: Callable[[str], None]
     progress: bool = True
     log_dir: Path | None = None  # TensorBoard events, one folder per stage (None: none)
+    cache: Any = None  # the fewgen.cache.ArtifactCache the run's backbone is cached in (None: no cache)
 
     def new_backbone(self) -> nn.Module:
         b = self.backbone_options
