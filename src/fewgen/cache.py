@@ -123,20 +123,21 @@ class ArtifactCache:
                 return f"{name} cannot be read ({e.strerror or e})"
         return None
 
-    def build_or_load(self, kind: str, parts: dict[str, Any], build: Callable[[Path], Any],
+    def build_or_load(self, kind: str, parts: dict[str, Any], build: Callable[[Path], T | None],
                       load: Callable[[Path], T], log: Callable[[str], None] | None = None,
                       what: str | None = None) -> T:
         """The artifact of ``kind`` for ``parts``: ``load(entry)`` when the entry is done and intact
-        (with ``what``, a line ``"<what> from cache <entry>"`` in ``log``), else ``build(entry)``
-        first, which writes the entry's files and marks it done (:meth:`mark_done`), then
-        ``load(entry)``. A damaged entry is reported in ``log`` and rebuilt (:meth:`ready`)."""
+        (with ``what``, a line ``"<what> from cache <entry>"`` in ``log``), else ``build(entry)``,
+        which writes the entry's files and marks it done (:meth:`mark_done`). What ``build`` returns
+        is the artifact (the model as training left it); when it returns None, ``load(entry)`` is.
+        A damaged entry is reported in ``log`` and rebuilt (:meth:`ready`)."""
         entry = self.entry(kind, parts)
         if self.ready(entry, log):
             if log is not None and what is not None:
                 log(f"{what} from cache {entry}")
-        else:
-            build(entry)
-        return load(entry)
+            return load(entry)
+        built = build(entry)
+        return load(entry) if built is None else built
 
     def ready(self, entry: Path, log: Callable[[str], None] | None = None) -> bool:
         """True if the entry is done and intact. A done entry that is not intact is reported in one

@@ -317,26 +317,30 @@ def pretrained_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrai
     from fewgen.utils import content_digest, read_json, write_json
 
     parts = source_gan_key(content_digest(images), arch, settings)
-    entry = cache.entry("gans", parts)
     key = cache.key(parts)
-    G, D = Generator(arch).to(device), Discriminator(arch).to(device)
-    if cache.ready(entry, log):
+
+    def load(entry: Path) -> SourceGAN:
+        G, D = Generator(arch).to(device), Discriminator(arch).to(device)
         load_model(entry / "generator.safetensors", G)
         load_model(entry / "discriminator.safetensors", D)
-        log(f"source GAN from cache {entry}")
         return SourceGAN(G.eval(), D.eval(), key, entry, read_json(entry / "history.json")["history"])
-    n_g = sum(p.numel() for p in G.parameters())
-    n_d = sum(p.numel() for p in D.parameters())
-    log(f"pretraining source GAN ({n_g / 1e3:.0f}k + {n_d / 1e3:.0f}k parameters) on {len(images)} images, "
-        f"{settings.iters} iterations")
-    src = train_source_gan(images, arch, settings, entry, log, device, progress, log_dir)
-    save_model(entry / "generator.safetensors", src.generator, {"arch": asdict(arch)})
-    save_model(entry / "discriminator.safetensors", src.discriminator, {"arch": asdict(arch)})
-    write_json(entry / "history.json", {"history": src.history})
-    (entry / "state.safetensors").unlink(missing_ok=True)
-    cache.mark_done(entry, {"iters": settings.iters})
-    src.key, src.path = key, entry
-    return src
+
+    def build(entry: Path) -> SourceGAN:
+        G, D = Generator(arch), Discriminator(arch)
+        n_g = sum(p.numel() for p in G.parameters())
+        n_d = sum(p.numel() for p in D.parameters())
+        log(f"pretraining source GAN ({n_g / 1e3:.0f}k + {n_d / 1e3:.0f}k parameters) on {len(images)} images, "
+            f"{settings.iters} iterations")
+        src = train_source_gan(images, arch, settings, entry, log, device, progress, log_dir)
+        save_model(entry / "generator.safetensors", src.generator, {"arch": asdict(arch)})
+        save_model(entry / "discriminator.safetensors", src.discriminator, {"arch": asdict(arch)})
+        write_json(entry / "history.json", {"history": src.history})
+        (entry / "state.safetensors").unlink(missing_ok=True)
+        cache.mark_done(entry, {"iters": settings.iters})
+        src.key, src.path = key, entry
+        return src
+
+    return cache.build_or_load("gans", parts, build, load, log, what="source GAN")
 
 
 # ----------------------------------------------------------------------------- adaptation

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,14 +72,13 @@ def source_generator(run: Run, target: str):
     gcfg = DiffusionConfig(image_size=d.gen_image_size, channels=channels, block_out_channels=list(d.gen_channels),
                            attention_levels=[False] * len(d.gen_channels), cond_mode="class")
     parts = key_parts("dg-diffusion", run.cfg, data=full.digest(), sources=sources)
-    entry = run.cache.entry("dg-diffusion", parts)
-    info_path = entry / "train.json"
-    if run.cache.ready(entry, run.log):
-        gen = DiffusionGenerator.load(entry, device=run.device)
+
+    def load(entry: Path) -> tuple[DiffusionGenerator, float]:
         from fewgen.utils import read_json
 
-        seconds = read_json(info_path)["seconds"]
-    else:
+        return DiffusionGenerator.load(entry, device=run.device), read_json(entry / "train.json")["seconds"]
+
+    def build(entry: Path) -> tuple[DiffusionGenerator, float]:
         from fewgen.data.base import ArrayDataset
 
         src = full.select_domains(sources)
@@ -94,9 +94,12 @@ def source_generator(run: Run, target: str):
                 log_dir=tensorboard_dir(run, "domainfusion", f"generator-{target}"))
         seconds = time.time() - t0
         gen.save(entry, {"sources": sources})
-        write_json(info_path, {"seconds": round(seconds, 1), "sources": sources})
+        write_json(entry / "train.json", {"seconds": round(seconds, 1), "sources": sources})
         (entry / "state.safetensors").unlink(missing_ok=True)
         run.cache.mark_done(entry, {"seconds": round(seconds, 1)})
+        return gen, seconds
+
+    gen, seconds = run.cache.build_or_load("dg-diffusion", parts, build, load, run.log)
     adapter = PixelDiffusionAdapter(gen, full.image_shape[-1], guidance=d.gen_guidance)
     freeze(adapter)
     return adapter, stable_hash(parts), seconds
@@ -133,16 +136,19 @@ def cached_method(run: Run, method: str, split: DGSplit, seed: int, gen_state) -
     parts = key_parts("dg-result", run.cfg, data=run.data.full.digest(), target=split.target, seed=seed,
                       method=method, generator=gen_state[1] if uses_generator(method) else None,
                       pretrained=path_digest(d.pretrained) if d.pretrained else None)
-    entry = run.cache.entry("dg-result", parts)
-    path = entry / "result.safetensors"
-    if run.cache.ready(entry, run.log):
-        tensors, meta = load_tensors(path)
+
+    def load(entry: Path) -> dict:
+        tensors, meta = load_tensors(entry / "result.safetensors")
         return {"correct": tensors["correct"].bool(), **meta}
-    out = train_method(run, method, split, seed, gen_state[0] if uses_generator(method) else None)
-    meta = {k: v for k, v in out.items() if k != "correct"}
-    save_tensors(path, {"correct": out["correct"].to(torch.uint8)}, meta)
-    run.cache.mark_done(entry, {"method": method, "target": split.target, "seed": seed})
-    return out
+
+    def build(entry: Path) -> dict:
+        out = train_method(run, method, split, seed, gen_state[0] if uses_generator(method) else None)
+        meta = {k: v for k, v in out.items() if k != "correct"}
+        save_tensors(entry / "result.safetensors", {"correct": out["correct"].to(torch.uint8)}, meta)
+        run.cache.mark_done(entry, {"method": method, "target": split.target, "seed": seed})
+        return out
+
+    return run.cache.build_or_load("dg-result", parts, build, load, run.log)
 
 
 @step("domainfusion", generative=True)

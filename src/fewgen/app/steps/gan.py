@@ -119,8 +119,7 @@ def step_gan_adapt(run: Run) -> None:
             parts = key_parts("gan-adapted", run.cfg, source=src.key, shots=content_digest(setup.shots),
                               target=content_digest(setup.target_eval), method=name, seed=seed,
                               feature_net=net_key, lpips=lpips_key)
-            entry = run.cache.entry("gan-adapted", parts)
-            result = _adapt_cached(run, method, src, setup, settings, entry, track)
+            result = _adapt_cached(run, method, src, setup, settings, parts, track)
             metrics = _final_metrics(gc, result.generator, setup, net, distance, realism, seed, run.device)
             per_seed[name].append(metrics)
             tracking[name][seed] = result.tracking
@@ -169,26 +168,31 @@ def _final_metrics(gc, G: Generator, setup: GenerationSetup, net, distance, real
                               kid_subset_size=gc.kid_subset_size, seed=seed)
 
 
-def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: AdaptSettings, entry: Path, track):
+def _adapt_cached(run: Run, method, src, setup: GenerationSetup, settings: AdaptSettings, parts: dict, track):
     from fewgen.checkpoint import load_model, save_model
     from fewgen.gan.model import AdaptResult, Discriminator
     from fewgen.utils import read_json
 
     arch = src.generator.arch
-    if run.cache.ready(entry, run.log):
+
+    def load(entry: Path) -> AdaptResult:
         G, D = Generator(arch), Discriminator(arch)
         load_model(entry / "generator.safetensors", G)
         load_model(entry / "discriminator.safetensors", D)
         info = read_json(entry / "history.json")
-        run.log(f"{method.name}: adapted GAN from cache {entry}")
         return AdaptResult(G.to(run.device).eval(), D.to(run.device).eval(), info["history"], info["tracking"])
-    result = adapt_gan(method, src, setup.shots, settings, entry, track, run.log, run.device, progress=run.progress,
-                       log_dir=tensorboard_dir(run, "gan-adapt", f"{method.name}-seed{settings.seed}"))
-    save_model(entry / "generator.safetensors", result.generator, {"method": method.name})
-    save_model(entry / "discriminator.safetensors", result.discriminator, {"method": method.name})
-    write_json(entry / "history.json", {"history": result.history, "tracking": result.tracking})
-    (entry / "state.safetensors").unlink(missing_ok=True)
-    run.cache.mark_done(entry, {"iters": settings.iters})
-    return result
+
+    def build(entry: Path) -> AdaptResult:
+        result = adapt_gan(method, src, setup.shots, settings, entry, track, run.log, run.device,
+                           progress=run.progress,
+                           log_dir=tensorboard_dir(run, "gan-adapt", f"{method.name}-seed{settings.seed}"))
+        save_model(entry / "generator.safetensors", result.generator, {"method": method.name})
+        save_model(entry / "discriminator.safetensors", result.discriminator, {"method": method.name})
+        write_json(entry / "history.json", {"history": result.history, "tracking": result.tracking})
+        (entry / "state.safetensors").unlink(missing_ok=True)
+        run.cache.mark_done(entry, {"iters": settings.iters})
+        return result
+
+    return run.cache.build_or_load("gan-adapted", parts, build, load, run.log, what=f"{method.name}: adapted GAN")
 
 

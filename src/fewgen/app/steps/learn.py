@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -145,33 +146,37 @@ def train_one(ctx: SeedContext, spec: MethodSpec, synthetic: ArrayDataset | None
                       synthetic=syn.digest() if syn is not None else None,
                       base=run.data.base.digest() if spec.hallucinates else None)
     model = new_model(run, n_classes)
-    cacheable = lc.model == "backbone"
-    entry = run.cache.entry("learners", parts) if cacheable else None
-    if entry is not None and run.cache.ready(entry, run.log):
+
+    def build(entry: Path | None) -> tuple:
+        t0 = time.time()
+        sp = (spec.name, ctx.seed, ctx.n_shot)
+        if lc.head_init == "prototypes" and lc.model == "backbone":  # CLIP's head starts from the class prompts
+            images = [d for d in (real if spec.uses_real else None, syn) if d is not None]
+            x = torch.cat([d.images for d in images])
+            y = torch.cat([d.labels for d in images])
+            model.head.init_prototypes(model_features(ctx.teacher(), x, device=run.device), y)
+        sources = Sources(real, syn, run.data.base.images, ctx.base_soft_labels, lc.batch_size, sp)
+        batch_fn, loss_fn = spec.method.objective(spec, lc, sources)
+        history = finetune(model, batch_fn, loss_fn, settings, run.data.novel.image_shape, run.device,
+                           log=run.log, name=f"{spec.name} seed {ctx.seed} {ctx.n_shot}-shot", progress=run.progress,
+                           log_dir=tensorboard_dir(run, "learn", f"{spec.name}-seed{ctx.seed}-{ctx.n_shot}shot"
+                                                   + ("" if syn is None else f"-{len(syn)}synthetic")))  # sweep points apart
+        seconds = round(time.time() - t0, 2)
+        if entry is not None:
+            save_model(entry / "model.safetensors", model, {"method": spec.name})
+            write_json(entry / "history.json", {"history": history, "seconds": seconds})
+            run.cache.mark_done(entry, {"method": spec.name, "seconds": seconds})
+        return model, history, seconds
+
+    def load(entry: Path) -> tuple:
         load_model(entry / "model.safetensors", model)
         info = read_json(entry / "history.json")
-        run.log(f"[{spec.name} seed {ctx.seed} {ctx.n_shot}-shot] from cache {entry}")
         return model.to(run.device).eval(), info["history"], info["seconds"]
 
-    t0 = time.time()
-    sp = (spec.name, ctx.seed, ctx.n_shot)
-    if lc.head_init == "prototypes" and lc.model == "backbone":  # CLIP's head starts from the class prompts
-        images = [d for d in (real if spec.uses_real else None, syn) if d is not None]
-        x = torch.cat([d.images for d in images])
-        y = torch.cat([d.labels for d in images])
-        model.head.init_prototypes(model_features(ctx.teacher(), x, device=run.device), y)
-    sources = Sources(real, syn, run.data.base.images, ctx.base_soft_labels, lc.batch_size, sp)
-    batch_fn, loss_fn = spec.method.objective(spec, lc, sources)
-    history = finetune(model, batch_fn, loss_fn, settings, run.data.novel.image_shape, run.device,
-                       log=run.log, name=f"{spec.name} seed {ctx.seed} {ctx.n_shot}-shot", progress=run.progress,
-                       log_dir=tensorboard_dir(run, "learn", f"{spec.name}-seed{ctx.seed}-{ctx.n_shot}shot"
-                                               + ("" if syn is None else f"-{len(syn)}synthetic")))  # sweep points apart
-    seconds = round(time.time() - t0, 2)
-    if entry is not None:
-        save_model(entry / "model.safetensors", model, {"method": spec.name})
-        write_json(entry / "history.json", {"history": history, "seconds": seconds})
-        run.cache.mark_done(entry, {"method": spec.name, "seconds": seconds})
-    return model, history, seconds
+    if lc.model != "backbone":  # the CLIP + LoRA learner is trained each run, not cached
+        return build(None)
+    return run.cache.build_or_load("learners", parts, build, load, run.log,
+                                   what=f"[{spec.name} seed {ctx.seed} {ctx.n_shot}-shot]")
 
 
 def _classifier_kwargs(run: Run) -> dict:
