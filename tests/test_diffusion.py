@@ -102,15 +102,42 @@ def test_base_generator_key_ignores_adaptation_settings():
 
     from fewgen.app.steps.generate import generator_parts
     from fewgen.config import GeneratorConfig, RunConfig
+    from fewgen.generators.datadream import DataDreamConfig
 
     def parts(**kw):
         cfg = RunConfig()
         cfg.generator = dataclasses.replace(GeneratorConfig(), **kw)
         return generator_parts(SimpleNamespace(cfg=cfg, data=SimpleNamespace(base=toy_data(), name="toy")))
 
-    assert parts() == parts(adapt_steps_per_class=10, lora_rank=4, adapt_mode="cls", prompt="{}")
+    assert parts() == parts(datadream=DataDreamConfig(steps_per_class=10, rank=4, mode="cls", warmup=3), prompt="{}")
     assert parts() != parts(train_steps=7)
     assert parts() != parts(cond_mode="class")
+
+
+def test_datadream_section_reaches_the_adapter_and_its_key():
+    """generator.datadream is DataDream's own options: every field is settable from the command line,
+    each one that changes an adapter changes its key, and alpha defaults to the rank."""
+    from fewgen.config import load_config
+    from fewgen.generators.datadream import lora_config
+    from fewgen.keys import key_parts
+
+    def adapter_parts(*overrides):
+        cfg = load_config(None, list(overrides))
+        return key_parts("adapters", cfg, generator="g", few_shot="f")
+
+    cfg = load_config(None, ["generator.datadream.rank=8", "generator.datadream.warmup=3",
+                             "generator.datadream.weight_decay=0", "generator.datadream.p_uncond=0.2"])
+    dd = cfg.generator.datadream
+    assert (dd.rank, dd.warmup, dd.weight_decay, dd.p_uncond) == (8, 3, 0.0, 0.2)
+    assert dd.lora_alpha == 8.0 and lora_config(dd).lora_alpha == 8.0
+    assert load_config(None, ["generator.datadream.alpha=4"]).generator.datadream.lora_alpha == 4.0
+    base = adapter_parts()
+    for change in ("generator.datadream.alpha=4", "generator.datadream.warmup=3", "generator.datadream.p_uncond=0",
+                   "generator.datadream.weight_decay=0", "generator.datadream.seed=1", "generator.datadream.mode=cls"):
+        assert adapter_parts(change) != base, change
+    assert adapter_parts("generator.seed=1") == base  # the base generator's seed is in the generator key
+    sd = ("generator.kind=stable-diffusion", "generator.model=x")
+    assert adapter_parts(*sd, "generator.datadream.p_uncond=0") == adapter_parts(*sd)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -201,8 +228,8 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
     argv = ["generate", "generate", "seeds=[0]", "eval.n_shots=[1]", "generator.cond_mode=class",
-            "generator.train_steps=3", "generator.adapt_steps_per_class=1", "generator.adapt_batch_size=2",
-            "generator.lora_rank=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2", "synthesis.chunk=2",
+            "generator.train_steps=3", "generator.datadream.steps_per_class=1", "generator.datadream.batch_size=2",
+            "generator.datadream.rank=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2", "synthesis.chunk=2",
             "synthesis.grid_classes=2", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
     run = tmp_path / "run"

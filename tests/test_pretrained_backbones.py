@@ -396,7 +396,7 @@ def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
     shots = photo_folder(tmp_path / "my_photos", ["apple", "pear", "plum"], per_class=2, size=(52, 44), seed=5)
     out = tmp_path / "fit"
     assert main(["fit", str(shots), "--preset", "photos", f"generator.model={sd}", f"backbone.model={models['clip']}",
-                 "generator.adapt_steps_per_class=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2",
+                 "generator.datadream.steps_per_class=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2",
                  f"cache_dir={tmp_path / 'cache'}", "--out", str(out), "--no-progress", "--quiet"]) == 0
     log = (out / "log.txt").read_text()
     assert "== step adapt" in log and "== step synthesize" in log and "== step learn" not in log
@@ -470,7 +470,7 @@ def test_two_processes_write_one_run_with_one_log(models, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                            "fewgen.app.cli", "run", "photos", f"backbone.model={models['clip']}",
-                           f"generator.model={sd}", "generator.adapt_steps_per_class=2", "synthesis.synthetic_per_class=2",
+                           f"generator.model={sd}", "generator.datadream.steps_per_class=2", "synthesis.synthetic_per_class=2",
                            "synthesis.steps=2", "eval.episodes=5", "eval.n_shots=[1]", f"cache_dir={tmp_path / 'cache'}",
                            "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -27,6 +27,7 @@ from fewgen.errors import FewgenError
 from fewgen.gan.methods.cdc import CDCOptions
 from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
+from fewgen.generators.datadream import DataDreamConfig
 from fewgen.learners.datadream_classifier import DataDreamOptions
 from fewgen.learners.diffalign import DiffAlignOptions
 from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
@@ -279,7 +280,7 @@ class GeneratorConfig:
     train_steps: int = opt(1500, "DDPM training steps on the base classes", min=1)
     batch_size: int = opt(48, "base training batch size", min=1)
     lr: float = opt(1e-3, "base training peak learning rate (AdamW, warmup + cosine)", gt=0)
-    seed: int = opt(0, "seed of base training and of the adapters' initialisation")
+    seed: int = opt(0, "seed of base training (the adapters': generator.datadream.seed)")
     model: str | None = opt(None, "Stable Diffusion pipeline: local folder or hub id (kind=stable-diffusion)")
     optional: bool = opt(False, "Stable Diffusion without generator.model: false refuses the run; true leaves the "
                          "generator, adapt and synthesize steps and the learner methods that need generated images "
@@ -294,11 +295,7 @@ class GeneratorConfig:
                             "batches; the same cache entries)")
     compile: bool = opt(False, "Stable Diffusion: torch.compile the UNet for sampling (faster after a first slow batch; "
                         "the same cache entries; each switch of a cls adapter recompiles)")
-    adapt_mode: str = opt("dset", "DataDream mode: cls (one LoRA per class) or dset (one LoRA for all classes)", choices=("cls", "dset"))
-    lora_rank: int = opt(16, "DataDream LoRA rank", min=1)
-    adapt_steps_per_class: int = opt(40, "DataDream steps per class (dset trains classes x this, equal total)", min=1)
-    adapt_batch_size: int = opt(16, "DataDream batch size", min=1)
-    adapt_lr: float = opt(1e-3, "DataDream learning rate (AdamW, cosine; the paper's 1e-4 for Stable Diffusion)", gt=0)
+    datadream: DataDreamConfig = field(default_factory=DataDreamConfig)
 
 
 @dataclass

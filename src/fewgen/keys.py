@@ -147,8 +147,7 @@ pretrain section nor the base images enter; the key names its features in the ca
 FEATURES = rule("features", inputs=("checkpoint", "images"))
 """Frozen features of a set of images (digest ``images``) under a backbone (``checkpoint`` key)."""
 
-_ADAPTATION = ("generator.adapt_mode", "generator.lora_rank", "generator.adapt_steps_per_class",
-               "generator.adapt_batch_size", "generator.adapt_lr")
+_ADAPTATION = ("generator.datadream",)
 _STABLE_DIFFUSION = ("generator.model", "generator.prompt", "generator.resolution", "generator.dtype")
 #: how the Stable Diffusion pipeline runs, not what it draws: attention and VAE slicing split the
 #: same sums into slices, torch.compile fuses the same operations; the images agree up to rounding,
@@ -187,12 +186,14 @@ conditioned on backbone features also on that backbone (key ``encoder``)."""
 
 def _adapter_ignores(cfg, inputs) -> dict[str, str]:
     if _kind(cfg).prompted:
-        return {}
+        return {"generator.datadream.target_modules": "a pixel UNet's LoRA targets; Stable Diffusion has its own set",
+                "generator.datadream.p_uncond": "the null condition of a pixel generator's adaptation; Stable "
+                                                "Diffusion's adaptation always has its prompt"}
     return {"generator.prompt": "the prompt template of Stable Diffusion; a pixel generator has no prompt"}
 
 
 ADAPTER = rule(
-    "adapters", config=(*_ADAPTATION, "generator.seed", "generator.prompt"), inputs=("generator", "few_shot"),
+    "adapters", config=(*_ADAPTATION, "generator.prompt"), inputs=("generator", "few_shot"),
     ignore_if=_adapter_ignores,
 )
 """A DataDream adapter of a generator (key ``generator``, which holds how it was trained) to one

@@ -38,6 +38,7 @@ import torch
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.pixels import to_model_space
+from fewgen.options import opt
 from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
 from fewgen.utils import content_digest, make_generator, read_json, stable_hash, write_json
@@ -64,17 +65,24 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 @dataclass
 class DataDreamConfig:
-    mode: str = "dset"
-    rank: int = 16
-    alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    steps_per_class: int = 40
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup: int = 10
-    weight_decay: float = 1e-2
-    p_uncond: float = 0.1
-    seed: int = 0
+    """DataDream's adaptation of a generator to the shots: the config section ``generator.datadream``
+    and what :func:`run_datadream` and the generators' ``adapt`` read."""
+
+    mode: str = opt("dset", "cls (one LoRA per class, trained on its shots) or dset (one LoRA for all classes; the "
+                    "same total steps)", choices=MODES)
+    rank: int = opt(16, "LoRA rank", min=1)
+    alpha: float | None = opt(None, "LoRA alpha (the update is scaled by alpha / rank); default: the rank", gt=0)
+    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "attention projections of a pixel "
+                                    "generator's UNet that get LoRA (Stable Diffusion: its own fixed set)",
+                                    nonempty=True)
+    steps_per_class: int = opt(40, "steps per class (dset trains classes x this, the same total)", min=1)
+    batch_size: int = opt(16, "batch size", min=1)
+    lr: float = opt(1e-3, "learning rate (AdamW, warmup + cosine; the paper's 1e-4 for Stable Diffusion)", gt=0)
+    warmup: int = opt(10, "warmup steps (at most half of each adapter's steps)", min=0)
+    weight_decay: float = opt(1e-2, "AdamW weight decay", min=0)
+    p_uncond: float = opt(0.1, "probability of the null condition in a step (for guidance); pixel generators",
+                          min=0, max=1)
+    seed: int = opt(0, "seed of the adapters' initialisation and batches")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -82,11 +90,15 @@ class DataDreamConfig:
         if self.rank < 1 or self.steps_per_class < 1:
             raise FewgenError(f"rank ({self.rank}) and steps_per_class ({self.steps_per_class}) must be >= 1")
 
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else float(self.alpha)
+
 
 def lora_config(cfg: DataDreamConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
                       init_lora_weights="gaussian")
 
 

@@ -233,9 +233,9 @@ class StableDiffusionGenerator:
             self.pipe.unload_lora_weights()
             self._loaded_lora = None
         self._remove_training_adapter()
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=UNET_TARGETS,
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=UNET_TARGETS,
                                     init_lora_weights="gaussian"), adapter_name="datadream")
-        te.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TEXT_TARGETS,
+        te.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=TEXT_TARGETS,
                                   init_lora_weights="gaussian"), adapter_name="datadream")
         if self.dtype != torch.float32:  # train the LoRA weights in fp32 (diffusers' cast_training_params)
             from diffusers.training_utils import cast_training_params

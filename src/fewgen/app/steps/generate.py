@@ -88,19 +88,10 @@ def step_generator(run: Run) -> None:
 # ----------------------------------------------------------------------------- adapt
 
 
-def datadream_config(run: Run):
-    from fewgen.generators.datadream import DataDreamConfig
-
-    g = run.cfg.generator
-    return DataDreamConfig(mode=g.adapt_mode, rank=g.lora_rank, alpha=float(g.lora_rank),
-                           steps_per_class=g.adapt_steps_per_class, batch_size=g.adapt_batch_size, lr=g.adapt_lr,
-                           seed=g.seed)
-
-
 @step("adapt", needs=("generator",), makes=("adapters",), generative=True)
 def step_adapt(run: Run) -> None:
     gen = run.state.generator
-    dd = datadream_config(run)
+    dd = run.cfg.generator.datadream
     ctx = process_context()
     for seed in run.cfg.seeds:
         for k in run.cfg.eval.n_shots:
@@ -119,8 +110,8 @@ def synthesis_label(run: Run, exemplar: bool, adapter) -> str:
     s, g = run.cfg.synthesis, run.cfg.generator
     how = f"sdedit{'+'.join(f'{v:g}' for v in s.sdedit_strengths)}" if s.sdedit_strengths else "noise"
     if exemplar:
-        return f"exemplar-{g.exemplar_cond}-{how}" + ("" if adapter is None else f"-datadream-{g.adapt_mode}")
-    return f"{'zero-shot' if adapter is None else 'datadream-' + g.adapt_mode}-{how}"
+        return f"exemplar-{g.exemplar_cond}-{how}" + ("" if adapter is None else f"-datadream-{g.datadream.mode}")
+    return f"{'zero-shot' if adapter is None else 'datadream-' + g.datadream.mode}-{how}"
 
 
 def run_synthesis_spec(run: Run, gen, adapter=None, few_shot: ArrayDataset | None = None):
