@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
 
+    from fewgen.app.config import load_config
     from fewgen.cache import ArtifactCache
-    from fewgen.config import load_config
     from fewgen.data import load_dataset
     from fewgen.pretrain import pretrain_backbone
 

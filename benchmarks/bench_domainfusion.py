@@ -103,9 +103,9 @@ def generator_diagnostics(cache_dir: str, data_root: str | None, image_size: int
 def rows_from_cache(cache_dir: str, seeds: list[int], preset_overrides: list[str]) -> list[dict]:
     """Rows from the finished (target, seed, method) results in a cache, without training anything:
     only targets whose every method has every one of ``seeds`` done (a partial comparison)."""
+    from fewgen.app.config import load_config
     from fewgen.cache import ArtifactCache
     from fewgen.checkpoint import load_tensors
-    from fewgen.config import load_config
     from fewgen.dg.protocol import dg_rows
     from fewgen.keys import RULES
 
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.from_run)
         config_note = str(run_dir / "config.yaml")
     else:
+        from fewgen.app.config import load_config
         from fewgen.app.runner import run
-        from fewgen.config import load_config
 
         cfg = load_config("domainfusion", args.set)
         run(cfg, args.run_dir, overwrite=True, progress=False)

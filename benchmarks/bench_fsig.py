@@ -57,8 +57,8 @@ def metrics_check(n: int = 1000, dim: int = 64, seed: int = 0) -> list[dict]:
 
 
 def run_preset(preset: str, out_dir: Path, overrides: list[str]) -> dict:
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(preset, overrides)
     t = time.time()

@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
+from fewgen.app.config import load_config
 from fewgen.cache import ArtifactCache
-from fewgen.config import load_config
 from fewgen.data import load_dataset
 from fewgen.data.fewshot import few_shot_indices, few_shot_set
 from fewgen.generators.datadream import (

@@ -55,8 +55,8 @@ def common_overrides(a: argparse.Namespace) -> list[str]:
 
 def run_one(a: argparse.Namespace) -> None:
     """Child process: one variant through the pipeline; JSON result on stdout's last line."""
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(a.preset, VARIANTS[a.one] + common_overrides(a))
     cfg.name = a.one

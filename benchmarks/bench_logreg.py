@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. pretrain.epochs=2")
     args = p.parse_args(argv)
 
+    from fewgen.app.config import load_config
     from fewgen.app.runner import load_data
     from fewgen.cache import ArtifactCache
-    from fewgen.config import load_config
     from fewgen.data.fewshot import sample_episodes
     from fewgen.evaluation.features import extract_features
     from fewgen.evaluation.protocol import episode_accuracies, mean_ci95

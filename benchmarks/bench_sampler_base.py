@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fewgen.config import pretrain_options
+from fewgen.app.config import pretrain_options
 
 VARIANTS = {  # name -> (sampler, steps, DPMSolverMultistepScheduler overrides)
     "ddim 50": ("ddim", 50, {}),
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from diffusers import DPMSolverMultistepScheduler
 
     import fewgen.generators.diffusion as diffusion
+    from fewgen.app.config import load_config
     from fewgen.cache import ArtifactCache
-    from fewgen.config import load_config
     from fewgen.data import load_dataset
     from fewgen.evaluation.generative import FeatureNet, fid_kid
     from fewgen.pretrain import pretrain_backbone

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fewgen.app.config import load_config
 from fewgen.app.runner import load_data, run
 from fewgen.cache import ArtifactCache
-from fewgen.config import load_config
 from fewgen.data.fewshot import few_shot_indices, few_shot_set
 from fewgen.evaluation.features import extract_features
 

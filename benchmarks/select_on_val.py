@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fewgen.app.config import load_config
 from fewgen.app.runner import run
-from fewgen.config import load_config
 from fewgen.reports.tables import best_of_each_kind
 
 

@@ -21,7 +21,7 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fewgen.config import RunConfig, update_dataclass
+    from fewgen.app.config import RunConfig, update_dataclass
     from fewgen.data.datasets import DATASETS
     from fewgen.data.fewshot import few_shot_indices
     from fewgen.data.novel import load_novel

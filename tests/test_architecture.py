@@ -88,8 +88,8 @@ def test_library_never_imports_the_app():
 
 
 def test_every_registered_learner_method_makes_rows_and_a_finite_loss():
+    from fewgen.app.config import LearnerConfig
     from fewgen.backbones import create_backbone
-    from fewgen.config import LearnerConfig
     from fewgen.data import load_dataset
     from fewgen.data.fewshot import few_shot_set
     from fewgen.learners import LEARNER_METHODS, Sources, method_specs
@@ -125,7 +125,7 @@ def test_method_options_are_config_keys_beside_their_methods(section):
     a method defines is a config key with the method's default."""
     import dataclasses
 
-    from fewgen.config import DomainFusionConfig, GANConfig, LearnerConfig
+    from fewgen.app.config import DomainFusionConfig, GANConfig, LearnerConfig
 
     cls = {"learner": LearnerConfig, "gan": GANConfig, "domainfusion": DomainFusionConfig}[section]
     bases = [b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)]
@@ -138,7 +138,7 @@ def test_method_options_are_config_keys_beside_their_methods(section):
 
 def test_every_generator_kind_is_registered_with_a_class_that_has_its_constructors():
     pytest.importorskip("diffusers")
-    from fewgen.config import GeneratorConfig
+    from fewgen.app.config import GeneratorConfig
     from fewgen.generators.registry import GENERATORS
 
     assert set(GENERATORS.names()) >= {"diffusion", "exemplar", "stable-diffusion"}

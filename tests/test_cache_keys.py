@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from fewgen.config import RunConfig
+from fewgen.app.config import RunConfig
 from fewgen.keys import NOT_IN_KEYS, RULES, RUN_ONLY, config_leaves, config_value, key_parts
 from fewgen.utils import stable_hash
 

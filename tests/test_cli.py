@@ -232,13 +232,13 @@ def test_datasets_and_presets_commands(capsys):
 def test_user_yaml_with_base_preset(tmp_path):
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("base: demo\nname: mine\npretrain:\n  epochs: 1\n")
-    from fewgen.config import load_config
+    from fewgen.app.config import load_config
 
     c = load_config(str(cfg), ["eval.episodes=5"])
     assert c.name == "mine" and c.pretrain.epochs == 1 and c.eval.episodes == 5 and c.data.dataset == "digits"
 
 
 def test_import_fewgen_is_light():
-    code = "import sys, fewgen, fewgen.config, fewgen.data; print(sorted(m for m in ('diffusers','transformers','peft','accelerate') if m in sys.modules))"
+    code = "import sys, fewgen, fewgen.app.config, fewgen.data; print(sorted(m for m in ('diffusers','transformers','peft','accelerate') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

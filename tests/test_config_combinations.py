@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from fewgen.app.cli import fit_config, main
+from fewgen.app.config import load_config, preset_names
 from fewgen.app.runner import check_config
-from fewgen.config import load_config, preset_names
 from fewgen.errors import FewgenError
 from fewgen.generators.registry import GENERATORS
 

@@ -100,8 +100,8 @@ def test_base_generator_key_ignores_adaptation_settings():
     import dataclasses
     from types import SimpleNamespace
 
+    from fewgen.app.config import GeneratorConfig, RunConfig
     from fewgen.app.steps.generate import generator_parts
-    from fewgen.config import GeneratorConfig, RunConfig
     from fewgen.generators.datadream import DataDreamConfig
 
     def parts(**kw):
@@ -117,7 +117,7 @@ def test_base_generator_key_ignores_adaptation_settings():
 def test_datadream_section_reaches_the_adapter_and_its_key():
     """generator.datadream is DataDream's own options: every field is settable from the command line,
     each one that changes an adapter changes its key, and alpha defaults to the rank."""
-    from fewgen.config import load_config
+    from fewgen.app.config import load_config
     from fewgen.generators.datadream import lora_config
     from fewgen.keys import key_parts
 

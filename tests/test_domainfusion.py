@@ -187,8 +187,8 @@ def write_tiny_domains(root, per_class: int = 3):
 
 
 def test_preset_runs_on_tiny_imagefolder_domains(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     root = tmp_path / "domains"
     write_tiny_domains(root)
@@ -207,8 +207,8 @@ def test_preset_runs_on_tiny_imagefolder_domains(tmp_path):
 
 @requires_data("pacs64", "PACS")
 def test_preset_runs_on_tiny_real_pacs_subset(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     src = DATA_ROOT / "pacs64" / "PACS"
     dst = tmp_path / "data" / "pacs64" / "PACS"
@@ -225,8 +225,8 @@ def test_preset_runs_on_tiny_real_pacs_subset(tmp_path):
 
 def test_preset_runs_with_a_stable_diffusion_folder(tmp_path):
     """domainfusion.generator: the frozen latent model serves every target; nothing is trained for it."""
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
     from fewgen.errors import FewgenError
     from tests.tiny_sd import build_tiny_pipeline
 
@@ -249,8 +249,8 @@ def test_preset_runs_with_a_stable_diffusion_folder(tmp_path):
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
     from fewgen.errors import FewgenError
 
     root = tmp_path / "domains"
@@ -295,9 +295,9 @@ def test_latent_adapter_with_tiny_stable_diffusion_components():
 def test_pretrained_backbone_checkpoint_is_loaded(tmp_path):
     from types import SimpleNamespace
 
+    from fewgen.app.config import load_config
     from fewgen.app.steps.domainfusion import new_classifier
     from fewgen.checkpoint import save_model
-    from fewgen.config import load_config
     from fewgen.errors import FewgenError
 
     ckpt = tmp_path / "backbone.safetensors"

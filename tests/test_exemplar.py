@@ -150,9 +150,9 @@ TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "se
 def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     """pretrain -> exemplar generator -> synthesis from the shots -> frozen classifiers with the
     generated images in the support; a set's key holds its shots and the conditioning mode."""
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
     from fewgen.app.steps.generate import run_synthesis_spec
-    from fewgen.config import load_config
     from fewgen.synthesis.store import SynthesisCache
 
     cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "learner.augmented_control=true",
@@ -190,8 +190,8 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
 
 
 def test_exemplar_generator_with_features_needs_pretraining_first(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(DIGITS, [*TINY, *EXEMPLAR, f"cache_dir={tmp_path / 'cache'}", "pipeline=[generator]"])
     with pytest.raises(FewgenError, match="the generator step needs the run's backbone: put 'pretrain' before it"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fewgen.app.config import load_config, pretrain_options
 from fewgen.cache import ArtifactCache
-from fewgen.config import load_config, pretrain_options
 from fewgen.data import load_dataset
 from fewgen.errors import FewgenError
 from fewgen.training import TrainingMonitor, format_duration, format_rate

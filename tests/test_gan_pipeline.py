@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fewgen.app.cli import main
-from fewgen.config import load_config
+from fewgen.app.config import load_config
 from tests.conftest import DIGITS
 
 TINY = [

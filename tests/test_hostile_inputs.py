@@ -134,8 +134,8 @@ def classifier(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
 def test_other_encodings_read_as_the_8bit_originals(tmp_path, classifier, capsys, encoding):
     """An image folder in another encoding is the same data for a run, and the same predictions."""
+    from fewgen.app.config import load_config
     from fewgen.app.runner import load_data
-    from fewgen.config import load_config
 
     original, other = image_folder(tmp_path / "png8"), image_folder(tmp_path / encoding, encoding)
     for channels in (1, 3):

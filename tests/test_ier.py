@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fewgen.app.config import load_config, pretrain_options
 from fewgen.cache import ArtifactCache
 from fewgen.checkpoint import load_tensors
-from fewgen.config import load_config, pretrain_options
 from fewgen.data import load_dataset
 from fewgen.data.augment import add_rotation_classes
 from fewgen.errors import FewgenError

@@ -189,8 +189,8 @@ TINY = ["seeds=[0]", "pretrain.epochs=1", "pretrain.val_episodes=10", "pretrain.
 @pytest.mark.slow
 def test_learn_step_end_to_end_on_digits_with_augmented_copies(tmp_path):
     """The whole learner table on digits, with augmented copies standing in for a generator."""
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,augmented-copies,learn,report]", "learner.sweep=[0,5,12,50]",
                                f"cache_dir={tmp_path / 'cache'}"])
@@ -237,8 +237,8 @@ def test_keep_consistent_keeps_each_class_most_likely_images_in_order():
 
 
 def test_learn_step_filters_synthetic_images_by_the_shot_classifier(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,augmented-copies,learn]", "learner.methods=[datadream]",
                                "learner.synthetic_keep=0.5", "learner.frozen_synthetic=false",
@@ -251,8 +251,8 @@ def test_learn_step_filters_synthetic_images_by_the_shot_classifier(tmp_path):
 
 
 def test_learn_step_errors_without_synthetic(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
     from fewgen.errors import FewgenError
 
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,learn]", f"cache_dir={tmp_path / 'cache'}"])
@@ -273,8 +273,8 @@ def shared_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["datadream", "diffalign"])
 def test_presets_run_end_to_end_on_digits(preset, tmp_path, shared_cache):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(preset, ["data.dataset=digits", "data.image_size=null", "eval.n_ways=[5]", *TINY,
                                *PRESET_TINY, f"cache_dir={shared_cache}"])
@@ -330,8 +330,8 @@ def test_import_synthetic_reads_a_folder_in_novel_class_order(tmp_path):
 
 
 def test_import_synthetic_step_feeds_the_learner(tmp_path):
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     _write_class_folders(tmp_path / "syn", {str(d): 6 for d in range(5, 10)}, size=16)
     cfg = load_config(DIGITS, [*TINY, "pipeline=[pretrain,import-synthetic,learn]", "learner.methods=[datadream]",

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fewgen.app.cli import main
+from fewgen.app.config import load_config
 from fewgen.app.runner import load_data
-from fewgen.config import load_config
 from fewgen.errors import FewgenError
 from tests.conftest import DIGITS, requires_data
 

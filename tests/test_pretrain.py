@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fewgen.pretrain.loop as loop
+from fewgen.app.config import load_config, pretrain_options
 from fewgen.cache import ArtifactCache
 from fewgen.checkpoint import load_tensors
-from fewgen.config import load_config, pretrain_options
 from fewgen.data import load_dataset
 from fewgen.pretrain import pretrain_backbone
 from tests.conftest import DIGITS

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewgen.config import pretrain_options
+from fewgen.app.config import pretrain_options
 
 pytest.importorskip("transformers")
 
@@ -184,7 +184,7 @@ def test_wrong_or_missing_model_is_one_clear_error(models, tmp_path):
 
 
 def _config(name: str, model, cache, **more):
-    from fewgen.config import load_config
+    from fewgen.app.config import load_config
 
     return load_config(None, [f"backbone.name={name}", f"backbone.model={model}", f"cache_dir={cache}",
                               *[f"{k}={v}" for k, v in more.items()]])
@@ -246,10 +246,10 @@ def test_run_exports_a_classifier_that_predict_reads_alike(name, make, processor
     import yaml
 
     from fewgen.app.cli import main
+    from fewgen.app.config import load_config
     from fewgen.cache import ArtifactCache
     from fewgen.checkpoint import load_tensors
     from fewgen.classifier import load_classifier, read_image_file
-    from fewgen.config import load_config
     from fewgen.data.loading import load_data
     from fewgen.evaluation.features import cached_features
     from fewgen.keys import key_parts

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from fewgen.app.config import load_config
 from fewgen.app.runner import load_data, run
 from fewgen.cache import ArtifactCache
-from fewgen.config import load_config
 from fewgen.pretrain import pretrain_key
 from fewgen.utils import stable_hash
 from tests.conftest import DATA_ROOT, DIGITS, requires_data

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewgen.config import RunConfig
+from fewgen.app.config import RunConfig
 from fewgen.errors import FewgenError
 from fewgen.generators.registry import generator_kind
 

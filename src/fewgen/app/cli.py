@@ -14,8 +14,8 @@ from fewgen.errors import FewgenError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     run(cfg, out_dir=args.out, overwrite=args.overwrite, progress=not args.no_progress, quiet=args.quiet)
@@ -44,7 +44,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from fewgen.config import describe, preset_names
+    from fewgen.app.config import describe, preset_names
 
     print("presets: " + ", ".join(preset_names()))
     if args.keys:
@@ -54,8 +54,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from fewgen.app.config import load_config
     from fewgen.app.runner import run
-    from fewgen.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.zero_shot:
@@ -128,11 +128,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def fit_config(shots: str | Path, preset: str = "demo", overrides: list[str] | None = None, name: str | None = None):
-    """The :class:`~fewgen.config.RunConfig` of ``fewgen fit``: the preset with the user's shots as the novel
+    """The :class:`~fewgen.app.config.RunConfig` of ``fewgen fit``: the preset with the user's shots as the novel
     classes, every image of a class a shot (one seed), the preset's pipeline without evaluate and learn (no
     queries) and with export; and, for a generator that draws from DataDream adapters of the shots, the adapt
     step before synthesize when the preset has none (unless synthesis.zero_shot)."""
-    from fewgen.config import load_config
+    from fewgen.app.config import load_config
     from fewgen.generators.registry import generator_kind
 
     shots = Path(shots).expanduser()

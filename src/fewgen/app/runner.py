@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fewgen.app.checks import check_combinations, check_data, resolve_defaults
+from fewgen.app.config import RunConfig
 from fewgen.app.rundir import (
     RunLog,
     check_run_dir,
@@ -30,7 +31,6 @@ from fewgen.app.rundir import (
     write_metrics,
 )
 from fewgen.cache import ArtifactCache
-from fewgen.config import RunConfig
 from fewgen.data.base import ArrayDataset, FewShotData
 from fewgen.data.fewshot import Episodes, check_setting, sample_episodes
 from fewgen.data.loading import load_data
@@ -222,7 +222,7 @@ def check_config(cfg: RunConfig) -> list[str]:
     """Every name and range in ``cfg`` (registries, devices, counts, threads), before anything runs.
     Settings that follow from others are filled in first (:func:`fewgen.app.checks.resolve_defaults`);
     returns its lines for the log."""
-    from fewgen.config import check_values
+    from fewgen.app.config import check_values
 
     import_steps()
     check_run_name(cfg.name)

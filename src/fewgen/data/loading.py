@@ -11,8 +11,8 @@ from fewgen.errors import FewgenError
 
 
 def load_data(d, backbone=None) -> FewShotData:
-    """The :class:`FewShotData` of the data options ``d`` (``fewgen.config.DataConfig``), read for
-    the backbone options ``backbone`` (``fewgen.config.BackboneConfig``; None: a backbone trained
+    """The :class:`FewShotData` of the data options ``d`` (``fewgen.app.config.DataConfig``), read for
+    the backbone options ``backbone`` (``fewgen.app.config.BackboneConfig``; None: a backbone trained
     here, which reads the dataset's own size and channels)."""
     from fewgen.data import load_dataset
 

@@ -190,7 +190,7 @@ class DiffusionGenerator:
 
     @classmethod
     def from_options(cls, g, base, encoder=None, device: torch.device | str = "cpu") -> DiffusionGenerator:
-        """An untrained generator of the generator config ``g`` (``fewgen.config.GeneratorConfig``)
+        """An untrained generator of the generator config ``g`` (``fewgen.app.config.GeneratorConfig``)
         for the base classes ``base``; it reads no encoder."""
         c, s = base.image_shape[0], base.image_shape[1]
         cfg = DiffusionConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),

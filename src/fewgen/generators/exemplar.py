@@ -200,7 +200,7 @@ class ExemplarDiffusion:
     @classmethod
     def from_options(cls, g, base, encoder: nn.Module | None = None,
                      device: torch.device | str = "cpu") -> ExemplarDiffusion:
-        """An untrained generator of the generator config ``g`` (``fewgen.config.GeneratorConfig``)
+        """An untrained generator of the generator config ``g`` (``fewgen.app.config.GeneratorConfig``)
         for images shaped as ``base``'s, reading exemplars through ``encoder`` (features/both)."""
         from fewgen.generators.diffusion import norm_groups
 

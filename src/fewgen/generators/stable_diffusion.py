@@ -105,7 +105,7 @@ class StableDiffusionGenerator:
 
     @classmethod
     def from_options(cls, g, device: torch.device | str = "cpu") -> StableDiffusionGenerator:
-        """The pipeline ``g.model`` of the generator config ``g`` (``fewgen.config.GeneratorConfig``)."""
+        """The pipeline ``g.model`` of the generator config ``g`` (``fewgen.app.config.GeneratorConfig``)."""
         return cls(g.model, device=device, dtype=g.dtype, prompt=g.prompt, resolution=g.resolution,
                    attention_slicing=g.attention_slicing, vae_slicing=g.vae_slicing, compile=g.compile)
 

@@ -33,7 +33,7 @@ def pretrain_backbone(backbone_options, options, data, cache, device: torch.devi
                       log: Callable[[str], None] = print, progress: bool = True,
                       log_dir: str | Path | None = None) -> PretrainedBackbone:
     """Pretrain (or load from the cache, or resume) the backbone of the options ``backbone_options``
-    (``fewgen.config.BackboneConfig``) with the pretraining options ``options`` (``PretrainConfig``)
+    (``fewgen.app.config.BackboneConfig``) with the pretraining options ``options`` (``PretrainConfig``)
     on ``data``'s base classes.
 
     Returns the val-selected backbone. The cache entry is complete once it is marked done;
