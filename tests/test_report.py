@@ -149,3 +149,32 @@ def test_best_of_each_kind_compares_rows_with_and_without_generated_images():
                                                          ("datadream [proto]", "frozen+augmented-copies [proto]")]
     assert table[1]["difference"] == pytest.approx(-5.3) and table[1]["ci95"] == pytest.approx(0.0, abs=1e-9)
     assert table[0]["n"] == 600
+
+
+def test_comparisons_give_the_spread_over_seeds_beside_the_per_episode_ci():
+    """Each seed draws its own shots: a gain that flips sign between seeds has a narrow per-episode
+    CI but a wide CI over the seeds, and the comparison says both."""
+    import numpy as np
+    from scipy import stats
+
+    from fewgen.evaluation.protocol import summary_row
+    from fewgen.reports.tables import best_of_each_kind, comparisons, format_best
+
+    rng = np.random.default_rng(1)
+    ref = [torch.tensor(rng.uniform(0.8, 1.0, 200)) for _ in range(3)]
+    shift = [0.02, -0.01, 0.03]  # per seed, in accuracy
+    gen = [r + s + torch.tensor(rng.normal(0, 0.001, 200)) for r, s in zip(ref, shift, strict=True)]
+    rows = [summary_row("ce", 5, 1, ref, [0, 1, 2], classifier="proto", uses_synthetic=False),
+            summary_row("frozen+synthetic", 5, 1, gen, [0, 1, 2], classifier="proto", uses_synthetic=True)]
+    (c,) = comparisons(rows)
+    per_seed = [float((g - r).mean() * 100) for g, r in zip(gen, ref, strict=True)]
+    assert c["seed_differences"] == pytest.approx(per_seed, abs=1e-3)
+    assert c["difference"] == pytest.approx(np.mean(per_seed), abs=1e-3)
+    assert c["ci95_seeds"] == pytest.approx(stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3), rel=1e-3)
+    assert 10 * c["ci95"] < c["ci95_seeds"]
+    (best,) = best_of_each_kind(rows)
+    assert best["gain_ci95_seeds"] == c["ci95_seeds"]
+    assert f"+- {c['ci95_seeds']:.2f} over the seeds" in format_best([best])
+    one = [summary_row(r["method"], 5, 1, [torch.tensor(r["_values"][:200] / 100)], [0], classifier="proto",
+                       uses_synthetic=r["uses_synthetic"]) for r in rows]
+    assert comparisons(one)[0]["ci95_seeds"] is None

@@ -233,4 +233,5 @@ def summary_row(method: str, n_way: int, n_shot: int, per_episode: list[torch.Te
     }
     row.update(extra)
     row["_values"] = values  # per episode (or per query, all-way), in memory only: paired comparisons
+    row["_seed_sizes"] = [len(p) for p in per_episode]  # where each seed's episodes end in _values
     return row
