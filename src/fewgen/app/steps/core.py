@@ -52,16 +52,18 @@ def novel_features(run: Run) -> torch.Tensor:
     return cached_features(run.cache, pb.key, pb.backbone, run.data.novel, run.device, run.log)
 
 
-def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, extra_fields=None) -> list[dict]:
+def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, extra_fields=None,
+                    n_shots: list[int] | None = None) -> list[dict]:
     """Rows for every (classifier, N, K) and all-way, on the run's shared episodes.
 
     ``extra``: an :class:`~fewgen.evaluation.protocol.ExtraSupport` (synthetic images added to
     every support, weighted), or None. ``extra_fields`` go into every row (``uses_synthetic``
-    among them; False by default)."""
+    among them; False by default). ``n_shots``: the K evaluated (default ``eval.n_shots``)."""
     from fewgen.data.fewshot import all_way_split
     from fewgen.evaluation.protocol import all_way_accuracy, episode_accuracies, summary_row
 
     cfg, novel = run.cfg, run.data.novel
+    n_shots = cfg.eval.n_shots if n_shots is None else n_shots
     n_classes = novel.num_classes
     kw = {"logreg": {"c": cfg.eval.logreg_c, "max_iter": cfg.eval.logreg_iters}}
     fields = {"uses_synthetic": False, **(extra_fields or {})}
@@ -70,11 +72,11 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, e
     if run.progress:
         from tqdm.auto import tqdm
 
-        total = len(cfg.eval.classifiers) * len(cfg.eval.n_ways) * len(cfg.eval.n_shots) * len(cfg.seeds)
+        total = len(cfg.eval.classifiers) * len(cfg.eval.n_ways) * len(n_shots) * len(cfg.seeds)
         bar = tqdm(total=total, desc=f"evaluate {method}", leave=False)
     for clf in cfg.eval.classifiers:
         for n_way in cfg.eval.n_ways:
-            for n_shot in cfg.eval.n_shots:
+            for n_shot in n_shots:
                 per_seed = []
                 for seed in cfg.seeds:
                     if bar is not None:
@@ -86,7 +88,7 @@ def evaluate_frozen(run: Run, features: torch.Tensor, method: str, extra=None, e
                 rows.append(summary_row(method, n_way, n_shot, per_seed, cfg.seeds, classifier=clf,
                                         n_query=cfg.eval.n_query, **fields))
         if cfg.eval.all_way:
-            for n_shot in cfg.eval.n_shots:
+            for n_shot in n_shots:
                 correct = []
                 for seed in cfg.seeds:
                     sup, qry = all_way_split(novel, n_shot, seed)

@@ -240,14 +240,11 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
         else:
             feats[key] = torch.zeros(0, pb.backbone.num_features)
         labels[key] = syn.labels
-    sub = copy.copy(run)  # same episodes and data, restricted shot counts
-    sub.cfg = copy.deepcopy(run.cfg)
-    sub.cfg.eval.n_shots = n_shots
     per_class = min(images_per_class(s) for s in sets.values())
     extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight,
                          weights=weights, proto_share=run.cfg.learner.proto_share)
     uses = generated(run) if uses_synthetic is None else uses_synthetic
-    return evaluate_frozen(sub, novel_features(run), method, extra=extra,
+    return evaluate_frozen(run, novel_features(run), method, extra=extra, n_shots=n_shots,
                            extra_fields={"synthetic_per_class": per_class, "synthetic_weight": extra.weight,
                                          "proto_share": extra.proto_share,
                                          "n_synthetic": [len(s) for s in sets.values()],
@@ -260,87 +257,89 @@ def frozen_synthetic(lc) -> bool:
     return lc.frozen_synthetic and lc.model == "backbone"
 
 
+def uses_synthetic(lc) -> bool:
+    """Whether the learn step reads the synthetic slot: a method that trains on generated images, a
+    sweep point above zero, or the frozen+synthetic rows."""
+    return any(s.uses_synthetic for s in method_specs(lc)) or any(m > 0 for m in lc.sweep) or frozen_synthetic(lc)
+
+
 def _learn_needs(cfg) -> tuple[str, ...]:
     lc = cfg.learner
-    uses_syn = any(s.uses_synthetic for s in method_specs(lc)) or any(m > 0 for m in lc.sweep) or frozen_synthetic(lc)
-    return (*(("backbone",) if lc.model == "backbone" else ()), *(("synthetic",) if uses_syn else ()))
+    return (*(("backbone",) if lc.model == "backbone" else ()), *(("synthetic",) if uses_synthetic(lc) else ()))
 
 
-@step("learn", needs=_learn_needs, makes=("learn_histories",))
-def step_learn(run: Run) -> None:
-    """Fine-tune and evaluate every learner method (module docstring) for each seed and K."""
-    cfg, lc = run.cfg, run.cfg.learner
-    specs = method_specs(lc)
-    for clf in lc.eval_with:
-        if clf != "head":
-            from fewgen.evaluation.classifiers import CLASSIFIERS
+def seed_synthetic(run: Run, ctx: SeedContext, required: bool) -> tuple[ArrayDataset | None, ArrayDataset | None]:
+    """The synthetic set of ``ctx``'s (seed, K) as made (None without one), and as the methods use
+    it: ranked by the pretrained backbone and kept (``learner.synthetic_keep``), then the first
+    ``learner.synthetic_per_class`` per class."""
+    lc = run.cfg.learner
+    syn_all = synthetic_set(run, ctx.seed, ctx.n_shot, required=required)
+    if syn_all is not None and len(syn_all) and lc.synthetic_keep < 1:  # learner.model=backbone (app.checks)
+        own = shot_classifier(run.state.backbone.backbone, ctx.real, syn_all, run.data.novel.num_classes,
+                              run.cfg.eval.logreg_c, run.cfg.eval.logreg_iters,
+                              run.device)[2].gather(1, syn_all.labels[:, None])[:, 0]
+        syn_all = keep_consistent(syn_all, own, lc.synthetic_keep)
+    syn = first_per_class(syn_all, lc.synthetic_per_class) if syn_all is not None else None
+    return syn_all, syn
 
-            CLASSIFIERS.get(clf)
-    # learner.model=clip with augmented_control or synthetic_keep < 1 is refused by fewgen.app.checks
-    needs_syn = any(s.uses_synthetic for s in specs) or bool([m for m in lc.sweep if m > 0]) or frozen_synthetic(lc)
-    if lc.frozen_synthetic and not frozen_synthetic(lc):
-        run.log("learner.frozen_synthetic applies to learner.model=backbone (the pretrained backbone's frozen "
-                "classifiers): no frozen+synthetic rows with learner.model=clip")
-    torch.set_grad_enabled(True)
-    results = Results()
-    histories: dict[str, dict] = {}
-    novel = run.data.novel
-    ckw = _classifier_kwargs(run)
 
-    def evaluate(model, ctx: SeedContext, name: str, seconds: float, syn: ArrayDataset | None, **fields) -> None:
-        episodes = [run.episodes(n_way, ctx.n_shot, ctx.seed) for n_way in cfg.eval.n_ways]
-        accs = finetuned_episode_accuracies(model, novel, episodes, lc.eval_with, ckw, run.device)
-        for clf, per_set in accs.items():
-            for n_way, acc in zip(cfg.eval.n_ways, per_set):
-                results.add(name, clf, n_way, ctx.n_shot, acc, seconds, len(syn) if syn is not None else 0,
-                            images_per_class(syn), **fields)
+def evaluate_finetuned(run: Run, results: Results, model, ctx: SeedContext, name: str, seconds: float,
+                       syn: ArrayDataset | None, **fields) -> None:
+    """Add a fine-tuned model's per-episode accuracies on ``ctx``'s episodes (every N of eval.n_ways,
+    each of learner.eval_with) to ``results``."""
+    cfg = run.cfg
+    episodes = [run.episodes(n_way, ctx.n_shot, ctx.seed) for n_way in cfg.eval.n_ways]
+    accs = finetuned_episode_accuracies(model, run.data.novel, episodes, cfg.learner.eval_with,
+                                        _classifier_kwargs(run), run.device)
+    for clf, per_set in accs.items():
+        for n_way, acc in zip(cfg.eval.n_ways, per_set):
+            results.add(name, clf, n_way, ctx.n_shot, acc, seconds, len(syn) if syn is not None else 0,
+                        images_per_class(syn), **fields)
 
-    used_sets: dict[tuple, ArrayDataset] = {}
-    diagnostics: dict[str, dict] = {}
-    sweep_sets: dict[int, dict[tuple, ArrayDataset]] = {}
-    for n_shot in cfg.eval.n_shots:
-        for seed in cfg.seeds:
-            ctx = SeedContext(run, seed, n_shot, None)
-            syn_all = synthetic_set(run, seed, n_shot, required=needs_syn)
-            if syn_all is not None and len(syn_all) and lc.synthetic_keep < 1:
-                own = shot_classifier(run.state.backbone.backbone, ctx.real, syn_all, novel.num_classes,
-                                      cfg.eval.logreg_c, cfg.eval.logreg_iters,
-                                      run.device)[2].gather(1, syn_all.labels[:, None])[:, 0]
-                syn_all = keep_consistent(syn_all, own, lc.synthetic_keep)
-            syn = ctx.synthetic = first_per_class(syn_all, lc.synthetic_per_class) if syn_all is not None else None
-            if syn is not None:
-                used_sets[(seed, n_shot)] = syn
-            if syn is not None and len(syn) and lc.model == "backbone":
-                diagnostics[f"seed{seed}_{n_shot}shot"] = d = synthetic_diagnostics(
-                    run.state.backbone.backbone, ctx.real, syn, novel.num_classes, cfg.eval.logreg_c,
-                    cfg.eval.logreg_iters, lc.mmd_bandwidths, run.device)
-                run.log(f"synthetic set seed {seed} {n_shot}-shot: " + ", ".join(f"{k} {v}" for k, v in d.items()))
-            for spec in specs:
-                model, history, seconds = train_one(ctx, spec, syn)
-                histories[f"{spec.name}/seed{seed}/{n_shot}shot"] = {
-                    "method": spec.name, "seed": seed, "n_shot": n_shot, "history": history}
-                evaluate(model, ctx, spec.name, seconds, syn if spec.uses_synthetic else None,
-                         uses_synthetic=spec.uses_synthetic and generated(run))
-            if n_shot not in lc.sweep_shots:
-                continue
-            for m in lc.sweep:
-                sub = first_per_class(syn_all, m) if syn_all is not None else None
-                if m > 0 and (sub is None or images_per_class(sub) < m):
-                    run.log(f"sweep: skipping {m} synthetic images per class (the synthetic set has "
-                            f"{images_per_class(syn_all)} per class); raise the synthesis count to include it")
-                    continue
-                if lc.sweep_method != "frozen":  # fine-tune at each point; "frozen": the frozen rows only
-                    spec = MethodSpec("real-only", "real-only") if m == 0 else sweep_spec(lc)
-                    model, history, seconds = train_one(ctx, spec, sub if m > 0 else None)
-                    evaluate(model, ctx, f"{lc.sweep_method}@{m}", seconds, sub if m > 0 else None, sweep=True,
-                             uses_synthetic=m > 0 and generated(run))
-                if sub is not None:
-                    sweep_sets.setdefault(m, {})[(seed, n_shot)] = sub
-    rows = results.rows(run)
+
+def train_methods(run: Run, results: Results, ctx: SeedContext, syn: ArrayDataset | None) -> dict[str, dict]:
+    """Fine-tune and evaluate every learner method on ``ctx``'s (seed, K); their training curves."""
+    histories = {}
+    for spec in method_specs(run.cfg.learner):
+        model, history, seconds = train_one(ctx, spec, syn)
+        histories[f"{spec.name}/seed{ctx.seed}/{ctx.n_shot}shot"] = {
+            "method": spec.name, "seed": ctx.seed, "n_shot": ctx.n_shot, "history": history}
+        evaluate_finetuned(run, results, model, ctx, spec.name, seconds, syn if spec.uses_synthetic else None,
+                           uses_synthetic=spec.uses_synthetic and generated(run))
+    return histories
+
+
+def train_sweep(run: Run, results: Results, ctx: SeedContext, syn_all: ArrayDataset | None) -> dict[int, ArrayDataset]:
+    """The sweep over synthetic images per class (``learner.sweep``) on ``ctx``'s (seed, K): each
+    point fine-tuned with ``learner.sweep_method`` (unless ``frozen``) and evaluated; returns the
+    subsets by point, for the frozen rows."""
+    lc = run.cfg.learner
+    subsets = {}
+    for m in lc.sweep:
+        sub = first_per_class(syn_all, m) if syn_all is not None else None
+        if m > 0 and (sub is None or images_per_class(sub) < m):
+            run.log(f"sweep: skipping {m} synthetic images per class (the synthetic set has "
+                    f"{images_per_class(syn_all)} per class); raise the synthesis count to include it")
+            continue
+        if lc.sweep_method != "frozen":  # fine-tune at each point; "frozen": the frozen rows only
+            spec = MethodSpec("real-only", "real-only") if m == 0 else sweep_spec(lc)
+            model, _, seconds = train_one(ctx, spec, sub if m > 0 else None)
+            evaluate_finetuned(run, results, model, ctx, f"{lc.sweep_method}@{m}", seconds, sub if m > 0 else None,
+                               sweep=True, uses_synthetic=m > 0 and generated(run))
+        if sub is not None:
+            subsets[m] = sub
+    return subsets
+
+
+def frozen_rows(run: Run, used_sets: dict[tuple, ArrayDataset], sweep_sets: dict[int, dict[tuple, ArrayDataset]]):
+    """The pretrained backbone's frozen-classifier rows with extra supports: + the synthetic images
+    the methods used, + augmented copies (the generator-free control), + both, and each sweep point."""
+    lc, cfg = run.cfg.learner, run.cfg
+    rows = []
     if frozen_synthetic(lc) and used_sets:
         rows += _frozen_synthetic_rows(run, used_sets, "frozen+synthetic")
     if lc.augmented_control:  # the generator-free control on the same episodes
-        copies = {(s, k): augmented_copies(few_shot_set(novel, k, s), lc.augmented_copies_per_class, s)
+        copies = {(s, k): augmented_copies(few_shot_set(run.data.novel, k, s), lc.augmented_copies_per_class, s)
                   for k in cfg.eval.n_shots for s in cfg.seeds}
         rows += _frozen_synthetic_rows(run, copies, "frozen+augmented-copies", lc.augmented_weight, False)
         if frozen_synthetic(lc) and used_sets:  # both at once: does the generator add what copies do not?
@@ -355,7 +354,39 @@ def step_learn(run: Run) -> None:
             for row in _frozen_synthetic_rows(run, sets, f"frozen+synthetic@{m}"):
                 row["sweep"] = True
                 rows.append(row)
-    run.add_rows(rows)
+    return rows
+
+
+@step("learn", needs=_learn_needs, makes=("learn_histories",))
+def step_learn(run: Run) -> None:
+    """Fine-tune and evaluate every learner method (module docstring) for each seed and K, then the
+    frozen rows with extra supports."""
+    cfg, lc = run.cfg, run.cfg.learner
+    if lc.frozen_synthetic and not frozen_synthetic(lc):
+        run.log("learner.frozen_synthetic applies to learner.model=backbone (the pretrained backbone's frozen "
+                "classifiers): no frozen+synthetic rows with learner.model=clip")
+    torch.set_grad_enabled(True)
+    required = uses_synthetic(lc)
+    results, histories, diagnostics = Results(), {}, {}
+    used_sets: dict[tuple, ArrayDataset] = {}
+    sweep_sets: dict[int, dict[tuple, ArrayDataset]] = {}
+    for n_shot in cfg.eval.n_shots:
+        for seed in cfg.seeds:
+            ctx = SeedContext(run, seed, n_shot, None)
+            syn_all, syn = seed_synthetic(run, ctx, required)
+            ctx.synthetic = syn
+            if syn is not None:
+                used_sets[(seed, n_shot)] = syn
+            if syn is not None and len(syn) and lc.model == "backbone":
+                diagnostics[f"seed{seed}_{n_shot}shot"] = d = synthetic_diagnostics(
+                    run.state.backbone.backbone, ctx.real, syn, run.data.novel.num_classes, cfg.eval.logreg_c,
+                    cfg.eval.logreg_iters, lc.mmd_bandwidths, run.device)
+                run.log(f"synthetic set seed {seed} {n_shot}-shot: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+            histories.update(train_methods(run, results, ctx, syn))
+            if n_shot in lc.sweep_shots:
+                for m, sub in train_sweep(run, results, ctx, syn_all).items():
+                    sweep_sets.setdefault(m, {})[(seed, n_shot)] = sub
+    run.add_rows(results.rows(run) + frozen_rows(run, used_sets, sweep_sets))
     run.state.learn_histories = histories
     if run.dir is not None:
         write_json(run.dir / "learn_history.json", histories)
