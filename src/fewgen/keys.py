@@ -268,10 +268,7 @@ LEARNER = rule(
             "learner.eval_with": "how the trained model is evaluated, not its weights",
             "learner.cuda_only": "whether the learn step runs on a CPU at all, not what it trains",
             "learner.frozen_synthetic": "an evaluation of the frozen backbone; trains nothing",
-            "learner.synthetic_weight": "weights synthetic supports of the frozen classifiers; trains nothing",
-            "learner.augmented_control": "a frozen-classifier evaluation; trains nothing",
-            "learner.augmented_weight": "a frozen-classifier evaluation; trains nothing",
-            "learner.proto_share": "weights synthetic supports of the proto classifier; trains nothing"},
+            "learner.augmented_control": "a frozen-classifier evaluation; trains nothing",},
 )
 """A fine-tuned classifier: one method (its spec) on one seed's shots (``real``) and synthetic set."""
 
@@ -367,5 +364,8 @@ NOT_IN_KEYS = {
     "eval.all_way": "the all-way evaluation is computed per run",
     "eval.zero_shot": "CLIP's zero-shot rows are computed per run (the features they read are cached by content)",
     "eval.prompt": "the zero-shot rows' prompt: computed per run",
+    "eval.synthetic_weight": "weights synthetic supports of the frozen classifiers, fitted per run",
+    "eval.augmented_weight": "weights augmented copies in the frozen classifiers, fitted per run",
+    "eval.proto_share": "weights extra supports of the proto classifier, fitted per run",
     "export": "the exported classifier is fitted per run, in the run folder",
 }

@@ -52,6 +52,64 @@ def clipped_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, 
     return loss.item()
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched=None, params=None,
+                   max_norm: float | None = None, scaler=None) -> None:
+    """One optimiser step on ``loss``: zero the gradients, backward (scaled by ``scaler``, a
+    ``GradScaler``, when given), clip the gradient norm of ``params`` to ``max_norm`` (None: no
+    clipping), step the optimiser, then the schedule (None: none)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        if max_norm is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scaler.step(opt)
+        scaler.update()
+    if sched is not None:
+        sched.step()
+
+
+def run_steps(step_loss: Callable[[int], torch.Tensor | dict[str, torch.Tensor]], opt: torch.optim.Optimizer,
+              sched, total: int, *, start: int = 0, params=None, max_norm: float | None = None, scaler=None,
+              monitor: TrainingMonitor | None = None, after_step: Callable[[int, dict[str, float]], None] | None = None,
+              name: str = "training", hint: str = "lower the learning rate") -> list[float]:
+    """The training core every step-based loop runs: for each step from ``start`` to ``total``,
+    ``step_loss(step)`` (a loss, or named loss terms that are summed), one optimiser step
+    (:func:`optimizer_step`: clipping to ``max_norm``, loss scaling with ``scaler``, the schedule),
+    the values (``loss``, ``loss/<term>``, the last parameter group's ``lr``) to ``monitor`` (a bar
+    with the ETA, the time estimate, TensorBoard), then ``after_step(step, values)``: the loop's own
+    history, periodic log lines and checkpoints. A loss that is not finite stops the loop with one
+    line naming the step and ``hint``. Returns the losses of the steps run.
+
+    Each loop draws its step's batch and noise from generators seeded by the step, so a loop resumed
+    at ``start`` from its checkpoint computes what an uninterrupted one does."""
+    losses = []
+    for step in range(start, total):
+        out = step_loss(step)
+        terms = out if isinstance(out, dict) else None
+        loss = sum(terms.values()) if terms is not None else out
+        value = loss.item()
+        if not math.isfinite(value):
+            from fewgen.errors import FewgenError
+
+            raise FewgenError(f"{name}: loss became {value} at step {step}; {hint}")
+        optimizer_step(loss, opt, sched, params, max_norm, scaler)
+        values = {"loss": value}
+        if terms is not None:
+            values.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
+        losses.append(value)
+        if monitor is not None:
+            monitor.step({**values, "lr": opt.param_groups[-1]["lr"]})
+        if after_step is not None:
+            after_step(step, values)
+    return losses
+
+
 #: what a training loop's ``precision`` may be: exact float32, or autocast to a half type
 TRAINING_PRECISIONS = ("float32", "bfloat16", "float16")
 

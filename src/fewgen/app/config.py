@@ -24,6 +24,7 @@ from fewgen.dg.domainfusion import (
     OnlineAugmentationOptions,
 )
 from fewgen.errors import FewgenError
+from fewgen.evaluation.protocol import ExtraSupportOptions
 from fewgen.gan.methods.cdc import CDCOptions
 from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
@@ -111,7 +112,9 @@ class PretrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ExtraSupportOptions):
+    """Episodes, classifiers and the extra supports of the frozen classifiers (``eval.synthetic_weight``, ...)."""
+
     n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True, unique=True)
     n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K); 0 = every image of a class "
                              "(no queries left: only without evaluate and learn, as fewgen fit)", min=0, nonempty=True,
@@ -172,17 +175,11 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
     frozen_synthetic: bool = opt(True, "also evaluate the frozen-feature classifiers with synthetic images in the "
                                  "support; with learner.model=backbone only (they are the pretrained backbone's), "
                                  "skipped with a log line for learner.model=clip")
-    synthetic_weight: float = opt(1.0, "weight of each synthetic support image in the frozen-feature classifiers, "
-                                  "relative to a real shot's 1 (prototype: weighted mean; logreg: weighted loss)", gt=0)
     augmented_copies_per_class: int = opt(50, "augmented copies per class, of the augmented-copies step and of "
                                           "learner.augmented_control (the generator-free control)", min=1)
     augmented_control: bool = opt(False, "also evaluate the frozen classifiers with augmented copies of the shots in "
                                   "the support (rows frozen+augmented-copies, uses_synthetic false): the "
                                   "generator-free control on the same episodes")
-    augmented_weight: float = opt(1.0, "weight of each augmented copy in the frozen classifiers of the control", gt=0)
-    proto_share: float | None = opt(None, "proto only: the share of a class's synthetic and augmented support images "
-                                    "in its prototype, (1 - share) mean(shots) + share mean(extra), instead of the "
-                                    "per-image weights (null: per-image weights)", gt=0, max=0.95)
 
 
 @dataclass
@@ -347,9 +344,9 @@ class ExportConfig:
     n_shot: int | None = opt(None, "shots per class it is fitted on (one of eval.n_shots; default the largest)", min=0)
     seed: int | None = opt(None, "few-shot seed of those shots (one of seeds; default the first)")
     extra: str = opt("synthetic", "what joins the shots in the fit: none, synthetic (the run's generated images of "
-                     "those shots, weighted learner.synthetic_weight; none when the run made none), copies "
+                     "those shots, weighted eval.synthetic_weight; none when the run made none), copies "
                      "(augmented copies of the shots, learner.augmented_copies_per_class, weighted "
-                     "learner.augmented_weight) or synthetic+copies", choices=("none", "synthetic", "copies",
+                     "eval.augmented_weight) or synthetic+copies", choices=("none", "synthetic", "copies",
                                                                                "synthetic+copies"))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fewgen.data.fewshot import Episodes
 from fewgen.evaluation.classifiers import create_classifier
+from fewgen.options import opt
 
 
 def mean_ci95(values: np.ndarray | list[float]) -> tuple[float, float]:
@@ -26,6 +27,21 @@ def mean_ci95(values: np.ndarray | list[float]) -> tuple[float, float]:
         return float(v.mean()) if len(v) else float("nan"), float("nan")
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return float(v.mean()), float(half)
+
+
+@dataclass
+class ExtraSupportOptions:
+    """How extra support images (generated, or augmented copies of the shots) join the frozen
+    classifiers' supports: the ``eval.*`` keys the evaluation and the export read
+    (:class:`ExtraSupport`)."""
+
+    synthetic_weight: float = opt(1.0, "weight of each synthetic support image in the frozen-feature classifiers, "
+                                  "relative to a real shot's 1 (prototype: weighted mean; logreg: weighted loss)", gt=0)
+    augmented_weight: float = opt(1.0, "weight of each augmented copy in the frozen classifiers of the control "
+                                  "(learner.augmented_control) and of export.extra=copies", gt=0)
+    proto_share: float | None = opt(None, "proto only: the share of a class's synthetic and augmented support images "
+                                    "in its prototype, (1 - share) mean(shots) + share mean(extra), instead of the "
+                                    "per-image weights (null: per-image weights)", gt=0, max=0.95)
 
 
 @dataclass

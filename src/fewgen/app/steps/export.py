@@ -46,11 +46,11 @@ def step_export(run: Run) -> None:
     if "copies" in ec.extra:
         copies = augmented_copies(shots, lc.augmented_copies_per_class, seed)
         parts.append(copies)
-        weights.append(torch.full((len(copies),), lc.augmented_weight))
+        weights.append(torch.full((len(copies),), run.cfg.eval.augmented_weight))
     syn = run.state.synthetic.get((seed, n_shot)) if "synthetic" in ec.extra else None
     if syn is not None and len(syn):
         parts.append(syn)
-        weights.append(torch.full((len(syn),), lc.synthetic_weight))
+        weights.append(torch.full((len(syn),), run.cfg.eval.synthetic_weight))
     extra = None
     uses_synthetic = syn is not None and len(syn) > 0 and generated(run)
     if parts:
@@ -58,13 +58,13 @@ def step_export(run: Run) -> None:
         feats = cached_features(run.cache, pb.key, pb.backbone, more, run.device, run.log)
         w = torch.cat(weights)
         extra = ExtraSupport({(seed, n_shot): feats}, {(seed, n_shot): more.labels},
-                             weights={(seed, n_shot): w}, proto_share=lc.proto_share
+                             weights={(seed, n_shot): w}, proto_share=run.cfg.eval.proto_share
                              ).for_all_way(seed, n_shot, novel.num_classes, ec.head)
     info = {"fit": {"n_shot": n_shot, "seed": seed, "shots": len(shots), "extra": ec.extra,
                     "synthetic": 0 if syn is None else len(syn),
                     "copies": lc.augmented_copies_per_class * novel.num_classes if "copies" in ec.extra else 0,
-                    "synthetic_weight": lc.synthetic_weight, "copies_weight": lc.augmented_weight,
-                    "proto_share": lc.proto_share,
+                    "synthetic_weight": run.cfg.eval.synthetic_weight, "copies_weight": run.cfg.eval.augmented_weight,
+                    "proto_share": run.cfg.eval.proto_share,
                     "uses_synthetic": uses_synthetic},
             "novel": run.data.protocol, "run": cfg.name}
     arch = (pb.backbone.spec() if hasattr(pb.backbone, "spec")  # a frozen pretrained model: named, not copied

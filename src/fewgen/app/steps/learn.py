@@ -221,7 +221,7 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
                            weights: dict[tuple, torch.Tensor] | None = None) -> list[dict]:
     """Frozen-feature rows with each (seed, K)'s extra set (synthetic images, or augmented copies)
     added to the episode supports and to the all-way support, each image weighted ``weight``
-    (default ``learner.synthetic_weight``); ``uses_synthetic`` defaults to whether the run's
+    (default ``eval.synthetic_weight``); ``uses_synthetic`` defaults to whether the run's
     synthetic slot holds generated images.
 
     Only the shot counts for which every seed has a set are evaluated.
@@ -241,8 +241,8 @@ def _frozen_synthetic_rows(run: Run, sets: dict[tuple, ArrayDataset], method: st
             feats[key] = torch.zeros(0, pb.backbone.num_features)
         labels[key] = syn.labels
     per_class = min(images_per_class(s) for s in sets.values())
-    extra = ExtraSupport(feats, labels, weight=run.cfg.learner.synthetic_weight if weight is None else weight,
-                         weights=weights, proto_share=run.cfg.learner.proto_share)
+    extra = ExtraSupport(feats, labels, weight=run.cfg.eval.synthetic_weight if weight is None else weight,
+                         weights=weights, proto_share=run.cfg.eval.proto_share)
     uses = generated(run) if uses_synthetic is None else uses_synthetic
     return evaluate_frozen(run, novel_features(run), method, extra=extra, n_shots=n_shots,
                            extra_fields={"synthetic_per_class": per_class, "synthetic_weight": extra.weight,
@@ -341,12 +341,12 @@ def frozen_rows(run: Run, used_sets: dict[tuple, ArrayDataset], sweep_sets: dict
     if lc.augmented_control:  # the generator-free control on the same episodes
         copies = {(s, k): augmented_copies(few_shot_set(run.data.novel, k, s), lc.augmented_copies_per_class, s)
                   for k in cfg.eval.n_shots for s in cfg.seeds}
-        rows += _frozen_synthetic_rows(run, copies, "frozen+augmented-copies", lc.augmented_weight, False)
+        rows += _frozen_synthetic_rows(run, copies, "frozen+augmented-copies", run.cfg.eval.augmented_weight, False)
         if frozen_synthetic(lc) and used_sets:  # both at once: does the generator add what copies do not?
             both = {key: ArrayDataset.concat([copies[key], syn], name=f"{syn.name}+copies")
                     for key, syn in used_sets.items()}
-            weights = {key: torch.cat([torch.full((len(copies[key]),), lc.augmented_weight),
-                                       torch.full((len(syn),), lc.synthetic_weight)])
+            weights = {key: torch.cat([torch.full((len(copies[key]),), run.cfg.eval.augmented_weight),
+                                       torch.full((len(syn),), run.cfg.eval.synthetic_weight)])
                        for key, syn in used_sets.items()}
             rows += _frozen_synthetic_rows(run, both, "frozen+synthetic+copies", weights=weights)
     if frozen_synthetic(lc):
