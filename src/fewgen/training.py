@@ -39,19 +39,6 @@ def cosine_schedule(opt: torch.optim.Optimizer, total: int, warmup: int = 0) -> 
     return torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warmup, total))
 
 
-def clipped_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, max_norm: float | None = 1.0) -> float:
-    """One optimiser step: zero the gradients, backward, clip the gradient norm to ``max_norm``
-    (``None``: no clipping), step the optimiser and the schedule (``None``: none); returns the loss value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.step()
-    if sched is not None:
-        sched.step()
-    return loss.item()
-
-
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched=None, params=None,
                    max_norm: float | None = None, scaler=None) -> None:
     """One optimiser step on ``loss``: zero the gradients, backward (scaled by ``scaler``, a
@@ -108,6 +95,28 @@ def run_steps(step_loss: Callable[[int], torch.Tensor | dict[str, torch.Tensor]]
         if after_step is not None:
             after_step(step, values)
     return losses
+
+
+def periodic(log: Callable[[str], None] | None, log_every: int, label: str, total: int, t0: float,
+             state_path=None, modules: dict | None = None, opt=None, sched=None,
+             save_every: int = 0) -> Callable[[int, dict[str, float]], None]:
+    """An ``after_step`` for :func:`run_steps`: every ``log_every`` steps a line ``<label> step s/total
+    loss=<mean of those steps> (<seconds>s)``; every ``save_every`` steps and at the last, the
+    resumable training state (``modules``, ``opt``, ``sched`` and the step) in ``state_path``."""
+    recent: list[float] = []
+
+    def after(step: int, values: dict[str, float]) -> None:
+        done = step + 1
+        recent.append(values["loss"])
+        if log and log_every and done % log_every == 0:
+            log(f"{label} step {done}/{total} loss={sum(recent[-log_every:]) / len(recent[-log_every:]):.4f} "
+                f"({time.time() - t0:.0f}s)")
+        if state_path is not None and save_every and (done % save_every == 0 or done == total):
+            from fewgen.checkpoint import save_training_state
+
+            save_training_state(state_path, modules, opt, sched, extra={"step": done})
+
+    return after
 
 
 #: what a training loop's ``precision`` may be: exact float32, or autocast to a half type

@@ -31,7 +31,7 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
-from fewgen.training import TrainingMonitor, cosine_factor
+from fewgen.training import TrainingMonitor, cosine_factor, run_steps
 from fewgen.utils import make_generator, seed_hash
 
 
@@ -170,9 +170,13 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
         model.train()
         sums: dict[str, float] = {}
         n_steps = max(1, n // s.batch_size)
-        for i in range(n_steps):
-            # cosine over the fraction of training done, so methods that add images per epoch
-            # follow the same schedule per epoch as ERM
+        first = step
+
+        def step_loss(k: int, first=first, n_steps=n_steps, images=images, labels=labels, perm=perm,
+                      epoch=epoch) -> dict[str, torch.Tensor]:
+            i = k - first
+            # cosine over the fraction of training done, so methods that add images per epoch follow
+            # the same schedule per epoch as ERM (the number of steps per epoch varies: no LambdaLR)
             for group in opt.param_groups:
                 group["lr"] = s.lr * cosine_factor((epoch + i / n_steps) / s.epochs)
             idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
@@ -181,16 +185,18 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
             logits = model(x)
             terms = {"ce": F.cross_entropy(logits, y)}
             if extra_loss is not None:
-                terms.update(extra_loss(model, x, y, logits, step))
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            monitor.scalars({f"loss/{k}": v for k, v in values.items()}, step)
+                terms.update(extra_loss(model, x, y, logits, k))
+            return terms
+
+        def after_step(k: int, values: dict[str, float], sums=sums) -> None:
+            terms = {name[5:]: v for name, v in values.items() if name.startswith("loss/")}
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + v
+            monitor.scalars({f"loss/{name}": v for name, v in terms.items()}, k + 1)
+
+        run_steps(step_loss, opt, None, first + n_steps, start=first, after_step=after_step,
+                  name=f"[{label}] training", hint="lower domainfusion.lr")
+        step = first + n_steps
         val_acc = float((predict(model, split.val, device) == split.val.labels).double().mean() * 100)
         monitor.scalars({"val_acc": val_acc, "train_images": n}, step)
         monitor.step(val=f"{val_acc:.1f}%")

@@ -215,8 +215,9 @@ class SourceGAN:
 
 
 def _d_step(D: Discriminator, opt: torch.optim.Optimizer, loss: torch.Tensor, real: torch.Tensor, step: int,
-            settings: GANTrainSettings) -> float:
-    """One discriminator update, with the lazy R1 penalty every ``r1_every`` steps."""
+            settings: GANTrainSettings | AdaptSettings) -> float:
+    """One discriminator update, with the lazy R1 penalty every ``r1_every`` steps (``r1_gamma``,
+    ``r1_every`` of the source training's or the adaptation's settings)."""
     opt.zero_grad(set_to_none=True)
     total = loss
     if settings.r1_gamma > 0 and step % settings.r1_every == 0:
@@ -484,13 +485,7 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
         z = torch.randn(settings.batch_size, G.arch.z_dim, generator=rng).to(device)
         s = AdaptStep(G, D, G_src, z, real, step, rng, shots_f)
         d_terms = method.d_losses(s)
-        r1_real = real
-        d_loss = sum(d_terms.values())
-        opt_d.zero_grad(set_to_none=True)
-        if settings.r1_gamma > 0 and step % settings.r1_every == 0:
-            d_loss = d_loss + 0.5 * settings.r1_gamma * settings.r1_every * r1_penalty(D, r1_real)
-        d_loss.backward()
-        opt_d.step()
+        _d_step(D, opt_d, sum(d_terms.values()), real, step, settings)
         s.z = torch.randn(settings.batch_size, G.arch.z_dim, generator=rng).to(device)
         g_terms = method.g_losses(s)
         opt_g.zero_grad(set_to_none=True)

@@ -40,7 +40,7 @@ from fewgen.errors import FewgenError
 from fewgen.generators.pixels import to_model_space
 from fewgen.options import opt
 from fewgen.synthesis.sharding import ProcessContext, shard
-from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, cosine_schedule, run_steps
 from fewgen.utils import content_digest, make_generator, read_json, stable_hash, write_json
 
 
@@ -261,22 +261,30 @@ def _train_adapter(gen: PixelGenerator, images: torch.Tensor, labels: torch.Tens
         p.requires_grad_(True)
     table.requires_grad_(True)
     params = [*lora_params, table]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
     x_all = to_model_space(images)
     gen.unet.train()
-    losses = []
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         g = make_generator("datadream", *seed_parts, step)
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
-        loss = gen.diffusion_loss(x_all[idx].to(gen.device), labels[idx], g, p_uncond=cfg.p_uncond, p_drop_class=0.0)
-        losses.append(clipped_step(loss, opt, sched, params))
-        if monitor is not None:
-            monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
+        return gen.diffusion_loss(x_all[idx].to(gen.device), labels[idx], g, p_uncond=cfg.p_uncond, p_drop_class=0.0)
+
+    losses = adapter_steps(step_loss, params, cfg, steps, monitor)
     gen.unet.eval()
     for p in params:
         p.requires_grad_(False)
     return losses
+
+
+def adapter_steps(step_loss: Callable[[int], torch.Tensor], params: list, cfg: DataDreamConfig, steps: int,
+                  monitor: TrainingMonitor | None) -> list[float]:
+    """One adapter's training on the core (:func:`fewgen.training.run_steps`), the same for every
+    generator: AdamW (``cfg.lr``, ``cfg.weight_decay``), warmup (at most half the steps) + cosine,
+    gradients clipped to norm 1."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
+    return run_steps(step_loss, opt, sched, steps, params=params, max_norm=1.0, monitor=monitor,
+                     name="DataDream adaptation", hint="lower generator.datadream.lr")
 
 
 def adaptation_monitor(name: str, steps: int, ctx: ProcessContext, log: Callable[[str], None] | None,

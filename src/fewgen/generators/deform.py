@@ -184,7 +184,7 @@ class DeformGenerator:
         stop_at: stop (after saving) at this step, as an interruption would; ``None``: train to ``steps``.
         """
         from fewgen.checkpoint import load_training_state, save_training_state
-        from fewgen.training import clipped_step, cosine_schedule
+        from fewgen.training import cosine_schedule, run_steps
         from fewgen.utils import make_generator
 
         o = self.options
@@ -202,7 +202,8 @@ class DeformGenerator:
                 log(f"deform generator: resumed at step {start} from {checkpoint}")
         end = o.steps if stop_at is None else min(stop_at, o.steps)
         self.net.train()
-        for step in range(start, end):
+
+        def step_loss(step: int) -> dict[str, torch.Tensor]:
             g = make_generator("deform-train", o.seed, step)
             shot_idx, query_idx = base_episode(by_class, o.n_way, o.n_query, g)
             noise = torch.randn(o.n_way * o.n_generated, o.noise_dim, generator=g)
@@ -214,9 +215,10 @@ class DeformGenerator:
             gen_feats = backbone.forward_features(images).view(o.n_way, o.n_generated, -1)
             ce = prototype_loss(shot_feats, gen_feats, query_feats.view(o.n_way, o.n_query, -1), o.proto_share, o.scale)
             smooth, magnitude = displacement_penalties(offsets, o.max_shift)
-            clipped_step(ce + o.w_smooth * smooth + o.w_magnitude * magnitude, optimizer, schedule,
-                         self.net.parameters(), max_norm=1.0)
-            self.history.append(round(ce.item(), 6))
+            return {"ce": ce, "smooth": o.w_smooth * smooth, "magnitude": o.w_magnitude * magnitude}
+
+        def after_step(step: int, values: dict[str, float]) -> None:
+            self.history.append(round(values["loss/ce"], 6))
             done = step + 1
             if checkpoint is not None and (done % o.checkpoint_every == 0 or done == end):
                 save_training_state(checkpoint, {"net": self.net}, optimizer, schedule,
@@ -224,6 +226,9 @@ class DeformGenerator:
             if log and (done % max(1, o.steps // 10) == 0 or done == end):
                 recent = self.history[-max(1, o.steps // 10):]
                 log(f"deform generator: step {done}/{o.steps}, prototype loss {sum(recent) / len(recent):.4f}")
+
+        run_steps(step_loss, optimizer, schedule, end, start=start, params=list(self.net.parameters()), max_norm=1.0,
+                  after_step=after_step, name="deform generator", hint="lower its lr")
         self.net.eval()
         return self
 

@@ -61,7 +61,7 @@ from fewgen.generators.pixels import (  # noqa: F401  (SAMPLERS, PRECISIONS, Fit
     to_model_space,
     to_uint8,
 )
-from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, cosine_schedule, periodic, run_steps
 from fewgen.utils import make_generator, seed_hash, stable_hash
 
 COND_MODES = ("class", "name", "class+name")
@@ -303,7 +303,7 @@ class DiffusionGenerator:
         resumed from ``state_path`` (saved every ``save_every`` steps) matches an uninterrupted one.
         ``progress``: a bar with the ETA; ``log_dir``: TensorBoard events of the loss and learning
         rate per step."""
-        from fewgen.checkpoint import load_training_state, save_training_state
+        from fewgen.checkpoint import load_training_state
 
         if list(dataset.class_names) != self.class_names[:len(dataset.class_names)]:
             raise FewgenError("the dataset's class names differ from the generator's; build the generator "
@@ -318,22 +318,19 @@ class DiffusionGenerator:
         y_all = dataset.labels
         for m in self.modules().values():
             m.train()
-        losses: list[float] = []
         t0 = time.time()
+
+        def step_loss(step: int) -> torch.Tensor:
+            g = make_generator("diffusion-fit", seed, step)
+            idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
+            return self.diffusion_loss(x_all[idx].to(self.device), y_all[idx], g)
+
         with TrainingMonitor("[diffusion] training", steps, start=start, log=log, progress=progress,
                              log_dir=log_dir) as monitor:
-            for step in range(start, steps):
-                g = make_generator("diffusion-fit", seed, step)
-                idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
-                loss = self.diffusion_loss(x_all[idx].to(self.device), y_all[idx], g)
-                losses.append(clipped_step(loss, opt, sched, params))
-                monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
-                if log and (step + 1) % log_every == 0:
-                    recent = losses[-log_every:]
-                    log(f"[diffusion] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
-                        f"({(time.time() - t0):.0f}s)")
-                if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                    save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
+            losses = run_steps(step_loss, opt, sched, steps, start=start, params=params, max_norm=1.0,
+                               monitor=monitor, name="diffusion generator", hint="lower generator.lr",
+                               after_step=periodic(log, log_every, "[diffusion]", steps, t0, state_path,
+                                                   self.modules(), opt, sched, save_every))
         for m in self.modules().values():
             m.eval()
         dt = time.time() - t0

@@ -61,7 +61,7 @@ from fewgen.generators.pixels import (
     to_model_space,
     to_uint8,
 )
-from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor, cosine_schedule, periodic, run_steps
 from fewgen.utils import make_generator, stable_hash
 
 COND_MODES = ("features", "channels", "both")
@@ -324,7 +324,7 @@ class ExemplarDiffusion:
         from a generator seeded by (seed, step), so a run resumed from ``state_path`` (saved every
         ``save_every`` steps) matches an uninterrupted one. ``progress``: a bar with the ETA;
         ``log_dir``: TensorBoard events of the loss and learning rate per step."""
-        from fewgen.checkpoint import load_training_state, save_training_state
+        from fewgen.checkpoint import load_training_state
 
         if dataset.image_shape != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
             raise FewgenError(f"the generator draws {self.cfg.channels}x{self.cfg.image_size}x{self.cfg.image_size} "
@@ -337,21 +337,19 @@ class ExemplarDiffusion:
             start = int(load_training_state(state_path, self.modules(), opt, sched).get("step", 0))
         for m in self.modules().values():
             m.train()
-        losses: list[float] = []
         t0 = time.time()
+
+        def step_loss(step: int) -> torch.Tensor:
+            g = make_generator("exemplar-fit", seed, step)
+            ex, tg = self.pair_batch(dataset.images, dataset.labels, batch_size, g)
+            return self.diffusion_loss(ex, tg, g)
+
         with TrainingMonitor("[exemplar] training", steps, start=start, log=log, progress=progress,
                              log_dir=log_dir) as monitor:
-            for step in range(start, steps):
-                g = make_generator("exemplar-fit", seed, step)
-                ex, tg = self.pair_batch(dataset.images, dataset.labels, batch_size, g)
-                losses.append(clipped_step(self.diffusion_loss(ex, tg, g), opt, sched, params))
-                monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
-                if log and (step + 1) % log_every == 0:
-                    recent = losses[-log_every:]
-                    log(f"[exemplar] step {step + 1}/{steps} loss={sum(recent) / len(recent):.4f} "
-                        f"({time.time() - t0:.0f}s)")
-                if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                    save_training_state(state_path, self.modules(), opt, sched, extra={"step": step + 1})
+            losses = run_steps(step_loss, opt, sched, steps, start=start, params=params, max_norm=1.0,
+                               monitor=monitor, name="exemplar generator", hint="lower generator.lr",
+                               after_step=periodic(log, log_every, "[exemplar]", steps, t0, state_path,
+                                                   self.modules(), opt, sched, save_every))
         for m in self.modules().values():
             m.eval()
         dt = time.time() - t0
@@ -482,6 +480,7 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
     condition). The base generator is not modified."""
     from fewgen.generators.datadream import (
         DataDreamAdapter,
+        adapter_steps,
         init_lora_state,
         inject_lora,
         lora_state,
@@ -502,17 +501,16 @@ def train_exemplar_datadream(base: ExemplarDiffusion, few_shot: ArrayDataset, cf
         params = [p for n, p in gen.unet.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
         gen.unet.train()
-        losses = []
-        for step in range(steps):
+
+        def step_loss(step: int) -> torch.Tensor:
             g = make_generator("exemplar-datadream", cfg.seed, name, step)
             cls = torch.tensor(classes)[torch.randint(0, len(classes), (cfg.batch_size,), generator=g)].tolist()
             ex = to_model_space(few_shot.images[_one_shot_each(groups, cls, g)])
             tg = random_affine(to_model_space(few_shot.images[_one_shot_each(groups, cls, g)]), 1.0, g)
-            losses.append(clipped_step(gen.diffusion_loss(ex, tg, g, p_uncond=cfg.p_uncond), opt, sched, params))
-            monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
+            return gen.diffusion_loss(ex, tg, g, p_uncond=cfg.p_uncond)
+
+        losses = adapter_steps(step_loss, params, cfg, steps, monitor)
         gen.unet.eval()
         for p in params:
             p.requires_grad_(False)

@@ -30,7 +30,7 @@ from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.pixels import SAMPLERS
 from fewgen.synthesis.sharding import ProcessContext
-from fewgen.training import TrainingMonitor, clipped_step, cosine_schedule
+from fewgen.training import TrainingMonitor
 from fewgen.utils import (
     content_digest,
     make_generator,
@@ -268,17 +268,16 @@ class StableDiffusionGenerator:
 
     def _train(self, images: torch.Tensor, prompts: list[str], steps: int, cfg: DataDreamConfig,
                seed_parts: tuple, monitor: TrainingMonitor | None = None) -> list[float]:
+        from fewgen.generators.datadream import adapter_steps
 
         params = self._reset_lora(make_generator("sd-datadream-init", *seed_parts), cfg.rank)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = cosine_schedule(opt, steps, min(cfg.warmup, steps // 2))
         latents = self._latents(images)
         noise_sched = self._train_scheduler
         n_t = noise_sched.config.num_train_timesteps
         self.pipe.unet.train()
         self.pipe.text_encoder.train()
-        losses = []
-        for step in range(steps):
+
+        def step_loss(step: int) -> torch.Tensor:
             g = make_generator("sd-datadream", *seed_parts, step)
             idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
             z0 = latents[idx]
@@ -289,10 +288,9 @@ class StableDiffusionGenerator:
             pred = self.pipe.unet(z_t, t, encoder_hidden_states=cond).sample
             target = noise_sched.get_velocity(z0, noise, t) if noise_sched.config.prediction_type == "v_prediction" \
                 else noise
-            loss = F.mse_loss(pred.float(), target.float())
-            losses.append(clipped_step(loss, opt, sched, params))
-            if monitor is not None:
-                monitor.step({"loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
+            return F.mse_loss(pred.float(), target.float())
+
+        losses = adapter_steps(step_loss, params, cfg, steps, monitor)
         self.pipe.unet.eval()
         self.pipe.text_encoder.eval()
         return losses

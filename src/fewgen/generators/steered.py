@@ -26,6 +26,7 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.training import run_steps
 from fewgen.utils import seed_hash
 
 
@@ -85,16 +86,14 @@ def train_centre_regressor(feats: torch.Tensor, labels: torch.Tensor, o: Steered
     opt = torch.optim.Adam(reg.parameters(), o.regressor_lr, weight_decay=1e-5)
     counts = torch.tensor([len(ix) for ix in by_class])
     table = nn.utils.rnn.pad_sequence(by_class, batch_first=True)
-    history = []
-    for _ in range(o.regressor_steps):
+
+    def step_loss(step: int) -> torch.Tensor:  # one stream of pairs, drawn in step order
         c = torch.randint(len(by_class), (512,), generator=g)
         i = (torch.rand(512, generator=g) * counts[c]).long()
         j = (i + 1 + (torch.rand(512, generator=g) * (counts[c] - 1)).long()) % counts[c]
-        loss = F.mse_loss(reg(f[table[c, i]]), f[table[c, j]])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
+        return F.mse_loss(reg(f[table[c, i]]), f[table[c, j]])
+
+    history = run_steps(step_loss, opt, None, o.regressor_steps, name="centre regressor", hint="lower regressor_lr")
     return reg.eval(), history
 
 

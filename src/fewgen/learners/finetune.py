@@ -22,7 +22,7 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import Episodes
 from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod
-from fewgen.training import TrainingMonitor, cosine_schedule, mixed_precision
+from fewgen.training import TrainingMonitor, cosine_schedule, mixed_precision, run_steps
 from fewgen.utils import make_generator, seed_hash
 
 Batch = dict[str, torch.Tensor]
@@ -158,43 +158,33 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Batch],
     history: list[dict] = []
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
-    monitor = TrainingMonitor(f"[{name}]", s.steps, log=log, progress=progress, log_dir=log_dir)
-    with monitor:
-        for step in range(s.steps):
-            torch.manual_seed(seed_hash("finetune-augment", s.seed, name, step))
-            batch = batch_fn(step)
-            for key in list(batch):
-                if key.startswith("x_"):
-                    x = batch[key].to(device).float().div_(255.0)
-                    batch[key] = augment(x) if len(x) else x
-                else:
-                    batch[key] = batch[key].to(device)
-            with autocast():
-                terms = loss_fn(model, batch)
-                loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                from fewgen.errors import FewgenError
 
-                raise FewgenError(f"{name}: loss became {float(loss)} at step {step}; lower learner.lr_backbone / lr_head")
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
+    def step_loss(step: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed_hash("finetune-augment", s.seed, name, step))
+        batch = batch_fn(step)
+        for key in list(batch):
+            if key.startswith("x_"):
+                x = batch[key].to(device).float().div_(255.0)
+                batch[key] = augment(x) if len(x) else x
             else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            sched.step()
-            count += 1
-            values = {"loss": float(loss.detach()), **{f"loss/{k}": float(v.detach()) for k, v in terms.items()}}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            monitor.step({**values, "lr": opt.param_groups[-1]["lr"]})
-            if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
-                rec = {"step": step + 1, "lr_head": opt.param_groups[-1]["lr"], "seconds": round(time.time() - t0, 2)}
-                rec.update({k: v / count for k, v in sums.items()})
-                history.append(rec)
-                sums, count = {}, 0
+                batch[key] = batch[key].to(device)
+        with autocast():
+            return loss_fn(model, batch)
+
+    def after_step(step: int, values: dict[str, float]) -> None:
+        nonlocal sums, count
+        count += 1
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+            rec = {"step": step + 1, "lr_head": opt.param_groups[-1]["lr"], "seconds": round(time.time() - t0, 2)}
+            rec.update({k: v / count for k, v in sums.items()})
+            history.append(rec)
+            sums, count = {}, 0
+
+    with TrainingMonitor(f"[{name}]", s.steps, log=log, progress=progress, log_dir=log_dir) as monitor:
+        run_steps(step_loss, opt, sched, s.steps, scaler=scaler, monitor=monitor, after_step=after_step, name=name,
+                  hint="lower learner.lr_backbone / lr_head")
     model.eval()
     if log is not None and history:
         last = history[-1]

@@ -22,7 +22,7 @@ from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import sample_episodes
 from fewgen.evaluation.features import extract_features
 from fewgen.evaluation.protocol import episode_accuracies
-from fewgen.training import TrainingMonitor, cosine_schedule
+from fewgen.training import TrainingMonitor, cosine_schedule, run_steps
 from fewgen.utils import make_generator, seed_hash
 
 
@@ -138,22 +138,24 @@ def train_backbone(
             torch.manual_seed(seed_hash("train", s.seed, stage, epoch))  # augmentation RNG
             perm = torch.randperm(n, generator=make_generator("perm", s.seed, stage, epoch))
             sums: dict[str, float] = {}
-            for i in range(steps_per_epoch):
+            first = epoch * steps_per_epoch
+
+            def step_loss(step: int, perm=perm, first=first) -> dict[str, torch.Tensor]:
+                i = step - first
                 idx = perm[i * s.batch_size : (i + 1) * s.batch_size]
                 x = train_images[idx].to(device).float().div_(255.0)
                 if augment is not None:
                     x = augment(x)
-                y = train_labels[idx].to(device)
-                terms = loss_fn(x, y, epoch * steps_per_epoch + i)
-                loss = sum(terms.values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                monitor.step({f"loss/{k}": v for k, v in values.items()}, epoch=f"{epoch + 1}/{s.epochs}")
+                return loss_fn(x, train_labels[idx].to(device), step)
+
+            def after_step(step: int, values: dict[str, float], epoch=epoch, sums=sums) -> None:
+                terms = {k: v for k, v in values.items() if k.startswith("loss/")}
+                for k, v in terms.items():
+                    sums[k[5:]] = sums.get(k[5:], 0.0) + v
+                monitor.step(terms, epoch=f"{epoch + 1}/{s.epochs}")
+
+            run_steps(step_loss, opt, sched, first + steps_per_epoch, start=first, after_step=after_step,
+                      name=f"pretrain {stage}", hint="lower pretrain.lr")
             record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
             record.update({f"loss/{k}": v / steps_per_epoch for k, v in sums.items()})
             if not validate:
