@@ -64,3 +64,62 @@ def test_steered_redrawings_move_the_mean_toward_the_prediction(digits, backbone
 def test_options_are_checked_before_work():
     with pytest.raises(FewgenError, match="keep 30 of a pool of 10"):
         SteeredRedrawings(SteeredOptions(pool=10, keep=30))
+
+
+def test_steered_kind_runs_in_the_pipeline_from_each_seeds_shots(tmp_path):
+    """generator.kind=steered: the regressor is fitted once through the run's backbone and cached; each
+    class's images are redrawings of its own shots (image i of shot i mod K), uint8 of the data's shape,
+    in the frozen rows as generated images; its key holds only its own section."""
+    from fewgen.app.config import load_config
+    from fewgen.app.runner import run
+    from fewgen.keys import key_parts
+    from tests.conftest import DIGITS
+
+    steered = ["generator.kind=steered", "generator.steered.pool=12", "generator.steered.regressor_steps=40",
+               "generator.steered.regressor_hidden=16", "synthesis.synthetic_per_class=4", "synthesis.grid_classes=2",
+               "pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "seeds=[0]", "eval.n_shots=[1,2]",
+               "learner.methods=[]", "learner.eval_with=[head]", "eval.proto_share=0.75",
+               "pipeline=[pretrain,generator,synthesize,learn,evaluate]"]
+    cfg = load_config(DIGITS, [*steered, f"cache_dir={tmp_path / 'cache'}"])
+    r = run(cfg, tmp_path / "run", progress=False, quiet=True)
+    novel = r.data.novel
+    for (seed, k), syn in r.state.synthetic.items():
+        assert syn.images.dtype == torch.uint8 and syn.image_shape == novel.image_shape
+        assert len(syn) == 4 * novel.num_classes and syn.name.startswith("synthetic/steered")
+        from fewgen.data.fewshot import few_shot_set
+
+        shots = few_shot_set(novel, k, seed)
+        for c in range(novel.num_classes):
+            own = shots.images[shots.labels == c]
+            pool = affine_pool(own, r.state.generator.options, stream=(cfg.synthesis.seed, c))  # (K, pool, ...)
+            for i, img in enumerate(syn.images[syn.labels == c]):  # image i: a redrawing of shot i mod K
+                assert any(torch.equal(img, q) for q in pool[i % k])
+            assert len({bytes(x.numpy()) for x in syn.images[syn.labels == c]}) == 4  # each chosen once
+    rows = {(row["method"], row["classifier"], row["n_shot"], bool(row.get("all_way"))): row for row in r.rows}
+    assert rows[("frozen+synthetic", "proto", 1, False)]["uses_synthetic"] is True
+    assert rows[("frozen+synthetic", "proto", 1, False)]["proto_share"] == 0.75
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "[steered] regressor: 40 steps" in log
+    # a second run reuses the fitted regressor and the sets
+    again = run(cfg, tmp_path / "run2", progress=False, quiet=True)
+    assert "generator from cache" in (tmp_path / "run2" / "log.txt").read_text()
+    assert all(torch.equal(again.state.synthetic[key].images, s.images) for key, s in r.state.synthetic.items())
+    # the key holds generator.kind and generator.steered only
+    parts = key_parts("generators", cfg, base="b", encoder="e")["config"]
+    assert set(parts) == {"generator.kind"} | {p for p in parts if p.startswith("generator.steered.")}
+    other = load_config(DIGITS, [*steered, "generator.train_steps=7", "generator.seed=3"])
+    assert key_parts("generators", other, base="b", encoder="e") == key_parts("generators", cfg, base="b", encoder="e")
+    assert key_parts("generators", load_config(DIGITS, [*steered, "generator.steered.pool=13"]), base="b",
+                     encoder="e") != key_parts("generators", cfg, base="b", encoder="e")
+
+
+def test_steered_count_and_scale_are_checked_before_the_run(tmp_path):
+    from fewgen.app.config import load_config
+    from fewgen.app.runner import check_config
+    from tests.conftest import DIGITS
+
+    base = ["generator.kind=steered", "pipeline=[pretrain,generator,synthesize,evaluate]"]
+    with pytest.raises(FewgenError, match="raise generator.steered.pool"):
+        check_config(load_config(DIGITS, [*base, "generator.steered.pool=5", "synthesis.synthetic_per_class=8"]))
+    with pytest.raises(FewgenError, match="scale"):
+        check_config(load_config(DIGITS, [*base, "generator.steered.scale=[1.2,0.8]"]))

@@ -166,6 +166,19 @@ def _kind(cfg):
 
 
 def _generator_ignores(cfg, inputs) -> dict[str, str]:
+    import dataclasses
+
+    from fewgen.generators.registry import option_sections
+
+    kind = _kind(cfg)
+    if kind.options:  # a kind with its own section reads nothing else of the generator config
+        return {f"generator.{f.name}": f"not read by the {kind.name} generator (its options: generator.{kind.options})"
+                for f in dataclasses.fields(cfg.generator) if f.name not in ("kind", kind.options)}
+    others = {f"generator.{name}": "another generator kind's own options" for name in option_sections()}
+    return {**others, **_shared_generator_ignores(cfg)}
+
+
+def _shared_generator_ignores(cfg) -> dict[str, str]:
     if _kind(cfg).exemplar:
         return {"generator.cond_mode": "class/name tokens of the class-token generator; an exemplar one has none"}
     return {f: "options of the exemplar generator" for f in _EXEMPLAR}

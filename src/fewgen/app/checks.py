@@ -211,6 +211,11 @@ def _check_generator(cfg: RunConfig) -> None:
             raise FewgenError(f"generator.model={g.model} does not exist; give a local diffusers folder "
                               "(model_index.json) or a hub id")
         return
+    if generator_kind(g.kind).options:  # its own options section, checked with the config's values
+        sec = getattr(g, generator_kind(g.kind).options)
+        if hasattr(sec, "check_run"):
+            sec.check_run(cfg.synthesis.synthetic_per_class if "synthesize" in cfg.pipeline else 0)
+        return
     if g.kind == "diffusion" and "name" in g.cond_mode:  # the class names' MiniLM embeddings
         from fewgen.generators.text import default_text_encoder_path
 

@@ -29,6 +29,7 @@ from fewgen.gan.methods.cdc import CDCOptions
 from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
 from fewgen.generators.datadream import DataDreamConfig
+from fewgen.generators.steered import SteeredOptions
 from fewgen.learners.datadream_classifier import DataDreamOptions
 from fewgen.learners.diffalign import DiffAlignOptions
 from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
@@ -293,6 +294,7 @@ class GeneratorConfig:
     compile: bool = opt(False, "Stable Diffusion: torch.compile the UNet for sampling (faster after a first slow batch; "
                         "the same cache entries; each switch of a cls adapter recompiles)")
     datadream: DataDreamConfig = field(default_factory=DataDreamConfig)
+    steered: SteeredOptions = field(default_factory=SteeredOptions)
 
 
 @dataclass

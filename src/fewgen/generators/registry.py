@@ -41,6 +41,8 @@ class GeneratorKind:
         prompted: prompted with ``generator.prompt`` (a text-to-image backend).
         reads_backbone: whether, under a generator config, it reads exemplars through the run's
             pretrained backbone (then the ``generator`` step needs ``backbone``).
+        options: the name of its own options section, ``generator.<options>``; a kind with one
+            reads only ``generator.kind`` and that section (its key holds nothing else).
         description: one line for ``fewgen options`` and errors.
     """
 
@@ -51,6 +53,7 @@ class GeneratorKind:
     pretrained: bool = False
     prompted: bool = False
     reads_backbone: Callable[[Any], bool] = field(default=lambda g: False, compare=False)
+    options: str | None = None
     description: str = ""
 
     def generator_class(self) -> type:
@@ -71,6 +74,11 @@ def generator_kind(name: str) -> GeneratorKind:
     return GENERATORS.get(name)
 
 
+def option_sections() -> list[str]:
+    """The ``generator.<section>`` names that belong to one kind each."""
+    return [k.options for k in (GENERATORS.get(n) for n in GENERATORS.names()) if k.options]
+
+
 def adapted_kinds() -> list[str]:
     """Kinds whose novel classes come from a DataDream adapter of the shots."""
     return [n for n in GENERATORS.names() if GENERATORS.get(n).adapted]
@@ -86,3 +94,8 @@ register_generator(GeneratorKind(
 register_generator(GeneratorKind(
     "stable-diffusion", "fewgen.generators.stable_diffusion:StableDiffusionGenerator", adapted=True,
     pretrained=True, prompted=True, description="a Stable Diffusion pipeline (generator.model)"))
+register_generator(GeneratorKind(
+    "steered", "fewgen.generators.steered:SteeredGenerator", adapted=False, exemplar=True,
+    reads_backbone=lambda g: True, options="steered",
+    description="affine redrawings of each shot, chosen so their mean feature lies where the class's other "
+                "drawings are predicted to (generator.steered)"))

@@ -18,7 +18,7 @@ bench_centre_shift.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,39 +26,49 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.options import opt
 from fewgen.training import run_steps
 from fewgen.utils import seed_hash
 
 
 @dataclass
 class SteeredOptions:
-    """Options of :class:`SteeredRedrawings`.
+    """Options of :class:`SteeredRedrawings`; in a run, the config section ``generator.steered``
+    (where the kept count per shot follows from ``synthesis.synthetic_per_class`` and the shots)."""
 
-    Attributes:
-        pool: random affine redrawings made of each shot.
-        keep: of those, how many are kept per shot.
-        degrees, translate, scale, shear: the affine distortion's ranges (kornia ``RandomAffine``).
-        regressor_steps, regressor_hidden, regressor_lr: the E[f2 | f1] regressor's training.
-        seed: the redrawings' and the regressor's seed.
-    """
+    pool: int = opt(400, "random affine redrawings made of each shot, of which the steered ones are chosen", min=1)
+    keep: int = opt(10, "redrawings kept per shot (in a run: synthesis.synthetic_per_class / shots, rounded up)",
+                    min=1)
+    degrees: float = opt(25.0, "largest rotation of a redrawing, in degrees", min=0, max=180)
+    translate: float = opt(0.12, "largest shift of a redrawing, as a share of the side", min=0, max=1)
+    scale: list[float] = opt([0.75, 1.25], "smallest and largest scale of a redrawing", gt=0)
+    shear: float = opt(20.0, "largest shear of a redrawing, in degrees", min=0, max=90)
+    regressor_steps: int = opt(3000, "training steps of the E[f2 | f1] regressor on pairs of base drawings", min=1)
+    regressor_hidden: int = opt(256, "hidden width of the regressor", min=1)
+    regressor_lr: float = opt(1e-3, "Adam learning rate of the regressor", gt=0)
+    seed: int = opt(0, "seed of the regressor and of the redrawings")
 
-    pool: int = 100
-    keep: int = 10
-    degrees: float = 25.0
-    translate: float = 0.12
-    scale: tuple[float, float] = (0.75, 1.25)
-    shear: float = 20.0
-    regressor_steps: int = 3000
-    regressor_hidden: int = 256
-    regressor_lr: float = 1e-3
-    seed: int = 0
+    def check_run(self, per_class: int) -> None:
+        """The checks of a run that draws ``per_class`` images per class (0: none), where the kept
+        count follows from it: from a single shot they all come from its pool."""
+        self._check_ranges()
+        if per_class > self.pool:
+            raise FewgenError(f"synthesis.synthetic_per_class={per_class} steered redrawings of a single shot need a "
+                              f"pool of at least {per_class}; raise generator.steered.pool (now {self.pool}) or lower "
+                              "the count")
+
+    def _check_ranges(self) -> None:
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise FewgenError(f"generator.steered.scale {list(self.scale)} must be two numbers, 0 < smallest <= "
+                              "largest, e.g. [0.75, 1.25]")
+        if self.regressor_steps < 1 or self.regressor_hidden < 1 or self.regressor_lr <= 0:
+            raise FewgenError("the steered redrawings' regressor needs steps >= 1, hidden >= 1 and lr > 0")
 
     def check(self) -> None:
+        self._check_ranges()
         if not 1 <= self.keep <= self.pool:
             raise FewgenError(f"steered redrawings keep {self.keep} of a pool of {self.pool} per shot; keep must be "
                               "between 1 and the pool size")
-        if self.regressor_steps < 1 or self.regressor_hidden < 1 or self.regressor_lr <= 0:
-            raise FewgenError("the steered redrawings' regressor needs steps >= 1, hidden >= 1 and lr > 0")
 
 
 class CentreRegressor(nn.Module):
@@ -97,16 +107,16 @@ def train_centre_regressor(feats: torch.Tensor, labels: torch.Tensor, o: Steered
     return reg.eval(), history
 
 
-def affine_pool(shots: torch.Tensor, o: SteeredOptions) -> torch.Tensor:
+def affine_pool(shots: torch.Tensor, o: SteeredOptions, stream: tuple = ()) -> torch.Tensor:
     """``o.pool`` random affine redrawings (N, pool, C, H, W) uint8 of each shot (N, C, H, W) uint8;
-    shot n's redrawings depend only on its index and the seed."""
+    shot n's redrawings depend only on its index, the seed and ``stream`` (e.g. a class)."""
     import kornia.augmentation as K
 
     aug = K.RandomAffine(degrees=o.degrees, translate=(o.translate, o.translate), scale=tuple(o.scale),
                          shear=o.shear, p=1.0)
     out = []
     for n in range(len(shots)):
-        torch.manual_seed(seed_hash("steered-pool", o.seed, n))
+        torch.manual_seed(seed_hash("steered-pool", o.seed, *stream, n))
         x = aug(shots[n:n + 1].float().div(255).expand(o.pool, *shots.shape[1:]))
         out.append(x.mul(255).round().clamp(0, 255).to(torch.uint8))
     return torch.stack(out)
@@ -160,17 +170,129 @@ class SteeredRedrawings:
         with torch.no_grad():
             return F.normalize(self.regressor(self._features(backbone, shots)), dim=-1)
 
-    def generate(self, backbone: nn.Module, shots: torch.Tensor) -> torch.Tensor:
-        """``keep`` steered redrawings of each shot (N, C, H, W) uint8: (N * keep, C, H, W), the
-        redrawings of shot n at rows n * keep ... (n + 1) * keep - 1."""
+    def generate(self, backbone: nn.Module, shots: torch.Tensor, keep: int | None = None,
+                 stream: tuple = ()) -> torch.Tensor:
+        """``keep`` (default ``options.keep``) steered redrawings of each shot (N, C, H, W) uint8:
+        (N * keep, C, H, W), the redrawings of shot n at rows n * keep ... (n + 1) * keep - 1; the
+        pool drawn from ``stream`` (:func:`affine_pool`)."""
         o = self.options
+        keep = o.keep if keep is None else keep
+        if not 1 <= keep <= o.pool:
+            raise FewgenError(f"steered redrawings: {keep} kept per shot from a pool of {o.pool}; raise "
+                              "generator.steered.pool to at least the images per shot")
         target = self.predicted_centres(backbone, shots)
-        pool = affine_pool(shots, o)
+        pool = affine_pool(shots, o, stream)
         feats = self._features(backbone, pool.flatten(0, 1)).view(len(shots), o.pool, -1)
-        pick = steer(feats, target, o.keep)
+        pick = steer(feats, target, keep)
         return torch.stack([pool[n, pick[n]] for n in range(len(shots))]).flatten(0, 1)
 
     def state(self) -> dict:
         """The options and the regressor's tensors (for a cache entry)."""
         return {"options": asdict(self.options),
                 "tensors": {k: v.detach().clone() for k, v in (self.regressor.state_dict() if self.regressor else {}).items()}}
+
+
+class SteeredGenerator:
+    """Steered redrawings as a pipeline generator (``generator.kind=steered``, options
+    ``generator.steered``): "trained" is the regressor, fitted on the base classes through the run's
+    pretrained backbone; each novel class's images are steered redrawings of its shots, image i from
+    shot i mod K, ``ceil(synthesis.synthetic_per_class / K)`` kept per shot. The
+    :class:`~fewgen.generators.protocol.Generator` interface; nothing is adapted."""
+
+    kind = "steered"
+    parallel_sampling = False  # one backbone pass per class; the choice needs the whole pool
+
+    def __init__(self, options: SteeredOptions, backbone: nn.Module, device: torch.device | str = "cpu"):
+        if backbone is None:
+            raise FewgenError("steered redrawings read the shots through the run's pretrained backbone: put "
+                              "'pretrain' before 'generator' in pipeline")
+        options.check_run(0)
+        # in a run the kept count follows from synthesis.synthetic_per_class (synthesis_sample_fn)
+        self.steerer = SteeredRedrawings(replace(options, keep=min(options.keep, options.pool)))
+        self.backbone = backbone.eval()
+        self.device = torch.device(device)
+        self.trained_key: str | None = None
+
+    @property
+    def options(self) -> SteeredOptions:
+        return self.steerer.options
+
+    @classmethod
+    def from_options(cls, g, base: ArrayDataset, encoder: nn.Module, device: torch.device | str = "cpu"):
+        """Untrained, from the generator config ``g`` (its ``steered`` section) and the backbone."""
+        return cls(SteeredOptions(**asdict(g.steered)), encoder, device)
+
+    def num_parameters(self) -> int:
+        dim, h = self.backbone.num_features, self.options.regressor_hidden
+        return 2 * dim * h + h + dim
+
+    def fit(self, dataset: ArrayDataset, log=None, **_ignored):
+        """Fit the regressor on the base classes (``generator.steered.regressor_*``; the base
+        generator's steps, batch and learning rate do not apply). A :class:`FitResult`."""
+        import time
+
+        from fewgen.generators.pixels import FitResult
+
+        t0 = time.time()
+        self.steerer.fit(self.backbone, dataset)
+        seconds = time.time() - t0
+        if log:
+            log(f"[steered] regressor: {self.options.regressor_steps} steps, loss {self.steerer.history[0]:.4f} -> "
+                f"{sum(self.steerer.history[-50:]) / len(self.steerer.history[-50:]):.4f} ({seconds:.0f}s)")
+        return FitResult(self.options.regressor_steps, self.steerer.history, seconds,
+                         512 * self.options.regressor_steps / max(seconds, 1e-9))
+
+    def save(self, folder, meta: dict | None = None) -> None:
+        from pathlib import Path
+
+        from fewgen.checkpoint import save_tensors
+        from fewgen.utils import write_json
+
+        folder = Path(folder)
+        save_tensors(folder / "generator.safetensors", self.steerer.state()["tensors"], meta)
+        write_json(folder / "generator.json", {"kind": self.kind, "options": asdict(self.options),
+                                               "dim": int(self.backbone.num_features)})
+
+    @classmethod
+    def load_trained(cls, folder, encoder: nn.Module, device: torch.device | str = "cpu") -> SteeredGenerator:
+        from pathlib import Path
+
+        from fewgen.checkpoint import load_tensors
+        from fewgen.utils import read_json
+
+        folder = Path(folder)
+        info = read_json(folder / "generator.json")
+        if info.get("kind") != cls.kind:
+            raise FewgenError(f"{folder} holds a {info.get('kind')!r} generator, not steered redrawings")
+        gen = cls(SteeredOptions(**info["options"]), encoder, device)
+        reg = CentreRegressor(int(info["dim"]), gen.options.regressor_hidden)
+        reg.load_state_dict(load_tensors(folder / "generator.safetensors")[0])
+        gen.steerer.regressor = reg.eval()
+        return gen
+
+    def state_key(self) -> str:
+        from fewgen.utils import stable_hash
+
+        return self.trained_key or stable_hash({"kind": self.kind, "options": asdict(self.options)})
+
+    def adapt(self, few_shot, cfg, cache, parts, ctx=None, log=None, progress=False, log_dir=None):
+        raise FewgenError("steered redrawings are drawn from the shots, not adapted: leave 'adapt' out of pipeline")
+
+    def synthesis_sample_fn(self, spec, adapter, image_shape, sources: list[torch.Tensor] | None = None):
+        """sample_fn(class, seeds, image indices): image i of class c is the (i // K)-th steered
+        redrawing of shot i mod K (``sources[c]``, K shots), from a pool drawn from (synthesis seed, c)."""
+        import math
+
+        if sources is None:
+            raise FewgenError("steered redrawings are drawn from the shots: give each class's shots")
+        made: dict[int, torch.Tensor] = {}
+
+        def fn(c, seeds, indices):
+            if c not in made:
+                shots = sources[c]
+                per_shot = math.ceil(spec.per_class / len(shots))
+                images = self.steerer.generate(self.backbone, shots, keep=per_shot, stream=(spec.seed, c))
+                made[c] = images.view(len(shots), per_shot, *images.shape[1:])
+            k = len(sources[c])
+            return torch.stack([made[c][i % k, i // k] for i in indices])
+        return fn

@@ -58,8 +58,9 @@ def train_or_load_generator(run: Run):
         if ctx.is_main:
             torch.manual_seed(g.seed)
             gen = cls.from_options(g, run.data.base, encoder, run.device)
-            run.log(f"training the {g.kind} generator ({gen.num_parameters() / 1e6:.2f}M parameters) for "
-                    f"{g.train_steps} steps on {len(run.data.base)} base images")
+            steps = "" if generator_kind(g.kind).options else f" for {g.train_steps} steps"  # else its own section's
+            run.log(f"training the {g.kind} generator ({gen.num_parameters() / 1e6:.2f}M parameters){steps} on "
+                    f"{len(run.data.base)} base images")
             res = gen.fit(run.data.base, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr, seed=g.seed,
                           state_path=entry / "training_state.safetensors", log=run.log, log_every=100,
                           progress=run.progress, log_dir=tensorboard_dir(run, "generator"))
@@ -108,6 +109,8 @@ def step_adapt(run: Run) -> None:
 def synthesis_label(run: Run, exemplar: bool, adapter) -> str:
     """A short name of how a set was made (dataset names, logs)."""
     s, g = run.cfg.synthesis, run.cfg.generator
+    if generator_kind(g.kind).options:  # a kind with its own options section: its name says how
+        return g.kind
     how = f"sdedit{'+'.join(f'{v:g}' for v in s.sdedit_strengths)}" if s.sdedit_strengths else "noise"
     if exemplar:
         return f"exemplar-{g.exemplar_cond}-{how}" + ("" if adapter is None else f"-datadream-{g.datadream.mode}")
