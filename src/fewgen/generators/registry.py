@@ -5,7 +5,9 @@ whether the novel classes come from a DataDream adapter of the shots, whether im
 the shots themselves (exemplar conditioning), whether the model is loaded from ``generator.model``
 rather than trained on the base classes, and whether it reads exemplars through the pretrained
 backbone. Adding a generator is its module (a class with the :class:`~fewgen.generators.protocol.
-Generator` interface and the constructors below) plus one :func:`register_generator` line here.
+Generator` interface and the constructors below, and its options dataclass) plus one
+:func:`register_generator` line here naming that section (``options``), and the section's line in
+``fewgen.app.config.GeneratorConfig`` (``steered`` was added so).
 
 The classes are named by import path and imported on first use, so that reading the registry (the
 config check, the CLI's choices) needs no diffusers.
