@@ -42,17 +42,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, [*args.set, *combo, "data.eval_split=val"])
         r = run(cfg, root / f"point{i}", progress=False, quiet=True)
         summary = best_of_each_kind(r.rows)
-        points.append({"overrides": list(combo), "timings_s": r.timings, "rows": r.rows,
+        rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in r.rows]  # in-memory values out
+        points.append({"overrides": list(combo), "timings_s": r.timings, "rows": rows,
                        "best": [{"setting": s["setting"],
                                  "real": s["real"] and [s["real"]["method"], s["real"].get("classifier"),
                                                         s["real"]["accuracy"], s["real"]["ci95"]],
                                  "generated": s["generated"] and [s["generated"]["method"],
                                                                   s["generated"].get("classifier"),
                                                                   s["generated"]["accuracy"],
-                                                                  s["generated"]["ci95"]]}
+                                                                  s["generated"]["ci95"]],
+                                 "gain": s.get("gain"), "gain_ci95": s.get("gain_ci95"),
+                                 "gain_ci95_seeds": s.get("gain_ci95_seeds")}
                                 for s in summary]})
-        line = "  ".join(f"{s['setting']}: {s['generated'][2]:.2f} (real {s['real'][2]:.2f})"
-                         for s in points[-1]["best"] if s["real"] and s["generated"])
+        line = "  ".join(f"{s['setting']}: {s['generated'][2]:.2f} (real {s['real'][2]:.2f}; paired "
+                         f"{s['gain']:+.2f} +- {s['gain_ci95']:.2f}"
+                         + ("" if s["gain_ci95_seeds"] is None else f", +- {s['gain_ci95_seeds']:.2f} over seeds") + ")"
+                         for s in points[-1]["best"] if s["real"] and s["generated"] and s["gain_ci95"] is not None)
         print(f"{' '.join(combo)}\n    {line}", flush=True)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
