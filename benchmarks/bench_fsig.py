@@ -8,7 +8,7 @@ fewgen's FID / KID with the reference ways (SciPy ``sqrtm`` FID, torchmetrics FI
 on Gaussian features, side by side with timings.
 
     FEWGEN_DATA=/work/shared/data python benchmarks/bench_fsig.py --out benchmarks/results/bench_fsig.json
-    python benchmarks/bench_fsig.py --presets dcl-pacs --override gan.adapt_iters=200
+    python benchmarks/bench_fsig.py --presets dcl-pacs --override gan.adapt.iters=200
 """
 
 from __future__ import annotations

@@ -294,8 +294,8 @@ def _gan_source_parts(cfg, inputs) -> dict[str, Any]:
 
 _GAN_TARGET = ("gan.setup", "gan.target_range", "gan.source_domains", "gan.target_domain", "gan.target_root",
                "gan.n_shots")
-_GAN_ADAPT = ("gan.adapt_iters", "gan.adapt_batch_size", "gan.methods", "gan.freezed_layers", "gan.cdc_weight",
-              "gan.dcl_lambda1", "gan.dcl_lambda2", "gan.dcl_temperature", "gan.track_every", "gan.track_samples")
+_GAN_ADAPT = ("gan.adapt", "gan.methods", "gan.freezed_layers", "gan.cdc_weight", "gan.dcl_lambda1", "gan.dcl_lambda2",
+              "gan.dcl_temperature", "gan.track_samples")
 _GAN_METRICS = ("gan.eval_samples", "gan.kid_subset_size", "gan.feature_net", "gan.lpips_weights")
 
 GAN_SOURCE = rule(
@@ -329,8 +329,8 @@ GAN_ADAPTED = rule(
     ignore={**{f: "choose the shots and held-out target images, which enter by content (inputs shots, target)"
                for f in _GAN_TARGET},
             **{f: "source GAN training: in the source's key (input source)"
-               for f in ("gan.pretrain_seed", "gan.image_size", "gan.z_dim", "gan.width", "gan.mapping_layers",
-                         "gan.pretrain_iters", "gan.pretrain_batch_size")},
+               for f in ("gan.source", "gan.image_size", "gan.z_dim", "gan.width", "gan.mapping_layers")},
+            "gan.adapt.seed": "replaced by each of the run's seeds, the shot draw (input seed)",
             "gan.methods": "which methods run; each is its own entry (input method)",
             "gan.eval_samples": "final metrics, computed after adaptation",
             "gan.kid_subset_size": "final metrics, computed after adaptation",

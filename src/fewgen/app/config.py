@@ -28,6 +28,7 @@ from fewgen.evaluation.protocol import ExtraSupportOptions
 from fewgen.gan.methods.cdc import CDCOptions
 from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
+from fewgen.gan.model import AdaptSettings, GANTrainSettings
 from fewgen.generators.datadream import DataDreamConfig
 from fewgen.generators.steered import SteeredOptions
 from fewgen.learners.datadream_classifier import DataDreamOptions
@@ -229,25 +230,19 @@ class GANConfig(DCLOptions, CDCOptions, FreezeDOptions):
     target_root: str | None = opt(None, "folder: an image folder (one subfolder per class) holding the target images")
     n_shots: int = opt(10, "training images of the target (one per class when the target has that many classes); "
                        "each of the run's seeds draws its own shots and adapts with that seed", min=1)
-    pretrain_seed: int = opt(0, "seed of the source GAN pretraining (one source GAN serves every shot draw)")
     image_size: int = opt(32, "GAN resolution: 8, 16, 32 or 64 (images are resized)", choices=(8, 16, 32, 64))
     z_dim: int = opt(64, "latent size", min=1)
     width: int = opt(16, "channel width (4 x width at 4x4, halving per resolution)", min=1)
     mapping_layers: int = opt(0, "layers of the optional mapping network", min=0)
-    pretrain_iters: int = opt(2000, "source GAN iterations", min=1)
-    pretrain_batch_size: int = opt(32, "source GAN batch size", min=1)
-    lr: float = opt(0.002, "Adam learning rate (source pretraining and adaptation)", gt=0)
-    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every 4 iterations)", min=0)
-    adapt_iters: int = opt(500, "adaptation iterations (the same for every method)", min=1)
-    adapt_batch_size: int = opt(16, "latents per adaptation iteration", min=1)
     methods: list[str] = opt(["tgan", "freezed", "cdc", "dcl"], "adaptation methods, each from the same source GAN", choices="GAN adaptation method", nonempty=True)
-    track_every: int = opt(50, "adaptation iterations between tracked realism / intra-diversity / FID", min=1)
     track_samples: int = opt(500, "samples per tracking point", min=2)
     eval_samples: int = opt(1000, "samples for the final metrics (intra-LPIPS protocol: 1000)", min=2)
     kid_subset_size: int = opt(100, "KID subset size (capped at the sample counts)", min=2)
     feature_net: str | None = opt(None, "metrics network: null = the run's pretrained backbone; else a backbone "
                                   "checkpoint (.safetensors, architecture backbone.name) or clip:<local folder>")
     lpips_weights: str | None = opt(None, "LPIPS-AlexNet safetensors for intra-diversity (default: the metrics backbone's maps)")
+    source: GANTrainSettings = field(default_factory=GANTrainSettings)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from fewgen.checkpoint import load_training_state, save_training_state
 from fewgen.errors import FewgenError
+from fewgen.options import opt
 from fewgen.registry import Registry
 from fewgen.training import TrainingMonitor
 
@@ -193,16 +194,19 @@ def sample(generator: Generator, n: int, seed: int, batch_size: int = 256, devic
 
 @dataclass
 class GANTrainSettings:
-    iters: int = 3000
-    batch_size: int = 32
-    lr: float = 2e-3
-    beta1: float = 0.0
-    beta2: float = 0.99
-    r1_gamma: float = 1.0
-    r1_every: int = 4
-    ema_decay: float = 0.995
-    checkpoint_every: int = 250
-    seed: int = 0
+    """How the source GAN is trained: the config section ``gan.source``."""
+
+    iters: int = opt(2000, "source GAN iterations", min=1)
+    batch_size: int = opt(32, "source GAN batch size", min=1)
+    lr: float = opt(2e-3, "Adam learning rate", gt=0)
+    beta1: float = opt(0.0, "Adam beta1", min=0, max=0.999)
+    beta2: float = opt(0.99, "Adam beta2", min=0, max=0.9999)
+    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every r1_every iterations)", min=0)
+    r1_every: int = opt(4, "iterations between R1 penalties", min=1)
+    ema_decay: float = opt(0.995, "decay of the generator's moving average (the source GAN is the average)",
+                           min=0, max=1)
+    checkpoint_every: int = opt(250, "iterations between resumable checkpoints and history records", min=1)
+    seed: int = opt(0, "seed of the source GAN pretraining (one source GAN serves every shot draw)")
 
 
 @dataclass
@@ -299,9 +303,8 @@ def gan_arch(gc, channels: int) -> GANArch:
 
 
 def gan_train_settings(gc) -> GANTrainSettings:
-    """Source pretraining settings of a ``GANConfig``."""
-    return GANTrainSettings(iters=gc.pretrain_iters, batch_size=gc.pretrain_batch_size, lr=gc.lr,
-                            r1_gamma=gc.r1_gamma, seed=gc.pretrain_seed)
+    """Source pretraining settings of a ``GANConfig``: its section ``gan.source``."""
+    return replace(gc.source)
 
 
 def source_gan_key(images: str, arch: GANArch, settings: GANTrainSettings) -> dict[str, Any]:
@@ -349,22 +352,24 @@ def pretrained_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrai
 
 @dataclass
 class AdaptSettings:
-    iters: int = 600
-    batch_size: int = 16
-    lr: float = 2e-3
-    beta1: float = 0.0
-    beta2: float = 0.99
-    r1_gamma: float = 1.0
-    r1_every: int = 4
-    track_every: int = 100
-    checkpoint_every: int = 100
-    seed: int = 0
+    """How each method adapts the source GAN to the shots: the config section ``gan.adapt`` (the
+    same for every method; ``seed`` is each of the run's seeds, one adaptation per shot draw)."""
+
+    iters: int = opt(500, "adaptation iterations (the same for every method)", min=1)
+    batch_size: int = opt(16, "latents per adaptation iteration", min=1)
+    lr: float = opt(2e-3, "Adam learning rate", gt=0)
+    beta1: float = opt(0.0, "Adam beta1", min=0, max=0.999)
+    beta2: float = opt(0.99, "Adam beta2", min=0, max=0.9999)
+    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every r1_every iterations)", min=0)
+    r1_every: int = opt(4, "iterations between R1 penalties", min=1)
+    track_every: int = opt(50, "iterations between tracked realism / intra-diversity / FID", min=1)
+    checkpoint_every: int = opt(50, "iterations between resumable checkpoints and history records", min=1)
+    seed: int = opt(0, "replaced by each of the run's seeds (the shot draw)")
 
 
 def gan_adapt_settings(gc, seed: int) -> AdaptSettings:
-    """Adaptation settings of a ``GANConfig`` for one shot draw (``seed``)."""
-    return AdaptSettings(iters=gc.adapt_iters, batch_size=gc.adapt_batch_size, lr=gc.lr, r1_gamma=gc.r1_gamma,
-                         track_every=gc.track_every, checkpoint_every=gc.track_every, seed=seed)
+    """Adaptation settings of a ``GANConfig`` for one shot draw (``seed``): its section ``gan.adapt``."""
+    return replace(gc.adapt, seed=seed)
 
 
 def method_options(name: str) -> dict[str, str]:

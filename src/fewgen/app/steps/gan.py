@@ -3,7 +3,7 @@
 ``gan-source`` cuts the run's data into a source domain, the target's training shots and
 held-out real target images (:func:`generation_setup`), and pretrains (or loads) the source
 GAN. ``gan-adapt`` adapts it with every method in ``gan.methods`` for the same number of
-iterations, tracks realism / intra-diversity / FID every ``gan.track_every`` iterations,
+iterations, tracks realism / intra-diversity / FID every ``gan.adapt.track_every`` iterations,
 computes the final metrics (fewgen.evaluation.generative) and writes, in the run folder,
 ``gan/<method>_samples_seed<s>.png``, ``gan/curves.png``, ``gan/tracking.json`` and one
 metrics row per method (``source`` = the unadapted GAN), means over the run's seeds (each
@@ -130,7 +130,7 @@ def step_gan_adapt(run: Run) -> None:
     rows = []
     for name, values in per_seed.items():
         row = {"method": name, "setup": run.cfg.name, "n_shot": gc.n_shots,
-               "iters": 0 if name == "source" else gc.adapt_iters, "n_samples": gc.eval_samples,
+               "iters": 0 if name == "source" else gc.adapt.iters, "n_samples": gc.eval_samples,
                "seeds": list(setups), "uses_synthetic": True}  # metrics of generated images
         # no accuracy / ci95 keys: these rows are not classification results (reports skip them)
         for k in (*METRIC_KEYS, "shot_spread"):
@@ -140,7 +140,7 @@ def step_gan_adapt(run: Run) -> None:
         row["per_seed"] = {k: [v[k] for v in values] for k in (*METRIC_KEYS, "kid_std")}
         rows.append(row)
     if out is not None:
-        write_json(out / "tracking.json", {"setup": first.description, "track_every": gc.track_every,
+        write_json(out / "tracking.json", {"setup": first.description, "track_every": gc.adapt.track_every,
                                            "tracking": tracking})
         plot_curves(tracking, out / "curves.png", title=first.description.split(";")[0])
         write_json(out / "generation.json", {"setup": first.description, "seeds": list(setups), "rows": rows})
