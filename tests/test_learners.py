@@ -123,7 +123,7 @@ def test_datadream_batches_repeat_real_to_balance(digits):
 def test_diffalign_batches_are_class_matched_and_ablations_drop_terms(digits):
     from fewgen.backbones import create_backbone
     from fewgen.data.fewshot import few_shot_set
-    from fewgen.learners.diffalign import DiffAlignWeights, diffalign_batches, diffalign_loss_fn
+    from fewgen.learners.diffalign import DiffAlignOptions, diffalign_batches, diffalign_loss_fn
     from fewgen.learners.finetune import BackboneClassifier
 
     real = few_shot_set(digits.novel, 2, seed=0)
@@ -135,7 +135,7 @@ def test_diffalign_batches_are_class_matched_and_ablations_drop_terms(digits):
     assert batch["x_base"].shape[0] == 6 and batch["q_base"].shape == (6, 5)
     model = BackboneClassifier(create_backbone("conv4", in_chans=1), 5)
     fbatch = {k: (v.float() / 255 if k.startswith("x_") else v) for k, v in batch.items()}
-    w = DiffAlignWeights()
+    w = DiffAlignOptions()
     assert set(diffalign_loss_fn(w)(model, fbatch)) == {"real", "synthetic", "hallucination", "mmd"}
     for term in ("real", "synthetic", "hallucination", "mmd"):
         assert term not in diffalign_loss_fn(w.without(term))(model, fbatch)

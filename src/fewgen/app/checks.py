@@ -153,7 +153,7 @@ def _check_learner(cfg: RunConfig) -> None:
 
     for spec in method_specs(lc):
         w = spec.weights
-        if spec.kind == "diffalign" and w.real == w.synthetic == w.hallucination == w.mmd == 0:
+        if spec.kind == "diffalign" and w.w_real == w.w_synthetic == w.w_hallucination == w.w_mmd == 0:
             raise FewgenError(f"every loss weight of {spec.name} is zero (learner.w_real, w_synthetic, "
                               "w_hallucination, w_mmd, less the term learner.ablations switches off): set one above "
                               "zero or drop that term from learner.ablations")

@@ -23,8 +23,8 @@ Each weight can be set to zero, which is how the ablation rows are made.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,30 +58,29 @@ class DiffAlignOptions:
                                       "features)", gt=0, nonempty=True)
     hallucination_temperature: float = opt(1.0, "softmax temperature of the hallucinated soft labels", gt=0)
 
+    @classmethod
+    def of(cls, options) -> DiffAlignOptions:
+        """DiffAlign's own fields of ``options`` (the learner section, which holds them among others)."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
 
-@dataclass
-class DiffAlignWeights:
-    real: float = 1.0
-    synthetic: float = 1.0
-    hallucination: float = 1.0
-    mmd: float = 1.0
-    label_smoothing: float = 0.1
-    bandwidths: Sequence[float] = field(default_factory=lambda: (0.5, 1.0, 2.0))
-    temperature: float = 1.0
-
-    def without(self, term: str) -> DiffAlignWeights:
+    def without(self, term: str) -> DiffAlignOptions:
         """A copy with one term's weight at zero (an ablation)."""
         if term not in TERMS:
             from fewgen.errors import FewgenError
 
             raise FewgenError(f"unknown DiffAlign term {term!r} in learner.ablations; use {', '.join(TERMS)}")
-        out = DiffAlignWeights(**self.__dict__)
-        setattr(out, term, 0.0)
-        return out
+        return replace(self, **{f"w_{term}": 0.0})
 
     @property
     def uses_synthetic(self) -> bool:
-        return self.synthetic > 0 or self.mmd > 0
+        return self.w_synthetic > 0 or self.w_mmd > 0
+
+    def key(self) -> dict:
+        """What of these options a row's training depends on (its learners' cache key): the loss,
+        not which other rows run (``ablations``) nor the batch sizes, which the key holds elsewhere."""
+        return {"real": self.w_real, "synthetic": self.w_synthetic, "hallucination": self.w_hallucination,
+                "mmd": self.w_mmd, "label_smoothing": self.label_smoothing, "bandwidths": tuple(self.mmd_bandwidths),
+                "temperature": self.hallucination_temperature}
 
 
 def diffalign_batches(real: ArrayDataset, synthetic: ArrayDataset | None, base_images: torch.Tensor | None,
@@ -116,7 +115,7 @@ def diffalign_batches(real: ArrayDataset, synthetic: ArrayDataset | None, base_i
     return batch_fn
 
 
-def diffalign_loss_fn(w: DiffAlignWeights) -> Callable[[nn.Module, Batch], dict[str, torch.Tensor]]:
+def diffalign_loss_fn(w: DiffAlignOptions) -> Callable[[nn.Module, Batch], dict[str, torch.Tensor]]:
     """``loss_fn(model, batch)``: the weighted terms above; zero-weight terms are left out."""
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -130,19 +129,19 @@ def diffalign_loss_fn(w: DiffAlignWeights) -> Callable[[nn.Module, Batch], dict[
         logits = model.head(feats)
         f_split, l_split = torch.split(feats, sizes), torch.split(logits, sizes)
         terms: dict[str, torch.Tensor] = {}
-        if w.real > 0:
-            terms["real"] = w.real * F.cross_entropy(l_split[0], batch["y_real"])
+        if w.w_real > 0:
+            terms["real"] = w.w_real * F.cross_entropy(l_split[0], batch["y_real"])
         i = 1
         if "x_syn" in batch:
             if len(batch["y_syn"]):
-                if w.synthetic > 0:
-                    terms["synthetic"] = w.synthetic * label_smoothed_ce(l_split[i], batch["y_syn"], w.label_smoothing)
-                if w.mmd > 0:
-                    terms["mmd"] = w.mmd * mmd(F.normalize(f_split[0], dim=-1), F.normalize(f_split[i], dim=-1),
-                                               w.bandwidths)
+                if w.w_synthetic > 0:
+                    terms["synthetic"] = w.w_synthetic * label_smoothed_ce(l_split[i], batch["y_syn"], w.label_smoothing)
+                if w.w_mmd > 0:
+                    terms["mmd"] = w.w_mmd * mmd(F.normalize(f_split[0], dim=-1), F.normalize(f_split[i], dim=-1),
+                                                 tuple(w.mmd_bandwidths))
             i += 1
-        if "x_base" in batch and w.hallucination > 0:
-            terms["hallucination"] = w.hallucination * hallucination_kl(l_split[i], batch["q_base"])
+        if "x_base" in batch and w.w_hallucination > 0:
+            terms["hallucination"] = w.w_hallucination * hallucination_kl(l_split[i], batch["q_base"])
         if not terms:
             from fewgen.errors import FewgenError
 
@@ -153,34 +152,27 @@ def diffalign_loss_fn(w: DiffAlignWeights) -> Callable[[nn.Module, Batch], dict[
     return loss_fn
 
 
-def diffalign_weights(lc) -> DiffAlignWeights:
-    """The loss weights of ``learner.*`` options ``lc`` (a :class:`DiffAlignOptions`)."""
-    return DiffAlignWeights(real=lc.w_real, synthetic=lc.w_synthetic, hallucination=lc.w_hallucination, mmd=lc.w_mmd,
-                            label_smoothing=lc.label_smoothing, bandwidths=tuple(lc.mmd_bandwidths),
-                            temperature=lc.hallucination_temperature)
-
-
 @LEARNER_METHODS.register("diffalign")
 class DiffAlign(LearnerMethod):
     """The full loss above, then each term of ``learner.ablations`` switched off in turn."""
 
     def specs(self, lc) -> list[MethodSpec]:
-        w = diffalign_weights(lc)
+        w = DiffAlignOptions.of(lc)
         return [MethodSpec("diffalign", "diffalign", w),
                 *[MethodSpec(f"diffalign-no-{term}", "diffalign", w.without(term)) for term in lc.ablations]]
 
     def uses_real(self, spec) -> bool:
-        return spec.weights.real > 0
+        return spec.weights.w_real > 0
 
     def uses_synthetic(self, spec) -> bool:
         return spec.weights.uses_synthetic
 
     def hallucinates(self, spec) -> bool:
-        return spec.weights.hallucination > 0
+        return spec.weights.w_hallucination > 0
 
     def objective(self, spec, lc, src):
         w = spec.weights
-        base_images, base_soft = (src.base_images, src.base_soft()) if w.hallucination > 0 else (None, None)
+        base_images, base_soft = (src.base_images, src.base_soft()) if w.w_hallucination > 0 else (None, None)
         return (diffalign_batches(src.real, src.synthetic, base_images, base_soft, src.batch_size,
                                   lc.synthetic_batch_size, lc.base_batch_size, *src.seed_parts),
                 diffalign_loss_fn(w))

@@ -47,7 +47,8 @@ class MethodSpec:
 
     def key(self) -> dict:
         return {"name": self.name, "kind": self.kind,
-                "weights": dataclasses.asdict(self.weights) if self.weights is not None else None}
+                "weights": None if self.weights is None else
+                self.weights.key() if hasattr(self.weights, "key") else dataclasses.asdict(self.weights)}
 
 
 @dataclass
