@@ -34,6 +34,7 @@ from fewgen.generators.steered import SteeredOptions
 from fewgen.learners.datadream_classifier import DataDreamOptions
 from fewgen.learners.diffalign import DiffAlignOptions
 from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
+from fewgen.pretrain.loop import TrainSettings
 
 
 @dataclass
@@ -92,24 +93,13 @@ class IERConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainSettings):
+    """Base-class pretraining: the recipe, its loss and data options, and the epoch loop's (``TrainSettings``)."""
+
     recipe: str = opt("ce", "base-class pretraining recipe", choices="recipe")
-    epochs: int = opt(10, "training epochs over the base classes", min=1)
-    batch_size: int = opt(128, "images per step", min=1)
-    optimizer: str = opt("sgd", "sgd or adam", choices=("sgd", "adam"))
-    lr: float = opt(0.05, "peak learning rate (cosine schedule)", gt=0)
-    momentum: float = opt(0.9, "SGD momentum", min=0)
-    weight_decay: float = opt(5e-4, "weight decay", min=0)
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", min=0, max=0.99)
     augment: list[str] = opt(["crop"], "kornia augmentations: crop, resized_crop, flip, affine, color", choices="augmentation")
     rotation_classes: bool = opt(True, "add the 90-degree rotations of base classes as new classes (Vinyals et al.)")
-    val_every: int = opt(1, "epochs between validation few-shot evaluations (model selection)", min=1)
-    val_episodes: int = opt(300, "validation episodes (on val classes only)", min=1)
-    val_n_way: int = opt(5, "validation episode ways (capped at the number of val classes; with a single val "
-                         "class there is no validation and the last epoch is kept)", min=2)
-    val_n_shot: int = opt(1, "validation episode shots", min=1)
-    seed: int = opt(0, "seed of the pretraining run")
-    max_steps_per_epoch: int | None = opt(None, "cap steps per epoch (quick tests)", min=1)
     ier: IERConfig = field(default_factory=IERConfig)
 
 

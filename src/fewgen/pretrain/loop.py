@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,24 +22,34 @@ from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import sample_episodes
 from fewgen.evaluation.features import extract_features
 from fewgen.evaluation.protocol import episode_accuracies
+from fewgen.options import opt
 from fewgen.training import TrainingMonitor, cosine_schedule, run_steps
 from fewgen.utils import make_generator, seed_hash
 
 
 @dataclass
 class TrainSettings:
-    epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    val_every: int = 1
-    val_episodes: int = 300
-    val_n_way: int = 5
-    val_n_shot: int = 1
-    max_steps_per_epoch: int | None = None
+    """The epoch loop's options (:func:`train_backbone`); the ``pretrain`` config section inherits
+    them, so they are the keys ``pretrain.epochs``, ``pretrain.lr``, ... themselves."""
+
+    epochs: int = opt(10, "training epochs over the base classes", min=1)
+    batch_size: int = opt(128, "images per step", min=1)
+    optimizer: str = opt("sgd", "sgd or adam", choices=("sgd", "adam"))
+    lr: float = opt(0.05, "peak learning rate (cosine schedule)", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", min=0)
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    val_every: int = opt(1, "epochs between validation few-shot evaluations (model selection)", min=1)
+    val_episodes: int = opt(300, "validation episodes (on val classes only)", min=1)
+    val_n_way: int = opt(5, "validation episode ways (capped at the number of val classes; with a single val "
+                         "class there is no validation and the last epoch is kept)", min=2)
+    val_n_shot: int = opt(1, "validation episode shots", min=1)
+    seed: int = opt(0, "seed of the pretraining run")
+    max_steps_per_epoch: int | None = opt(None, "cap steps per epoch (quick tests)", min=1)
+
+    @classmethod
+    def of(cls, options, **overrides) -> TrainSettings:
+        """The loop's own fields of ``options`` (the pretrain section), with ``overrides``."""
+        return cls(**{**{f.name: getattr(options, f.name) for f in fields(cls)}, **overrides})
 
 
 @dataclass

@@ -57,15 +57,7 @@ class PretrainContext:
         return create_backbone(b.name, in_chans=self.data.base.image_shape[0], **b.kwargs)
 
     def settings(self, **overrides) -> TrainSettings:
-        p = self.options
-        s = TrainSettings(
-            epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer, momentum=p.momentum,
-            weight_decay=p.weight_decay, seed=p.seed, val_every=p.val_every, val_episodes=p.val_episodes,
-            val_n_way=p.val_n_way, val_n_shot=p.val_n_shot, max_steps_per_epoch=p.max_steps_per_epoch,
-        )
-        for k, v in overrides.items():
-            setattr(s, k, v)
-        return s
+        return TrainSettings.of(self.options, **overrides)
 
     def augmentation(self) -> nn.Module:
         shape = self.data.base.image_shape
