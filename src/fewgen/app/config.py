@@ -23,6 +23,7 @@ from fewgen.dg.domainfusion import (
     OfflineOptions,
     OnlineAugmentationOptions,
 )
+from fewgen.dg.protocol import DGTrainOptions
 from fewgen.errors import FewgenError
 from fewgen.evaluation.protocol import ExtraSupportOptions
 from fewgen.gan.methods.cdc import CDCOptions
@@ -33,6 +34,7 @@ from fewgen.generators.datadream import DataDreamConfig
 from fewgen.generators.steered import SteeredOptions
 from fewgen.learners.datadream_classifier import DataDreamOptions
 from fewgen.learners.diffalign import DiffAlignOptions
+from fewgen.learners.finetune import FinetuneOptions
 from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
 from fewgen.pretrain.loop import TrainSettings
 
@@ -125,7 +127,7 @@ class EvalConfig(ExtraSupportOptions):
 
 
 @dataclass
-class LearnerConfig(DiffAlignOptions, DataDreamOptions):
+class LearnerConfig(FinetuneOptions, DiffAlignOptions, DataDreamOptions):
     """Learning with synthetic data (fewgen.learners): the fine-tuning methods and the frozen classifiers
     with synthetic supports. Each method's own options are defined beside it and inherited here
     (``DataDreamOptions`` in learners/datadream_classifier.py, ``DiffAlignOptions`` in learners/diffalign.py)."""
@@ -141,18 +143,10 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
     cuda_only: bool = opt(False, "fine-tune only on a CUDA device: on a CPU the learn step is left out with a line in "
                           "the log (the photos preset: CLIP + LoRA at ViT-B/16 takes ~28 s a step of 64 images on 2 "
                           "CPU cores, benchmarks/bench_clip_cpu.py)")
-    precision: str = opt("float32", "fine-tuning precision: float32, bfloat16 (autocast; CPU or GPU) or float16 "
-                         "(autocast with loss scaling; CUDA only)", choices=("float32", "bfloat16", "float16"))
     eval_with: list[str] = opt(["head", "logreg"],
                                "head (the fine-tuned head restricted to the episode classes) and/or a frozen "
                                "classifier (logreg, proto) on the fine-tuned features", choices="learner evaluation")
-    steps: int = opt(150, "optimizer steps per fine-tuning run", min=1)
     batch_size: int = opt(64, "real (or DataDream mixed) images per step", min=1)
-    lr_backbone: float = opt(0.025, "SGD learning rate of the backbone (DiffAlign: 0.025)", min=0)
-    lr_head: float = opt(0.05, "SGD learning rate of the head (DiffAlign: 0.05)", min=0)
-    momentum: float = opt(0.9, "SGD momentum", min=0)
-    weight_decay: float = opt(5e-4, "weight decay", min=0)
-    augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)", choices="augmentation")
     head_init: str = opt("prototypes", "prototypes (class means of the method's training features) or random; "
                          "learner.model=backbone only: CLIP's head starts at its class prompts either way",
                          choices=("prototypes", "random"))
@@ -175,7 +169,7 @@ class LearnerConfig(DiffAlignOptions, DataDreamOptions):
 
 
 @dataclass
-class DomainFusionConfig(OfflineOptions, OnlineAugmentationOptions, LatentDistillationOptions):
+class DomainFusionConfig(DGTrainOptions, OfflineOptions, OnlineAugmentationOptions, LatentDistillationOptions):
     """Domain generalization on a domain dataset (leave-one-domain-out) and DomainFusion (ECCV 2024).
     The options of DomainFusion's two parts and of the offline baseline are defined beside them
     (fewgen/dg/domainfusion.py) and inherited here."""
@@ -185,12 +179,6 @@ class DomainFusionConfig(OfflineOptions, OnlineAugmentationOptions, LatentDistil
                              "df-aug (online augmentation), df (both)", choices="domainfusion method", nonempty=True)
     targets: list[str] | None = opt(None, "target domains (null: every domain in turn)")
     val_fraction: float = opt(0.2, "share of each SOURCE domain held out for model selection", gt=0, max=0.9)
-    epochs: int = opt(8, "classifier training epochs", min=1)
-    batch_size: int = opt(64, "images per step", min=1)
-    lr: float = opt(1e-3, "peak learning rate (cosine schedule)", gt=0)
-    optimizer: str = opt("adam", "adam or sgd", choices=("adam", "sgd"))
-    weight_decay: float = opt(5e-4, "weight decay", min=0)
-    augment: list[str] = opt(["crop", "flip"], "kornia augmentations of every training image", choices="augmentation")
     pretrained: str | None = opt(None, "local safetensors backbone checkpoint to start from (null: from scratch)")
     generator: str | None = opt(None, "a Stable Diffusion model (local diffusers folder or hub id) used frozen in "
                                 "its latent space for every target; null: train the pixel model below per target")

@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from torch import nn
 
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.options import opt
 from fewgen.training import TrainingMonitor, cosine_factor, run_steps
 from fewgen.utils import make_generator, seed_hash
 
@@ -95,13 +96,27 @@ class DGClassifier(nn.Module):
 
 
 @dataclass
-class DGTrainSettings:
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 5e-4
-    augment: list[str] = field(default_factory=lambda: ["crop", "flip"])
+class DGTrainOptions:
+    """How a DG classifier is trained (the ``domainfusion.*`` keys of the same names, inherited by the
+    domainfusion section)."""
+
+    epochs: int = opt(8, "classifier training epochs", min=1)
+    batch_size: int = opt(64, "images per step", min=1)
+    lr: float = opt(1e-3, "peak learning rate (cosine schedule)", gt=0)
+    optimizer: str = opt("adam", "adam or sgd", choices=("adam", "sgd"))
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    augment: list[str] = opt(["crop", "flip"], "kornia augmentations of every training image", choices="augmentation")
+
+    @classmethod
+    def of(cls, options) -> dict:
+        """These fields of ``options`` (the domainfusion section), as keyword arguments."""
+        return {f.name: (lambda v: list(v) if isinstance(v, list) else v)(getattr(options, f.name)) for f in fields(cls)}
+
+
+@dataclass
+class DGTrainSettings(DGTrainOptions):
+    """One training run: the options and its seed."""
+
     seed: int = 0
 
 

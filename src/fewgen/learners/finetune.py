@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from fewgen.data.base import ArrayDataset
 from fewgen.data.fewshot import Episodes
 from fewgen.learners.registry import LEARNER_METHODS, LearnerMethod
+from fewgen.options import opt
 from fewgen.training import TrainingMonitor, cosine_schedule, mixed_precision, run_steps
 from fewgen.utils import make_generator, seed_hash
 
@@ -80,16 +81,32 @@ class BackboneClassifier(nn.Module):
 
 
 @dataclass
-class FinetuneSettings:
-    steps: int = 150
-    lr_backbone: float = 0.025
-    lr_head: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment: list[str] = field(default_factory=lambda: ["crop", "flip", "color"])
+class FinetuneOptions:
+    """How a learner is fine-tuned (the ``learner.*`` keys of the same names, inherited by the
+    learner section): steps, SGD learning rates of backbone and head, momentum, weight decay,
+    augmentation and precision."""
+
+    steps: int = opt(150, "optimizer steps per fine-tuning run", min=1)
+    lr_backbone: float = opt(0.025, "SGD learning rate of the backbone (DiffAlign: 0.025)", min=0)
+    lr_head: float = opt(0.05, "SGD learning rate of the head (DiffAlign: 0.05)", min=0)
+    momentum: float = opt(0.9, "SGD momentum", min=0)
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    augment: list[str] = opt(["crop", "flip", "color"], "kornia augmentations (colour jitter is skipped on 1-channel data)", choices="augmentation")
+    precision: str = opt("float32", "fine-tuning precision: float32, bfloat16 (autocast; CPU or GPU) or float16 "
+                         "(autocast with loss scaling; CUDA only)", choices=("float32", "bfloat16", "float16"))
+
+    @classmethod
+    def of(cls, options) -> dict:
+        """These fields of ``options`` (the learner section), as keyword arguments."""
+        return {f.name: (lambda v: list(v) if isinstance(v, list) else v)(getattr(options, f.name)) for f in fields(cls)}
+
+
+@dataclass
+class FinetuneSettings(FinetuneOptions):
+    """One fine-tuning run: the options, its seed and how often its curve is recorded."""
+
     seed: int = 0
     log_every: int = 10
-    precision: str = "float32"  # float32, or bfloat16 / float16 autocast (float16 with a gradient scaler, CUDA only)
 
 
 class IndexStream:

@@ -26,6 +26,7 @@ from fewgen.dg.algorithms import DG_ALGORITHMS, train_algorithm
 from fewgen.dg.protocol import (
     DGClassifier,
     DGSplit,
+    DGTrainOptions,
     DGTrainSettings,
     dg_rows,
     leave_one_domain_out,
@@ -123,8 +124,7 @@ def new_classifier(run: Run, num_classes: int, seed: int, target: str) -> DGClas
 def train_method(run: Run, method: str, split: DGSplit, seed: int, generator) -> dict:
     """Train one registered method (``fewgen.dg.algorithms``) on one split."""
     d = run.cfg.domainfusion
-    settings = DGTrainSettings(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, optimizer=d.optimizer,
-                               weight_decay=d.weight_decay, augment=list(d.augment), seed=seed)
+    settings = DGTrainSettings(**DGTrainOptions.of(d), seed=seed)
     return train_algorithm(method, split, new_classifier(run, split.train.num_classes, seed, split.target), settings,
                            d, generator, seed, run.device, run.log if run.progress else (lambda m: None),
                            progress=run.progress,

@@ -38,6 +38,7 @@ from fewgen.errors import FewgenError
 from fewgen.keys import key_parts
 from fewgen.learners.finetune import (
     BackboneClassifier,
+    FinetuneOptions,
     FinetuneSettings,
     finetune,
     finetuned_episode_accuracies,
@@ -58,9 +59,7 @@ from fewgen.utils import write_json
 
 
 def finetune_settings(lc, seed: int) -> FinetuneSettings:
-    return FinetuneSettings(steps=lc.steps, lr_backbone=lc.lr_backbone, lr_head=lc.lr_head, momentum=lc.momentum,
-                            weight_decay=lc.weight_decay, augment=list(lc.augment), seed=seed,
-                            precision=lc.precision)
+    return FinetuneSettings(**FinetuneOptions.of(lc), seed=seed)
 
 
 def synthetic_set(run: Run, seed: int, n_shot: int, required: bool) -> ArrayDataset | None:
