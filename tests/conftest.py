@@ -51,6 +51,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def digits():
+    """The bundled digits (a module may define its own)."""
+    from fewgen.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
 def digits_conv4():
     """A 16-channel Conv-4 fitted for a few steps on the base digits (features that separate classes a
     little), in eval mode: the frozen backbone the issue-27 generators are trained and steered through."""

@@ -6,20 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewgen.data import load_dataset
 from fewgen.generators.deform import DeformGenerator, DeformOptions, warp
 
 TINY = dict(n_way=3, n_query=5, n_generated=4, width=8, grid=4, lr=1e-2, proto_share=1.0, max_shift=0.3)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def backbone(digits_conv4):
-    return digits_conv4
 
 
 def test_identity_offsets_keep_the_image(digits):
@@ -34,11 +23,11 @@ def test_untrained_generator_returns_its_shots(digits):
 
 
 @pytest.mark.slow
-def test_loss_falls_and_images_are_drawings(digits, backbone):
+def test_loss_falls_and_images_are_drawings(digits, digits_conv4):
     gen = DeformGenerator(1, DeformOptions(steps=100, checkpoint_every=100, **TINY))
-    before = gen.episode_loss(backbone, digits.base, n_episodes=30, seed=1)
-    gen.fit(backbone, digits.base)
-    after = gen.episode_loss(backbone, digits.base, n_episodes=30, seed=1)
+    before = gen.episode_loss(digits_conv4, digits.base, n_episodes=30, seed=1)
+    gen.fit(digits_conv4, digits.base)
+    after = gen.episode_loss(digits_conv4, digits.base, n_episodes=30, seed=1)
     assert after < before - 0.01, (before, after)
     first, last = sum(gen.history[:20]) / 20, sum(gen.history[-20:]) / 20
     assert last < first, (first, last)
@@ -54,19 +43,19 @@ def test_loss_falls_and_images_are_drawings(digits, backbone):
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted(digits, backbone, tmp_path):
+def test_resumed_run_equals_uninterrupted(digits, digits_conv4, tmp_path):
     options = DeformOptions(steps=30, checkpoint_every=10, **TINY)
-    whole = DeformGenerator(1, options).fit(backbone, digits.base)
+    whole = DeformGenerator(1, options).fit(digits_conv4, digits.base)
     ckpt = tmp_path / "deform.safetensors"
-    DeformGenerator(1, options).fit(backbone, digits.base, checkpoint=ckpt, stop_at=20)
-    resumed = DeformGenerator(1, options).fit(backbone, digits.base, checkpoint=ckpt)
+    DeformGenerator(1, options).fit(digits_conv4, digits.base, checkpoint=ckpt, stop_at=20)
+    resumed = DeformGenerator(1, options).fit(digits_conv4, digits.base, checkpoint=ckpt)
     assert resumed.history == whole.history
     for (name, a), b in zip(whole.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
-def test_save_and_load(digits, backbone, tmp_path):
-    gen = DeformGenerator(1, DeformOptions(steps=5, **TINY)).fit(backbone, digits.base)
+def test_save_and_load(digits, digits_conv4, tmp_path):
+    gen = DeformGenerator(1, DeformOptions(steps=5, **TINY)).fit(digits_conv4, digits.base)
     gen.save(tmp_path / "g.safetensors")
     loaded = DeformGenerator.load(tmp_path / "g.safetensors")
     shots = digits.novel.images[:2]

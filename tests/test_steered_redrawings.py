@@ -8,22 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewgen.data import load_dataset
 from fewgen.errors import FewgenError
 from fewgen.evaluation.features import extract_features
 from fewgen.generators.steered import SteeredOptions, SteeredRedrawings, affine_pool, steer
 
 SMALL = dict(pool=24, keep=4, regressor_steps=150, regressor_hidden=32)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def backbone(digits_conv4):
-    return digits_conv4
 
 
 def test_greedy_choice_beats_random_subsets():
@@ -42,23 +31,23 @@ def test_greedy_choice_beats_random_subsets():
     assert (cos(got) >= random.quantile(0.99, dim=0)).all(), (cos(got), random.max(0).values)
 
 
-def test_steered_redrawings_move_the_mean_toward_the_prediction(digits, backbone):
+def test_steered_redrawings_move_the_mean_toward_the_prediction(digits, digits_conv4):
     o = SteeredOptions(**SMALL)
-    steerer = SteeredRedrawings(o).fit(backbone, digits.base)
+    steerer = SteeredRedrawings(o).fit(digits_conv4, digits.base)
     assert sum(steerer.history[-20:]) < sum(steerer.history[:20])  # the regressor learns
     shots = digits.novel.images[torch.tensor([ix[0] for ix in digits.novel.indices_by_class()])]
-    images = steerer.generate(backbone, shots)
+    images = steerer.generate(digits_conv4, shots)
     assert images.dtype == torch.uint8 and images.shape == (len(shots) * o.keep, *shots.shape[1:])
     assert images.float().std() > 0 and not torch.equal(images[:o.keep], shots[:1].expand(o.keep, -1, -1, -1))
-    target = steerer.predicted_centres(backbone, shots)
+    target = steerer.predicted_centres(digits_conv4, shots)
 
     def cos_of_mean(x):
-        f = F.normalize(extract_features(backbone, x), dim=-1).view(len(shots), o.keep, -1).mean(1)
+        f = F.normalize(extract_features(digits_conv4, x), dim=-1).view(len(shots), o.keep, -1).mean(1)
         return (F.normalize(f, dim=-1) * target).sum(-1)
 
     random = affine_pool(shots, o)[:, :o.keep].flatten(0, 1)  # the same pool, unsteered
     assert (cos_of_mean(images) > cos_of_mean(random)).all()
-    assert torch.equal(images, SteeredRedrawings(o).fit(backbone, digits.base).generate(backbone, shots))
+    assert torch.equal(images, SteeredRedrawings(o).fit(digits_conv4, digits.base).generate(digits_conv4, shots))
 
 
 def test_options_are_checked_before_work():

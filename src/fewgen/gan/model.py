@@ -193,16 +193,22 @@ def sample(generator: Generator, n: int, seed: int, batch_size: int = 256, devic
 
 
 @dataclass
-class GANTrainSettings:
-    """How the source GAN is trained: the config section ``gan.source``."""
+class GANOptimiser:
+    """The optimiser and R1 regularisation options both GAN stages share (each stage its own values)."""
 
-    iters: int = opt(2000, "source GAN iterations", min=1)
-    batch_size: int = opt(32, "source GAN batch size", min=1)
     lr: float = opt(2e-3, "Adam learning rate", gt=0)
     beta1: float = opt(0.0, "Adam beta1", min=0, max=0.999)
     beta2: float = opt(0.99, "Adam beta2", min=0, max=0.9999)
     r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every r1_every iterations)", min=0)
     r1_every: int = opt(4, "iterations between R1 penalties", min=1)
+
+
+@dataclass
+class GANTrainSettings(GANOptimiser):
+    """How the source GAN is trained: the config section ``gan.source``."""
+
+    iters: int = opt(2000, "source GAN iterations", min=1)
+    batch_size: int = opt(32, "source GAN batch size", min=1)
     ema_decay: float = opt(0.995, "decay of the generator's moving average (the source GAN is the average)",
                            min=0, max=1)
     checkpoint_every: int = opt(250, "iterations between resumable checkpoints and history records", min=1)
@@ -351,17 +357,12 @@ def pretrained_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrai
 
 
 @dataclass
-class AdaptSettings:
+class AdaptSettings(GANOptimiser):
     """How each method adapts the source GAN to the shots: the config section ``gan.adapt`` (the
     same for every method; ``seed`` is each of the run's seeds, one adaptation per shot draw)."""
 
     iters: int = opt(500, "adaptation iterations (the same for every method)", min=1)
     batch_size: int = opt(16, "latents per adaptation iteration", min=1)
-    lr: float = opt(2e-3, "Adam learning rate", gt=0)
-    beta1: float = opt(0.0, "Adam beta1", min=0, max=0.999)
-    beta2: float = opt(0.99, "Adam beta2", min=0, max=0.9999)
-    r1_gamma: float = opt(1.0, "R1 penalty weight (lazy, every r1_every iterations)", min=0)
-    r1_every: int = opt(4, "iterations between R1 penalties", min=1)
     track_every: int = opt(50, "iterations between tracked realism / intra-diversity / FID", min=1)
     checkpoint_every: int = opt(50, "iterations between resumable checkpoints and history records", min=1)
     seed: int = opt(0, "replaced by each of the run's seeds (the shot draw)")
