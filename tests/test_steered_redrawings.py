@@ -112,3 +112,20 @@ def test_steered_count_and_scale_are_checked_before_the_run(tmp_path):
         check_config(load_config(DIGITS, [*base, "generator.steered.pool=5", "synthesis.synthetic_per_class=8"]))
     with pytest.raises(FewgenError, match="scale"):
         check_config(load_config(DIGITS, [*base, "generator.steered.scale=[1.2,0.8]"]))
+
+
+def test_averaged_regressors_are_saved_and_loaded(digits, digits_conv4, tmp_path):
+    """regressors=R averages R regressors' predictions; the generator's file holds all R and loads to
+    the same images."""
+    from fewgen.generators.steered import SteeredGenerator
+
+    o = SteeredOptions(**{**SMALL, "regressor_steps": 30}, regressors=2)
+    gen = SteeredGenerator(o, digits_conv4)
+    gen.fit(digits.base)
+    one = SteeredRedrawings(SteeredOptions(**{**SMALL, "regressor_steps": 30})).fit(digits_conv4, digits.base)
+    shots = digits.novel.images[:3]
+    assert len(gen.steerer.regressors) == 2
+    assert not torch.allclose(gen.steerer.predicted_centres(digits_conv4, shots), one.predicted_centres(digits_conv4, shots))
+    gen.save(tmp_path)
+    back = SteeredGenerator.load_trained(tmp_path, digits_conv4)
+    assert torch.equal(back.steerer.generate(digits_conv4, shots, keep=2), gen.steerer.generate(digits_conv4, shots, keep=2))

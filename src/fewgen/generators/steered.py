@@ -47,6 +47,7 @@ class SteeredOptions:
     regressor_hidden: int = opt(256, "hidden width of the regressor", min=1)
     regressor_lr: float = opt(1e-3, "Adam learning rate of the regressor", gt=0)
     seed: int = opt(0, "seed of the regressor and of the redrawings")
+    regressors: int = opt(1, "regressors whose normalised predictions are averaged (seeds seed, seed+1, ...)", min=1)
 
     def check_run(self, per_class: int) -> None:
         """The checks of a run that draws ``per_class`` images per class (0: none), where the kept
@@ -147,7 +148,7 @@ class SteeredRedrawings:
     def __init__(self, options: SteeredOptions | None = None):
         self.options = options or SteeredOptions()
         self.options.check()
-        self.regressor: CentreRegressor | None = None
+        self.regressors: list[CentreRegressor] = []
         self.history: list[float] = []
 
     @staticmethod
@@ -157,18 +158,22 @@ class SteeredRedrawings:
         return extract_features(backbone, images, device=next(backbone.parameters()).device)
 
     def fit(self, backbone: nn.Module, base: ArrayDataset) -> SteeredRedrawings:
-        """Train the regressor on the frozen backbone's features of the base classes."""
+        """Train the regressor(s) on the frozen backbone's features of the base classes."""
         backbone.eval()
         feats = self._features(backbone, base.images)
-        self.regressor, self.history = train_centre_regressor(feats, base.labels, self.options)
+        o = self.options
+        fitted = [train_centre_regressor(feats, base.labels, replace(o, seed=o.seed + i)) for i in range(o.regressors)]
+        self.regressors = [reg for reg, _ in fitted]
+        self.history = fitted[0][1]
         return self
 
     def predicted_centres(self, backbone: nn.Module, shots: torch.Tensor) -> torch.Tensor:
         """Where other drawings of each shot's class are predicted to lie (N, D), normalised."""
-        if self.regressor is None:
+        if not self.regressors:
             raise FewgenError("fit the steered redrawings on the base classes first")
         with torch.no_grad():
-            return F.normalize(self.regressor(self._features(backbone, shots)), dim=-1)
+            f = self._features(backbone, shots)
+            return F.normalize(torch.stack([F.normalize(r(f), dim=-1) for r in self.regressors]).mean(0), dim=-1)
 
     def generate(self, backbone: nn.Module, shots: torch.Tensor, keep: int | None = None,
                  stream: tuple = ()) -> torch.Tensor:
@@ -189,7 +194,8 @@ class SteeredRedrawings:
     def state(self) -> dict:
         """The options and the regressor's tensors (for a cache entry)."""
         return {"options": asdict(self.options),
-                "tensors": {k: v.detach().clone() for k, v in (self.regressor.state_dict() if self.regressor else {}).items()}}
+                "tensors": {(k if i == 0 else f"r{i}.{k}"): v.detach().clone()
+                            for i, reg in enumerate(self.regressors) for k, v in reg.state_dict().items()}}
 
 
 class SteeredGenerator:
@@ -224,7 +230,7 @@ class SteeredGenerator:
 
     def num_parameters(self) -> int:
         dim, h = self.backbone.num_features, self.options.regressor_hidden
-        return 2 * dim * h + h + dim
+        return (2 * dim * h + h + dim) * self.options.regressors
 
     def fit(self, dataset: ArrayDataset, log=None, **_ignored):
         """Fit the regressor on the base classes (``generator.steered.regressor_*``; the base
@@ -265,9 +271,12 @@ class SteeredGenerator:
         if info.get("kind") != cls.kind:
             raise FewgenError(f"{folder} holds a {info.get('kind')!r} generator, not steered redrawings")
         gen = cls(SteeredOptions(**info["options"]), encoder, device)
-        reg = CentreRegressor(int(info["dim"]), gen.options.regressor_hidden)
-        reg.load_state_dict(load_tensors(folder / "generator.safetensors")[0])
-        gen.steerer.regressor = reg.eval()
+        tensors = load_tensors(folder / "generator.safetensors")[0]
+        for i in range(gen.options.regressors):  # regressor 0's tensors unprefixed, regressor i's under "r<i>."
+            reg = CentreRegressor(int(info["dim"]), gen.options.regressor_hidden)
+            names = reg.state_dict().keys()
+            reg.load_state_dict({k: tensors[k if i == 0 else f"r{i}.{k}"] for k in names})
+            gen.steerer.regressors.append(reg.eval())
         return gen
 
     def state_key(self) -> str:
