@@ -173,6 +173,8 @@ class SteeredRedrawings:
             raise FewgenError("fit the steered redrawings on the base classes first")
         with torch.no_grad():
             f = self._features(backbone, shots)
+            if len(self.regressors) == 1:
+                return F.normalize(self.regressors[0](f), dim=-1)
             return F.normalize(torch.stack([F.normalize(r(f), dim=-1) for r in self.regressors]).mean(0), dim=-1)
 
     def generate(self, backbone: nn.Module, shots: torch.Tensor, keep: int | None = None,
@@ -192,7 +194,8 @@ class SteeredRedrawings:
         return torch.stack([pool[n, pick[n]] for n in range(len(shots))]).flatten(0, 1)
 
     def state(self) -> dict:
-        """The options and the regressor's tensors (for a cache entry)."""
+        """The options and the regressors' tensors (for a cache entry): the first's unprefixed, the
+        i-th's under ``r<i>.``."""
         return {"options": asdict(self.options),
                 "tensors": {(k if i == 0 else f"r{i}.{k}"): v.detach().clone()
                             for i, reg in enumerate(self.regressors) for k, v in reg.state_dict().items()}}
