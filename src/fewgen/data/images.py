@@ -25,6 +25,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def signed_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (the generators' space) -> uint8 (round half up, clamped)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def resize_uint8(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """uint8 images (n, C, H, W) -> uint8 at ``size``."""
     h, w = (size, size) if isinstance(size, int) else size

@@ -174,8 +174,10 @@ def to_gan_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 images."""
-    return ((x.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    """[-1, 1] floats -> uint8 images, on the CPU."""
+    from fewgen.data.images import signed_to_uint8
+
+    return signed_to_uint8(x.detach()).cpu()
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewgen.data.base import ArrayDataset
+from fewgen.data.images import to_uint8
 from fewgen.errors import FewgenError
 from fewgen.options import opt
 
@@ -275,7 +276,7 @@ class DeformGenerator:
         for start in range(0, len(source), batch_size):
             x = source[start:start + batch_size].float().div(255)
             images, _ = self.net.deform(x, noise[start:start + batch_size])
-            out.append(images.mul(255).round().clamp(0, 255).to(torch.uint8))
+            out.append(to_uint8(images))
         self.net.train(was_training)
         return torch.cat(out) if out else source.clone()
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fewgen.data.images import signed_to_uint8
 from fewgen.errors import FewgenError
 
 #: ``dpmsolver++``: DPM-Solver++ (2M) on time-uniform steps, the default; ``dpmsolver++-logsnr``:
@@ -62,9 +63,7 @@ def to_model_space(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float in [-1, 1] -> uint8 (round half up, clamped)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+to_uint8 = signed_to_uint8  # float in [-1, 1] -> uint8 (fewgen.data.images)
 
 
 def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance: float) -> torch.Tensor:

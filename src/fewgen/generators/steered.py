@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewgen.data.base import ArrayDataset
+from fewgen.data.images import to_uint8
 from fewgen.errors import FewgenError
 from fewgen.options import opt
 from fewgen.training import run_steps
@@ -119,7 +120,7 @@ def affine_pool(shots: torch.Tensor, o: SteeredOptions, stream: tuple = ()) -> t
     for n in range(len(shots)):
         torch.manual_seed(seed_hash("steered-pool", o.seed, *stream, n))
         x = aug(shots[n:n + 1].float().div(255).expand(o.pool, *shots.shape[1:]))
-        out.append(x.mul(255).round().clamp(0, 255).to(torch.uint8))
+        out.append(to_uint8(x))
     return torch.stack(out)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewgen.data.base import ArrayDataset
+from fewgen.data.images import to_uint8
 from fewgen.errors import FewgenError
 from fewgen.utils import seed_hash
 
@@ -108,7 +109,7 @@ def augmented_copies(real: ArrayDataset, per_class: int, seed: int) -> ArrayData
         src = idx[torch.arange(per_class) % len(idx)]
         torch.manual_seed(seed_hash("augmented-copies", real.name, seed, c))
         x = aug(real.float_images(src))
-        parts_x.append(x.mul(255).round().clamp(0, 255).to(torch.uint8))
+        parts_x.append(to_uint8(x))
         parts_y.append(torch.full((per_class,), c, dtype=torch.long))
     return ArrayDataset(torch.cat(parts_x), torch.cat(parts_y), list(real.class_names),
                         name=f"{real.name}/augmented-copies{per_class}")
