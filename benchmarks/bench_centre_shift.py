@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    ref_row, ref_setting = a.reference.format(copies=a.copies).split("|")
+    if ref_row == f"+ {a.copies} affine copies" and ref_setting.startswith("s=") and \
+            float(ref_setting[2:]) not in a.shares:
+        raise SystemExit(f"--reference {a.reference!r} needs share {ref_setting[2:]} in --shares {a.shares}")
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
 
