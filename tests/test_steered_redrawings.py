@@ -112,6 +112,8 @@ def test_steered_count_and_scale_are_checked_before_the_run(tmp_path):
         check_config(load_config(DIGITS, [*base, "generator.steered.pool=5", "synthesis.synthetic_per_class=8"]))
     with pytest.raises(FewgenError, match="scale"):
         check_config(load_config(DIGITS, [*base, "generator.steered.scale=[1.2,0.8]"]))
+    with pytest.raises(FewgenError, match="drop 'adapt' from pipeline"):
+        check_config(load_config(DIGITS, ["generator.kind=steered", "pipeline=[pretrain,generator,adapt,synthesize]"]))
 
 
 def test_averaged_regressors_are_saved_and_loaded(digits, digits_conv4, tmp_path):

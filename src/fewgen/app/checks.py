@@ -204,6 +204,9 @@ def _check_generator(cfg: RunConfig) -> None:
     if "generator" not in cfg.pipeline:
         return
     g = cfg.generator
+    if "adapt" in cfg.pipeline and not generator_kind(g.kind).adaptable:
+        raise FewgenError(f"generator.kind={g.kind} draws from the shots and has no DataDream adapter: drop 'adapt' "
+                          "from pipeline")
     if generator_kind(g.kind).pretrained:
         if not g.model:
             raise FewgenError(f"generator.kind={g.kind} needs generator.model=<local folder or hub id>")

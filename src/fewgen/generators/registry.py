@@ -43,6 +43,7 @@ class GeneratorKind:
         prompted: prompted with ``generator.prompt`` (a text-to-image backend).
         reads_backbone: whether, under a generator config, it reads exemplars through the run's
             pretrained backbone (then the ``generator`` step needs ``backbone``).
+        adaptable: whether a DataDream adapter can be fitted on top of it (the ``adapt`` step).
         options: the name of its own options section, ``generator.<options>``; a kind with one
             reads only ``generator.kind`` and that section (its key holds nothing else).
         description: one line for ``fewgen options`` and errors.
@@ -55,6 +56,7 @@ class GeneratorKind:
     pretrained: bool = False
     prompted: bool = False
     reads_backbone: Callable[[Any], bool] = field(default=lambda g: False, compare=False)
+    adaptable: bool = True
     options: str | None = None
     description: str = ""
 
@@ -98,6 +100,6 @@ register_generator(GeneratorKind(
     pretrained=True, prompted=True, description="a Stable Diffusion pipeline (generator.model)"))
 register_generator(GeneratorKind(
     "steered", "fewgen.generators.steered:SteeredGenerator", adapted=False, exemplar=True,
-    reads_backbone=lambda g: True, options="steered",
+    reads_backbone=lambda g: True, adaptable=False, options="steered",
     description="affine redrawings of each shot, chosen so their mean feature lies where the class's other "
                 "drawings are predicted to (generator.steered)"))
