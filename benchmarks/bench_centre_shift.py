@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="ROW|SETTING of the best real-only row (chosen on val): every row's paired difference "
                          "against it is reported too")
     ap.add_argument("--pretrain", nargs="*", default=[], help="overrides of the omniglot preset's pretraining")
+    ap.add_argument("--backbones", nargs="+", default=["train=pretrain.seed=0", "indep=pretrain.seed=1"],
+                    help="NAME=OVERRIDE[,OVERRIDE...]: the backbones every row is scored through, each the omniglot "
+                         "preset's with --pretrain and these overrides; the first (the generators read it) must be "
+                         "named train, e.g. add resnet12=backbone.name=resnet12-small,pretrain.seed=1,pretrain.epochs=6")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -288,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     if ref_row == f"+ {a.copies} affine copies" and ref_setting.startswith("s=") and \
             float(ref_setting[2:]) not in a.shares:
         raise SystemExit(f"--reference {a.reference!r} needs share {ref_setting[2:]} in --shares {a.shares}")
+    specs = [(b.split("=", 1)[0], [o for o in b.split("=", 1)[1].split(",") if o]) if "=" in b else (b, [])
+             for b in a.backbones]
+    if specs[0][0] != "train" or len({n for n, _ in specs}) != len(specs):
+        raise SystemExit(f"--backbones {a.backbones}: the first must be named train and the names must differ")
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
 
@@ -301,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("omniglot", a.root)
     split = data.split(a.split)
     backbones = {}
-    for name, seed in (("train", 0), ("indep", 1)):
-        cfg = load_config("omniglot", [*a.pretrain, f"pretrain.seed={seed}"])
+    for name, overrides in specs:
+        cfg = load_config("omniglot", [*a.pretrain, *overrides])
         pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
         backbones[name] = pb
-        log(f"backbone {name} (pretrain.seed={seed}): {pb.key}, best val {pb.best_val:.2f}")
+        log(f"backbone {name} ({', '.join(overrides)}): {pb.key}, best val {pb.best_val:.2f}")
 
     n_classes = split.num_classes
     generators, deformers = [], []

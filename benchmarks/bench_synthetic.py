@@ -45,12 +45,24 @@ from fewgen.evaluation.features import extract_features
 
 GENERATORS = {
     "class-token+lora": ["generator.kind=diffusion"],
-    "class-token (names)": ["generator.kind=diffusion", "generator.cond_mode=class+name"],
-    "exemplar-features": ["generator.kind=exemplar", "generator.exemplar_cond=features"],
-    "exemplar-features+lora": ["generator.kind=exemplar", "generator.exemplar_cond=features"],
-    "exemplar-channels": ["generator.kind=exemplar", "generator.exemplar_cond=channels"],
-    "exemplar-channels+lora": ["generator.kind=exemplar", "generator.exemplar_cond=channels"],
+    "class-token (names)": ["generator.kind=diffusion", "generator.diffusion.cond_mode=class+name"],
+    "exemplar-features": ["generator.kind=exemplar", "generator.exemplar.cond=features"],
+    "exemplar-features+lora": ["generator.kind=exemplar", "generator.exemplar.cond=features"],
+    "exemplar-channels": ["generator.kind=exemplar", "generator.exemplar.cond=channels"],
+    "exemplar-channels+lora": ["generator.kind=exemplar", "generator.exemplar.cond=channels"],
 }
+
+
+def same_unet(cfg) -> None:
+    """A class-token row trains the preset's UNet (its exemplar section's shape and training), so the
+    generator kinds differ only in their conditioning."""
+    import dataclasses
+
+    from fewgen.generators.pixels import PixelUNetOptions
+
+    if cfg.generator.kind == "diffusion":
+        for f in dataclasses.fields(PixelUNetOptions):
+            setattr(cfg.generator.diffusion, f.name, getattr(cfg.generator.exemplar, f.name))
 
 
 def pipeline_for(name: str) -> str:
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*common, *GENERATORS[gen_name], pipeline_for(gen_name),
                          f"synthesis.sdedit_strengths={strengths}"]
             cfg = load_config(args.preset, overrides)
+            same_unet(cfg)
             t0 = time.time()
             r = run(cfg, out_root / f"{gen_name}-{mode}".replace(" ", "_"), progress=False, quiet=True)
             r_novel = r.data.novel

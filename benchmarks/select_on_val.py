@@ -4,7 +4,7 @@ into an evaluation), through one cache, so a point that changes only evaluation 
 backbone, the generator and the synthetic sets.
 
     python benchmarks/select_on_val.py --preset demo --set 'eval.n_ways=[2]' num_threads=1 \\
-        --grid 'generator.exemplar_cond=both|features' 'synthesis.sdedit_strengths=[0.25,0.5,0.75]|[0.5]|[1.0]' \\
+        --grid 'generator.exemplar.cond=both|features' 'synthesis.sdedit_strengths=[0.25,0.5,0.75]|[0.5]|[1.0]' \\
                'eval.synthetic_weight=1.0|0.5|0.25' --out benchmarks/results/select_demo_val.json
 
 Values of one key are separated by ``|``. The table gives, per grid point, the best row with

@@ -11,7 +11,7 @@ import yaml
 
 from fewgen.app.cli import main
 
-TINY = ["pretrain.epochs=2", "pretrain.val_episodes=20", "eval.episodes=30", "seeds=[0,1]", "generator.train_steps=10",
+TINY = ["pretrain.epochs=2", "pretrain.val_episodes=20", "eval.episodes=30", "seeds=[0,1]", "generator.exemplar.train_steps=10",
         "synthesis.synthetic_per_class=4", "synthesis.steps=4", "learner.augmented_copies_per_class=4", "--no-progress",
         "--quiet"]
 

@@ -31,7 +31,7 @@ COMMANDS = ("run", "fit")
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random CLIP folder (learner.clip_path) and Stable Diffusion folder (generator.model)."""
+    """A tiny random CLIP folder (learner.clip_path) and Stable Diffusion folder (generator.stable_diffusion.model)."""
     from tests.test_clip import tiny_clip_folder
     from tests.tiny_sd import build_tiny_pipeline
 
@@ -50,7 +50,7 @@ def combination_overrides(model: str, kind: str, tiny: dict[str, Path], command:
         if model == "clip":
             out.append(f"learner.clip_path={tiny['clip']}")
     if kind == "stable-diffusion":
-        out.append(f"generator.model={tiny['sd']}")
+        out.append(f"generator.stable_diffusion.model={tiny['sd']}")
     return out
 
 
@@ -144,13 +144,13 @@ def test_datadream_on_digits_with_clip_passes_the_check(tiny_models, tmp_path):
      "set export.model=learner to export that"),
     (["learner.methods=[diffalign]", "learner.w_real=0", "learner.w_synthetic=0", "learner.w_mmd=0",
       "learner.ablations=[hallucination]"], "every loss weight of diffalign-no-hallucination is zero"),
-    (["generator.kind=stable-diffusion"], "needs generator.model"),
+    (["generator.kind=stable-diffusion"], "needs generator.stable_diffusion.model"),
     (["synthesis.zero_shot=true"], "leaving the adapt step's adapters unused"),
-    (["synthesis.zero_shot=true", "generator.cond_mode=class", "pipeline=[pretrain,generator,synthesize]"],
+    (["synthesis.zero_shot=true", "generator.diffusion.cond_mode=class", "pipeline=[pretrain,generator,synthesize]"],
      "zero-shot generation needs the class names"),
-    (["generator.kind=stable-diffusion", "generator.model={sd}", "synthesis.sdedit_strengths=[0,0.5]"],
+    (["generator.kind=stable-diffusion", "generator.stable_diffusion.model={sd}", "synthesis.sdedit_strengths=[0,0.5]"],
      "img2img needs strengths in (0, 1]"),
-    (["generator.attention_levels=[false,true]"], "generator.attention_levels has 2 entries"),
+    (["generator.diffusion.attention_levels=[false,true]"], "generator.diffusion.attention_levels has 2 entries"),
     (["data.image_size=30"], "cannot be halved by 3 UNet levels"),
     (["export.n_shot=3", "pipeline=[pretrain,generator,adapt,synthesize,export]"], "export.n_shot=3 and export.seed=0"),
     (["pretrain.recipe=ier", "pretrain.ier.num_views=9"], "pretrain.ier.num_views=9 must be between 2 and 4"),

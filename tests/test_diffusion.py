@@ -109,9 +109,14 @@ def test_base_generator_key_ignores_adaptation_settings():
         cfg.generator = dataclasses.replace(GeneratorConfig(), **kw)
         return generator_parts(SimpleNamespace(cfg=cfg, data=SimpleNamespace(base=toy_data(), name="toy")))
 
-    assert parts() == parts(datadream=DataDreamConfig(steps_per_class=10, rank=4, mode="cls", warmup=3), prompt="{}")
-    assert parts() != parts(train_steps=7)
-    assert parts() != parts(cond_mode="class")
+    from fewgen.generators.diffusion import DiffusionOptions
+    from fewgen.generators.exemplar import ExemplarOptions
+    from fewgen.generators.stable_diffusion import StableDiffusionOptions
+
+    assert parts() == parts(datadream=DataDreamConfig(steps_per_class=10, rank=4, mode="cls", warmup=3),
+                            stable_diffusion=StableDiffusionOptions(prompt="{}"), exemplar=ExemplarOptions(tokens=2))
+    assert parts() != parts(diffusion=DiffusionOptions(train_steps=7))
+    assert parts() != parts(diffusion=DiffusionOptions(cond_mode="class"))
 
 
 def test_datadream_section_reaches_the_adapter_and_its_key():
@@ -135,8 +140,8 @@ def test_datadream_section_reaches_the_adapter_and_its_key():
     for change in ("generator.datadream.alpha=4", "generator.datadream.warmup=3", "generator.datadream.p_uncond=0",
                    "generator.datadream.weight_decay=0", "generator.datadream.seed=1", "generator.datadream.mode=cls"):
         assert adapter_parts(change) != base, change
-    assert adapter_parts("generator.seed=1") == base  # the base generator's seed is in the generator key
-    sd = ("generator.kind=stable-diffusion", "generator.model=x")
+    assert adapter_parts("generator.diffusion.seed=1") == base  # the base generator's seed is in the generator key
+    sd = ("generator.kind=stable-diffusion", "generator.stable_diffusion.model=x")
     assert adapter_parts(*sd, "generator.datadream.p_uncond=0") == adapter_parts(*sd)
 
 
@@ -227,7 +232,7 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch):
     from fewgen.app.cli import main
 
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
-    argv = ["generate", "generate", "seeds=[0]", "eval.n_shots=[1]", "generator.cond_mode=class",
+    argv = ["generate", "generate", "seeds=[0]", "eval.n_shots=[1]", "generator.diffusion.cond_mode=class",
             "generator.train_steps=3", "generator.datadream.steps_per_class=1", "generator.datadream.batch_size=2",
             "generator.datadream.rank=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2", "synthesis.chunk=2",
             "synthesis.grid_classes=2", "--out", str(tmp_path / "run"), "--quiet"]
@@ -235,7 +240,7 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert (run / "done").exists() and (run / "grids/seed0_1shot/overview.png").exists()
     assert len(list((tmp_path / "cache/synthetic").glob("*/images/*/*.png"))) == 5 * 2
-    assert main(["generate", "generate", "generator.cond_mode=class", "--zero-shot", "--out",
+    assert main(["generate", "generate", "generator.diffusion.cond_mode=class", "--zero-shot", "--out",
                  str(tmp_path / "zs"), "--quiet"]) == 2  # zero-shot needs a name-conditioned model
 
     def pngs(cache):

@@ -139,9 +139,9 @@ def test_datadream_on_top_of_the_exemplar_generator(tmp_path):
         assert torch.equal(again.sdedit(shots, 1.0, seeds=[1, 2, 3], steps=3), after)
 
 
-EXEMPLAR = ["generator.kind=exemplar", "generator.exemplar_cond=both", "generator.block_out_channels=[8,16]",
-            "generator.attention_levels=[false,true]", "generator.cond_dim=8", "generator.train_steps=6",
-            "generator.batch_size=8", "synthesis.synthetic_per_class=4", "synthesis.steps=2",
+EXEMPLAR = ["generator.kind=exemplar", "generator.exemplar.cond=both", "generator.exemplar.block_out_channels=[8,16]",
+            "generator.exemplar.attention_levels=[false,true]", "generator.exemplar.cond_dim=8",
+            "generator.exemplar.train_steps=6", "generator.exemplar.batch_size=8", "synthesis.synthetic_per_class=4", "synthesis.steps=2",
             "synthesis.sdedit_strengths=[0.5,1.0]", "synthesis.chunk=4", "synthesis.grid_classes=2"]
 TINY = ["pretrain.epochs=1", "pretrain.val_episodes=10", "eval.episodes=20", "seeds=[0]", "eval.n_shots=[1,2]",
         "learner.methods=[]", "learner.eval_with=[head]"]
@@ -180,7 +180,7 @@ def test_the_pipeline_draws_from_each_seeds_shots(tmp_path):
     assert store.key(spec1) != store.key(run_synthesis_spec(r, gen, None, few_shot_set(novel, 1, 1)))  # other shots
     assert spec1.sources == few_shot_set(novel, 1, 0).digest()
     # another conditioning mode is another generator, hence another set
-    other = load_config(DIGITS, [*TINY, *EXEMPLAR, "generator.exemplar_cond=channels", f"cache_dir={tmp_path / 'c2'}",
+    other = load_config(DIGITS, [*TINY, *EXEMPLAR, "generator.exemplar.cond=channels", f"cache_dir={tmp_path / 'c2'}",
                                  "pipeline=[pretrain,generator]"])
     r2 = run(other, tmp_path / "run2", progress=False, quiet=True)
     assert r2.state.generator.state_key() != gen.state_key()

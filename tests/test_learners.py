@@ -290,8 +290,9 @@ def test_presets_run_end_to_end_on_digits(preset, tmp_path, shared_cache):
 
 
 # tiny generator, adaptation and synthesis (fewgen.generators / fewgen.synthesis settings)
-PRESET_TINY = ["generator.train_steps=10", "generator.block_out_channels=[16,32]", "generator.attention_levels=[false,true]",
-               "generator.cond_dim=32", "generator.batch_size=16", "generator.datadream.steps_per_class=1",
+PRESET_TINY = ["generator.diffusion.train_steps=10", "generator.diffusion.block_out_channels=[16,32]",
+               "generator.diffusion.attention_levels=[false,true]", "generator.diffusion.cond_dim=32",
+               "generator.diffusion.batch_size=16", "generator.datadream.steps_per_class=1",
                "generator.datadream.batch_size=4", "synthesis.synthetic_per_class=4", "synthesis.steps=2",
                "synthesis.chunk=4", "synthesis.grid_classes=0", "learner.sweep=[0,2]"]
 

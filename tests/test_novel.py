@@ -122,7 +122,7 @@ def test_fit_exports_a_classifier_from_a_folder_of_shots_alone(tmp_path):
     folder = shapes_folder(tmp_path / "mine", per_class=3)
     (folder / "disc" / "extra.png").write_bytes((folder / "disc" / "00.png").read_bytes())  # classes may differ in size
     code = main(["fit", str(folder), "--preset", "demo", f"cache_dir={tmp_path / 'cache'}", "pretrain.epochs=1",
-                 "pretrain.val_episodes=10", "generator.train_steps=4", "synthesis.synthetic_per_class=2",
+                 "pretrain.val_episodes=10", "generator.exemplar.train_steps=4", "synthesis.synthetic_per_class=2",
                  "synthesis.steps=2", "--out", str(tmp_path / "fit"), "--quiet", "--no-progress"])
     assert code == 0
     run_dir = tmp_path / "fit"

@@ -384,7 +384,7 @@ def test_zero_shot_rows_classify_by_the_nearest_class_prompt():
 
 
 def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
-    """The issue's command: `fewgen fit <photos> --preset photos generator.model=<tiny SD>
+    """The issue's command: `fewgen fit <photos> --preset photos generator.stable_diffusion.model=<tiny SD>
     backbone.model=<tiny CLIP>` runs DataDream's generation (LoRA on the shots, synthesis) and exports
     a CLIP-based classifier fitted on the shots and the generated images; `fewgen predict` on the
     shots gives the run's own probabilities (the run's cached features + the exported head)."""
@@ -395,7 +395,7 @@ def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
     sd = build_tiny_pipeline(tmp_path / "sd")
     shots = photo_folder(tmp_path / "my_photos", ["apple", "pear", "plum"], per_class=2, size=(52, 44), seed=5)
     out = tmp_path / "fit"
-    assert main(["fit", str(shots), "--preset", "photos", f"generator.model={sd}", f"backbone.model={models['clip']}",
+    assert main(["fit", str(shots), "--preset", "photos", f"generator.stable_diffusion.model={sd}", f"backbone.model={models['clip']}",
                  "generator.datadream.steps_per_class=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2",
                  f"cache_dir={tmp_path / 'cache'}", "--out", str(out), "--no-progress", "--quiet"]) == 0
     log = (out / "log.txt").read_text()
@@ -420,7 +420,7 @@ def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
     from fewgen.evaluation.features import cached_features
     from fewgen.pretrain import pretrain_backbone
 
-    cfg = fit_config(shots, "photos", [f"generator.model={sd}", f"backbone.model={models['clip']}",
+    cfg = fit_config(shots, "photos", [f"generator.stable_diffusion.model={sd}", f"backbone.model={models['clip']}",
                                        f"cache_dir={tmp_path / 'cache'}"])
     data = load_data(cfg.data, cfg.backbone)
     pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, ArtifactCache(tmp_path / "cache"), "cpu", lambda *_: None, False)
@@ -433,7 +433,7 @@ def test_fit_photos_with_stable_diffusion_and_clip_end_to_end(models, tmp_path):
 
 def test_run_photos_without_a_generator_gives_the_real_only_rows(models, tmp_path):
     """`fewgen run photos backbone.model=<CLIP>` on a CPU: the generative steps are left out (no
-    generator.model) and so is fine-tuning (learner.cuda_only), each said in the log; the rows are
+    generator.stable_diffusion.model) and so is fine-tuning (learner.cuda_only), each said in the log; the rows are
     CLIP zero-shot and the frozen logreg / proto, on the same episodes. With learner.cuda_only=false
     the CLIP + LoRA learner's real-only row joins them (its clip_path is the backbone's model)."""
     from fewgen.app.cli import main
@@ -442,7 +442,7 @@ def test_run_photos_without_a_generator_gives_the_real_only_rows(models, tmp_pat
               "learner.steps=2", "learner.batch_size=4", f"cache_dir={tmp_path / 'cache'}", "--no-progress", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     log = (tmp_path / "a" / "log.txt").read_text()
-    assert "config: no generator.model: the generator, adapt and synthesize steps and the learner methods " \
+    assert "config: no generator.stable_diffusion.model: the generator, adapt and synthesize steps and the learner methods " \
            "datadream are left out" in log
     assert "config: learner.cuda_only and no CUDA device: the learn step (fine-tuning) is left out" in log
     rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
@@ -470,7 +470,7 @@ def test_two_processes_write_one_run_with_one_log(models, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                            "fewgen.app.cli", "run", "photos", f"backbone.model={models['clip']}",
-                           f"generator.model={sd}", "generator.datadream.steps_per_class=2", "synthesis.synthetic_per_class=2",
+                           f"generator.stable_diffusion.model={sd}", "generator.datadream.steps_per_class=2", "synthesis.synthetic_per_class=2",
                            "synthesis.steps=2", "eval.episodes=5", "eval.n_shots=[1]", f"cache_dir={tmp_path / 'cache'}",
                            "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -96,7 +96,7 @@ def test_steered_kind_runs_in_the_pipeline_from_each_seeds_shots(tmp_path):
     # the key holds generator.kind and generator.steered only
     parts = key_parts("generators", cfg, base="b", encoder="e")["config"]
     assert set(parts) == {"generator.kind"} | {p for p in parts if p.startswith("generator.steered.")}
-    other = load_config(DIGITS, [*steered, "generator.train_steps=7", "generator.seed=3"])
+    other = load_config(DIGITS, [*steered, "generator.exemplar.train_steps=7", "generator.diffusion.seed=3"])
     assert key_parts("generators", other, base="b", encoder="e") == key_parts("generators", cfg, base="b", encoder="e")
     assert key_parts("generators", load_config(DIGITS, [*steered, "generator.steered.pool=13"]), base="b",
                      encoder="e") != key_parts("generators", cfg, base="b", encoder="e")

@@ -211,7 +211,7 @@ def test_damaged_features_are_rebuilt(tmp_path):
     assert _rows(second) == _rows(first)
 
 
-GENERATE = ["generator.train_steps=6", "generator.batch_size=8", "generator.datadream.steps_per_class=1",
+GENERATE = ["generator.diffusion.train_steps=6", "generator.diffusion.batch_size=8", "generator.datadream.steps_per_class=1",
             "generator.datadream.batch_size=4", "synthesis.synthetic_per_class=2", "synthesis.steps=2",
             "synthesis.grid_classes=0", "eval.n_shots=[1]"]
 

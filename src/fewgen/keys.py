@@ -148,15 +148,13 @@ FEATURES = rule("features", inputs=("checkpoint", "images"))
 """Frozen features of a set of images (digest ``images``) under a backbone (``checkpoint`` key)."""
 
 _ADAPTATION = ("generator.datadream",)
-_STABLE_DIFFUSION = ("generator.model", "generator.prompt", "generator.resolution", "generator.dtype")
+_PROMPT = "generator.stable_diffusion.prompt"
 #: how the Stable Diffusion pipeline runs, not what it draws: attention and VAE slicing split the
 #: same sums into slices, torch.compile fuses the same operations; the images agree up to rounding,
 #: as they do across devices (``device`` enters no key either), so no key holds them and turning one
 #: on reuses the adapters and synthetic sets already made
-_SD_RUNTIME = ("generator.attention_slicing", "generator.vae_slicing", "generator.compile")
-_EXEMPLAR = ("generator.exemplar_cond", "generator.exemplar_tokens", "generator.exemplar_dropout",
-             "generator.exemplar_t_dist", "generator.exemplar_aug", "generator.exemplar_pair_aug",
-             "generator.exemplar_rotations")
+_SD_RUNTIME = ("generator.stable_diffusion.attention_slicing", "generator.stable_diffusion.vae_slicing",
+               "generator.stable_diffusion.compile")
 
 
 def _kind(cfg):
@@ -166,32 +164,22 @@ def _kind(cfg):
 
 
 def _generator_ignores(cfg, inputs) -> dict[str, str]:
+    """A kind reads ``generator.kind`` and its own section only: every other section is out."""
     import dataclasses
 
-    from fewgen.generators.registry import option_sections
-
     kind = _kind(cfg)
-    if kind.options:  # a kind with its own section reads nothing else of the generator config
-        return {f"generator.{f.name}": f"not read by the {kind.name} generator (its options: generator.{kind.options})"
-                for f in dataclasses.fields(cfg.generator) if f.name not in ("kind", kind.options)}
-    others = {f"generator.{name}": "another generator kind's own options" for name in option_sections()}
-    return {**others, **_shared_generator_ignores(cfg)}
-
-
-def _shared_generator_ignores(cfg) -> dict[str, str]:
-    if _kind(cfg).exemplar:
-        return {"generator.cond_mode": "class/name tokens of the class-token generator; an exemplar one has none"}
-    return {f: "options of the exemplar generator" for f in _EXEMPLAR}
+    return {f"generator.{f.name}": f"not read by the {kind.name} generator (its options: generator.{kind.options})"
+            for f in dataclasses.fields(cfg.generator)
+            if f.name not in ("kind", kind.options) and f"generator.{f.name}" not in _ADAPTATION}
 
 
 GENERATOR = rule(
     "generators", config=("generator",), inputs=("base", "encoder"), ignore_if=_generator_ignores,
     ignore={**{f: "adaptation to the shots: in the adapters' key" for f in _ADAPTATION},
-            **{f: "Stable Diffusion options: base training of a pixel generator never reads them"
-               for f in _STABLE_DIFFUSION},
             **{f: "how Stable Diffusion runs (memory, speed), not what it draws: in no key (_SD_RUNTIME)"
                for f in _SD_RUNTIME},
-            "generator.optional": "whether the generative steps run without generator.model, not what they make"},
+            "generator.stable_diffusion.optional": "whether the generative steps run without a model, not what "
+                                                   "they make"},
 )
 """The base pixel generator, trained on the base images (digest ``base``); an exemplar generator
 conditioned on backbone features also on that backbone (key ``encoder``)."""
@@ -202,11 +190,11 @@ def _adapter_ignores(cfg, inputs) -> dict[str, str]:
         return {"generator.datadream.target_modules": "a pixel UNet's LoRA targets; Stable Diffusion has its own set",
                 "generator.datadream.p_uncond": "the null condition of a pixel generator's adaptation; Stable "
                                                 "Diffusion's adaptation always has its prompt"}
-    return {"generator.prompt": "the prompt template of Stable Diffusion; a pixel generator has no prompt"}
+    return {_PROMPT: "the prompt template of Stable Diffusion; a pixel generator has no prompt"}
 
 
 ADAPTER = rule(
-    "adapters", config=(*_ADAPTATION, "generator.prompt"), inputs=("generator", "few_shot"),
+    "adapters", config=(*_ADAPTATION, _PROMPT), inputs=("generator", "few_shot"),
     ignore_if=_adapter_ignores,
 )
 """A DataDream adapter of a generator (key ``generator``, which holds how it was trained) to one
@@ -222,9 +210,9 @@ def _synthetic_parts(cfg, inputs) -> dict[str, Any]:
 def _synthetic_ignores(cfg, inputs) -> dict[str, str]:
     out = {}
     if not inputs.get("stable_diffusion"):
-        out["generator.prompt"] = "the prompt template of Stable Diffusion; pixel generators are prompted by class name"
+        out[_PROMPT] = "the prompt template of Stable Diffusion; pixel generators are prompted by class name"
     else:
-        out["synthesis.precision"] = "Stable Diffusion samples in generator.dtype (in the generator's key)"
+        out["synthesis.precision"] = "Stable Diffusion samples in generator.stable_diffusion.dtype (in the generator's key)"
     if _kind(cfg).exemplar:
         out["synthesis.guidance"] = "an exemplar generator is guided by synthesis.exemplar_guidance"
         out["synthesis.zero_shot"] = "an exemplar generator always draws from the shots, adapted or not"
@@ -235,7 +223,7 @@ def _synthetic_ignores(cfg, inputs) -> dict[str, str]:
 
 
 SYNTHETIC = rule(
-    "synthetic", config=("synthesis", "generator.prompt"),
+    "synthetic", config=("synthesis", _PROMPT),
     inputs=("generator", "adapter", "class_names", "image_shape", "stable_diffusion", "sources"),
     ignore={"synthesis.streams": "parallel sampling streams write the same bytes as one (tested)",
             "synthesis.grid_classes": "grids are drawn in the run folder, not in the set",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from fewgen.app.config import RunConfig
 from fewgen.errors import FewgenError
+from fewgen.generators.diffusion import DiffusionOptions
+from fewgen.generators.pixels import PixelUNetOptions
 from fewgen.generators.registry import generator_kind
 
 GENERATIVE_STEPS = ("generator", "adapt", "synthesize")
@@ -31,14 +33,15 @@ def resolve_defaults(cfg: RunConfig) -> list[str]:
 
     * ``learner.clip_path`` empty with ``learner.model=clip`` and ``backbone.name=clip``: the
       backbone's model (the photos preset fine-tunes the CLIP it evaluates);
-    * ``generator.optional`` with a Stable Diffusion kind and no ``generator.model``: the generative
+    * ``generator.stable_diffusion.optional`` with a Stable Diffusion kind and no model: the generative
       steps and the learner methods that need generated images are left out."""
     notes = []
     lc, g = cfg.learner, cfg.generator
     if lc.model == "clip" and not lc.clip_path and cfg.backbone.name == "clip" and cfg.backbone.model:
         lc.clip_path = cfg.backbone.model
         notes.append(f"learner.clip_path: the backbone's CLIP, {lc.clip_path}")
-    if g.optional and generator_kind(g.kind).pretrained and not g.model and set(GENERATIVE_STEPS) & set(cfg.pipeline):
+    sd = g.stable_diffusion
+    if sd.optional and generator_kind(g.kind).pretrained and not sd.model and set(GENERATIVE_STEPS) & set(cfg.pipeline):
         from fewgen.learners.registry import method_specs
 
         dropped = [s.name for s in method_specs(lc) if s.uses_synthetic]
@@ -47,10 +50,10 @@ def resolve_defaults(cfg: RunConfig) -> list[str]:
         lc.sweep = []
         if "learn" in cfg.pipeline and not lc.methods:
             cfg.pipeline.remove("learn")
-        notes.append("no generator.model: the generator, adapt and synthesize steps"
+        notes.append("no generator.stable_diffusion.model: the generator, adapt and synthesize steps"
                      + (f" and the learner methods {', '.join(dropped)}" if dropped else "")
-                     + " are left out (real images only); set generator.model=<a Stable Diffusion folder or hub id> "
-                       "for DataDream's recipe")
+                     + " are left out (real images only); set generator.stable_diffusion.model=<a Stable Diffusion "
+                       "folder or hub id> for DataDream's recipe")
     if lc.cuda_only and "learn" in cfg.pipeline:
         from fewgen.utils import resolve_device
 
@@ -178,7 +181,7 @@ def _check_export(cfg: RunConfig) -> None:
         spec = next(s for s in method_specs(lc) if s.name == ec.method)
         if spec.uses_synthetic and "synthesize" not in cfg.pipeline:
             raise FewgenError(f"export.method={ec.method} trains on generated images, and no 'synthesize' step is in "
-                              "pipeline: add the generator steps (generator.model for Stable Diffusion) or export "
+                              "pipeline: add the generator steps (generator.stable_diffusion.model for Stable Diffusion) or export "
                               "export.method=real-only")
     elif lc.model == "clip" and cfg.backbone.name != "clip" and "learn" in cfg.pipeline:
         from fewgen.backbones.registry import BACKBONES
@@ -204,33 +207,26 @@ def _check_generator(cfg: RunConfig) -> None:
     if "generator" not in cfg.pipeline:
         return
     g = cfg.generator
-    if "adapt" in cfg.pipeline and not generator_kind(g.kind).adaptable:
+    kind = generator_kind(g.kind)
+    o, section = kind.section(g), f"generator.{kind.options}"
+    if "adapt" in cfg.pipeline and not kind.adaptable:
         raise FewgenError(f"generator.kind={g.kind} draws from the shots and has no DataDream adapter: drop 'adapt' "
                           "from pipeline")
-    if generator_kind(g.kind).pretrained:
-        if not g.model:
-            raise FewgenError(f"generator.kind={g.kind} needs generator.model=<local folder or hub id>")
-        if _local_path_missing(g.model):
-            raise FewgenError(f"generator.model={g.model} does not exist; give a local diffusers folder "
+    if kind.pretrained:
+        if not o.model:
+            raise FewgenError(f"generator.kind={g.kind} needs {section}.model=<local folder or hub id>")
+        if _local_path_missing(o.model):
+            raise FewgenError(f"{section}.model={o.model} does not exist; give a local diffusers folder "
                               "(model_index.json) or a hub id")
         return
-    if generator_kind(g.kind).options:  # its own options section, checked with the config's values
-        sec = getattr(g, generator_kind(g.kind).options)
-        if hasattr(sec, "check_run"):
-            sec.check_run(cfg.synthesis.synthetic_per_class if "synthesize" in cfg.pipeline else 0)
-        return
-    if g.kind == "diffusion" and "name" in g.cond_mode:  # the class names' MiniLM embeddings
+    if hasattr(o, "check_run"):  # checks of its own, against the run's counts
+        o.check_run(cfg.synthesis.synthetic_per_class if "synthesize" in cfg.pipeline else 0)
+    if isinstance(o, PixelUNetOptions):
+        o.check_shape(image_size(cfg), section)
+    if isinstance(o, DiffusionOptions) and "name" in o.cond_mode:  # the class names' MiniLM embeddings
         from fewgen.generators.text import default_text_encoder_path
 
         default_text_encoder_path()
-    levels = len(g.block_out_channels)
-    if len(g.attention_levels) != levels:
-        raise FewgenError(f"generator.attention_levels has {len(g.attention_levels)} entries but "
-                          f"generator.block_out_channels has {levels}; give one per UNet level")
-    size, down = image_size(cfg), 2 ** (levels - 1)
-    if size % down:
-        raise FewgenError(f"the {size}px images cannot be halved by {levels} UNet levels (generator.block_out_channels); "
-                          f"use data.image_size divisible by {down}, or fewer levels")
 
 
 def _check_synthesis(cfg: RunConfig) -> None:
@@ -249,8 +245,9 @@ def _check_synthesis(cfg: RunConfig) -> None:
     if s.zero_shot and adapted:
         raise FewgenError("synthesis.zero_shot=true draws the novel classes from their names, leaving the adapt "
                           "step's adapters unused: drop 'adapt' from pipeline, or set synthesis.zero_shot=false")
-    if s.zero_shot and g.kind == "diffusion" and g.cond_mode == "class":
-        raise FewgenError("zero-shot generation needs the class names: set generator.cond_mode=name or class+name")
+    if s.zero_shot and g.kind == "diffusion" and g.diffusion.cond_mode == "class":
+        raise FewgenError("zero-shot generation needs the class names: set generator.diffusion.cond_mode=name or "
+                          "class+name")
     if generator_kind(g.kind).pretrained and 0 in s.sdedit_strengths:
         raise FewgenError(f"synthesis.sdedit_strengths={s.sdedit_strengths}: Stable Diffusion's img2img needs "
                           "strengths in (0, 1]; drop the 0 (the shot itself)")

@@ -31,6 +31,9 @@ from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
 from fewgen.gan.model import AdaptSettings, GANTrainSettings
 from fewgen.generators.datadream import DataDreamConfig
+from fewgen.generators.diffusion import DiffusionOptions
+from fewgen.generators.exemplar import ExemplarOptions
+from fewgen.generators.stable_diffusion import StableDiffusionOptions
 from fewgen.generators.steered import SteeredOptions
 from fewgen.learners.datadream_classifier import DataDreamOptions
 from fewgen.learners.diffalign import DiffAlignOptions
@@ -225,47 +228,17 @@ class GANConfig(DCLOptions, CDCOptions, FreezeDOptions):
 
 @dataclass
 class GeneratorConfig:
-    """The base generator (fewgen.generators) and its DataDream adaptation to the few shots."""
+    """The generator (fewgen.generators): its kind, each kind's own options, and the DataDream
+    adaptation to the few shots. A kind reads ``generator.kind`` and its own section only."""
 
-    kind: str = opt("diffusion", "diffusion (pixel UNet with class tokens, trained on the base classes), exemplar (pixel "
-                    "UNet that draws another image of an exemplar's class, trained on pairs of base images; the shots "
-                    "are its condition) or stable-diffusion", choices="generator kind")
-    cond_mode: str = opt("class+name", "condition tokens: class, name (MiniLM of the class name) or class+name", choices=("class", "name", "class+name"))
-    exemplar_cond: str = opt("features", "exemplar generator: condition on the exemplar's frozen-backbone features as "
-                             "cross-attention tokens (features; needs pretrain first), on its pixels as extra input "
-                             "channels (channels), or both", choices=("features", "channels", "both"))
-    exemplar_tokens: int = opt(4, "exemplar generator: cross-attention tokens made from the exemplar's features", min=1)
-    exemplar_dropout: float = opt(0.1, "exemplar generator: probability of the null condition in training (for guidance)",
-                                  min=0, max=1)
-    exemplar_t_dist: str = opt("uniform", "exemplar generator: training timesteps uniform, or high (more weight on the "
-                               "noisy steps, where the condition decides the image)", choices=("uniform", "high"))
-    exemplar_aug: float = opt(0.0, "exemplar generator: strength of a random affine distortion of the exemplar only, "
-                              "in training (0 = off)", min=0)
-    exemplar_pair_aug: float = opt(0.0, "exemplar generator: strength of one random affine distortion applied to both "
-                                   "images of a training pair (0 = off)", min=0)
-    exemplar_rotations: bool = opt(False, "exemplar generator: also train on the 90/180/270-degree rotations of the base "
-                                   "classes (each a class of its own)")
-    block_out_channels: list[int] = opt([32, 64, 64], "UNet channels per level (each level after the first halves the size)", min=1, nonempty=True)
-    attention_levels: list[bool] = opt([False, False, True], "cross-attention blocks per UNet level")
-    cond_dim: int = opt(64, "condition token width (cross-attention dim)", min=1)
-    train_steps: int = opt(1500, "DDPM training steps on the base classes", min=1)
-    batch_size: int = opt(48, "base training batch size", min=1)
-    lr: float = opt(1e-3, "base training peak learning rate (AdamW, warmup + cosine)", gt=0)
-    seed: int = opt(0, "seed of base training (the adapters': generator.datadream.seed)")
-    model: str | None = opt(None, "Stable Diffusion pipeline: local folder or hub id (kind=stable-diffusion)")
-    optional: bool = opt(False, "Stable Diffusion without generator.model: false refuses the run; true leaves the "
-                         "generator, adapt and synthesize steps and the learner methods that need generated images "
-                         "out, with a line in the log (the photos preset: real-only rows on a CPU, DataDream's "
-                         "recipe once generator.model names a Stable Diffusion)")
-    prompt: str = opt("a photo of a {}", "prompt template for text-to-image backends ({} = class name)")
-    resolution: int | None = opt(None, "Stable Diffusion generation size (default: the pipeline's)", min=8)
-    dtype: str = opt("auto", "Stable Diffusion dtype: auto (fp16 on cuda), float32, float16, bfloat16", choices=("auto", "float32", "float16", "bfloat16"))
-    attention_slicing: bool = opt(False, "Stable Diffusion: attention in slices (less GPU memory, a little slower; "
-                                  "the same images up to rounding, so the same cache entries)")
-    vae_slicing: bool = opt(False, "Stable Diffusion: decode latents one image at a time (less GPU memory for large "
-                            "batches; the same cache entries)")
-    compile: bool = opt(False, "Stable Diffusion: torch.compile the UNet for sampling (faster after a first slow batch; "
-                        "the same cache entries; each switch of a cls adapter recompiles)")
+    kind: str = opt("diffusion", "diffusion (pixel UNet with class tokens, trained on the base classes; options: "
+                    "generator.diffusion), exemplar (pixel UNet that draws another image of an exemplar's class, "
+                    "trained on pairs of base images; the shots are its condition; generator.exemplar), "
+                    "stable-diffusion (generator.stable_diffusion) or steered (generator.steered)",
+                    choices="generator kind")
+    diffusion: DiffusionOptions = field(default_factory=DiffusionOptions)
+    exemplar: ExemplarOptions = field(default_factory=ExemplarOptions)
+    stable_diffusion: StableDiffusionOptions = field(default_factory=StableDiffusionOptions)
     datadream: DataDreamConfig = field(default_factory=DataDreamConfig)
     steered: SteeredOptions = field(default_factory=SteeredOptions)
 
@@ -290,7 +263,7 @@ class SynthesisConfig:
     chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch); Stable "
                      "Diffusion without per-class adapters fills a batch with several classes' images", min=1)
     precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "
-                         "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.dtype", choices=("float32", "bfloat16", "float16"))
+                         "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.stable_diffusion.dtype", choices=("float32", "bfloat16", "float16"))
     streams: int | None = opt(None, "parallel sampling streams in each process, each a copy of the pixel "
                               "generator with an equal share of the CPU threads (bytes unchanged); default: one "
                               "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion", min=1)
@@ -378,6 +351,21 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+def _in_sections(obj: Any, key: str, path: str) -> list[str]:
+    """Paths of ``key`` one section down (``generator.train_steps`` -> ``generator.diffusion.train_steps``,
+    ..., and ``generator.exemplar_cond`` -> ``generator.exemplar.cond``): the options a kind owns."""
+    out = []
+    for f in dataclasses.fields(obj):
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub):
+            names = {g.name for g in dataclasses.fields(sub)}
+            for name in (key, key.removeprefix(f"{f.name}_")):
+                if name in names:
+                    out.append(f"{path}{f.name}.{name}")
+                    break
+    return out
+
+
 def update_dataclass(obj: Any, updates: dict[str, Any], path: str = "") -> None:
     """Merge a nested dict into a dataclass instance, checking keys and types."""
     if not isinstance(updates, dict):
@@ -387,8 +375,10 @@ def update_dataclass(obj: Any, updates: dict[str, Any], path: str = "") -> None:
     for key, value in updates.items():
         full = f"{path}{key}"
         if key not in names:
+            inner = _in_sections(obj, str(key), path)
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{path}{close[0]}'?" if close else ""
+            hint = (f" It is an option of a section here: {', '.join(inner)}." if inner else
+                    f" Did you mean '{path}{close[0]}'?" if close else "")
             raise FewgenError(f"unknown config key '{full}'.{hint} Known keys here: {', '.join(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

@@ -52,6 +52,7 @@ from fewgen.generators.pixels import (  # noqa: F401  (SAMPLERS, PRECISIONS, Fit
     PRECISIONS,
     SAMPLERS,
     FitResult,
+    PixelUNetOptions,
     autocast,
     build_noise_scheduler,
     build_sampler,
@@ -61,10 +62,20 @@ from fewgen.generators.pixels import (  # noqa: F401  (SAMPLERS, PRECISIONS, Fit
     to_model_space,
     to_uint8,
 )
+from fewgen.options import opt
 from fewgen.training import TrainingMonitor, cosine_schedule, periodic, run_steps
 from fewgen.utils import make_generator, seed_hash, stable_hash
 
 COND_MODES = ("class", "name", "class+name")
+
+
+@dataclass
+class DiffusionOptions(PixelUNetOptions):
+    """Options of the class-token generator (``generator.kind=diffusion``; the config section
+    ``generator.diffusion``): its UNet, condition tokens and base training."""
+
+    cond_mode: str = opt("class+name", "condition tokens: class, name (MiniLM of the class name) or class+name",
+                         choices=COND_MODES)
 
 
 @dataclass
@@ -189,10 +200,11 @@ class DiffusionGenerator:
     file_format = "pixel-diffusion"  # generator.json's "kind"
 
     @classmethod
-    def from_options(cls, g, base, encoder=None, device: torch.device | str = "cpu") -> DiffusionGenerator:
-        """An untrained generator of the generator config ``g`` (``fewgen.app.config.GeneratorConfig``)
-        for the base classes ``base``; it reads no encoder."""
+    def from_options(cls, g: DiffusionOptions, base, encoder=None,
+                     device: torch.device | str = "cpu") -> DiffusionGenerator:
+        """An untrained generator of options ``g`` for the base classes ``base``; it reads no encoder."""
         c, s = base.image_shape[0], base.image_shape[1]
+        g.check_shape(s, "generator.diffusion")
         cfg = DiffusionConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
                               attention_levels=list(g.attention_levels), cond_dim=g.cond_dim, cond_mode=g.cond_mode,
                               norm_num_groups=norm_groups(g.block_out_channels))
@@ -328,7 +340,7 @@ class DiffusionGenerator:
         with TrainingMonitor("[diffusion] training", steps, start=start, log=log, progress=progress,
                              log_dir=log_dir) as monitor:
             losses = run_steps(step_loss, opt, sched, steps, start=start, params=params, max_norm=1.0,
-                               monitor=monitor, name="diffusion generator", hint="lower generator.lr",
+                               monitor=monitor, name="diffusion generator", hint="lower generator.diffusion.lr",
                                after_step=periodic(log, log_every, "[diffusion]", steps, t0, state_path,
                                                    self.modules(), opt, sched, save_every))
         for m in self.modules().values():
@@ -501,7 +513,7 @@ def pixel_sample_fn(gen, spec, adapter=None, sources: list[torch.Tensor] | None 
         import copy
 
         if not gen.conditioner.use_name:
-            raise FewgenError("zero-shot synthesis needs a name-conditioned generator (generator.cond_mode=name or "
+            raise FewgenError("zero-shot synthesis needs a name-conditioned generator (generator.diffusion.cond_mode=name or "
                               "class+name); or adapt it first (put 'adapt' before 'synthesize')")
         adapted = None
         model = copy.deepcopy(gen)

@@ -53,6 +53,7 @@ from fewgen.errors import FewgenError
 from fewgen.generators.datadream import AdaptedGenerator
 from fewgen.generators.pixels import (
     FitResult,
+    PixelUNetOptions,
     autocast,
     build_noise_scheduler,
     build_sampler,
@@ -61,11 +62,31 @@ from fewgen.generators.pixels import (
     to_model_space,
     to_uint8,
 )
+from fewgen.options import opt
 from fewgen.training import TrainingMonitor, cosine_schedule, periodic, run_steps
 from fewgen.utils import make_generator, stable_hash
 
 COND_MODES = ("features", "channels", "both")
 T_DISTS = ("uniform", "high")
+
+
+@dataclass
+class ExemplarOptions(PixelUNetOptions):
+    """Options of the exemplar-conditioned generator (``generator.kind=exemplar``; the config section
+    ``generator.exemplar``): its UNet, how it reads the exemplar, and base training on pairs."""
+
+    cond: str = opt("features", "condition on the exemplar's frozen-backbone features as cross-attention tokens "
+                    "(features; needs pretrain first), on its pixels as extra input channels (channels), or both",
+                    choices=COND_MODES)
+    tokens: int = opt(4, "cross-attention tokens made from the exemplar's features", min=1)
+    dropout: float = opt(0.1, "probability of the null condition in training (for guidance)", min=0, max=1)
+    t_dist: str = opt("uniform", "training timesteps uniform, or high (more weight on the noisy steps, where the "
+                      "condition decides the image)", choices=T_DISTS)
+    aug: float = opt(0.0, "strength of a random affine distortion of the exemplar only, in training (0 = off)", min=0)
+    pair_aug: float = opt(0.0, "strength of one random affine distortion applied to both images of a training pair "
+                          "(0 = off)", min=0)
+    rotations: bool = opt(False, "also train on the 90/180/270-degree rotations of the base classes (each a class of "
+                          "its own)")
 
 
 @dataclass
@@ -198,19 +219,20 @@ class ExemplarDiffusion:
     file_format = "exemplar-diffusion"  # generator.json's "kind", and part of an untrained model's state_key
 
     @classmethod
-    def from_options(cls, g, base, encoder: nn.Module | None = None,
+    def from_options(cls, g: ExemplarOptions, base, encoder: nn.Module | None = None,
                      device: torch.device | str = "cpu") -> ExemplarDiffusion:
-        """An untrained generator of the generator config ``g`` (``fewgen.app.config.GeneratorConfig``)
-        for images shaped as ``base``'s, reading exemplars through ``encoder`` (features/both)."""
+        """An untrained generator of options ``g`` for images shaped as ``base``'s, reading exemplars
+        through ``encoder`` (features/both)."""
         from fewgen.generators.diffusion import norm_groups
 
         c, s = base.image_shape[0], base.image_shape[1]
+        g.check_shape(s, "generator.exemplar")
         feat_dim = getattr(encoder, "num_features", 0) if encoder is not None else g.cond_dim
         cfg = ExemplarConfig(image_size=s, channels=c, block_out_channels=list(g.block_out_channels),
                              attention_levels=list(g.attention_levels), norm_num_groups=norm_groups(g.block_out_channels),
-                             cond_mode=g.exemplar_cond, cond_dim=g.cond_dim, n_tokens=g.exemplar_tokens,
-                             feat_dim=feat_dim, p_uncond=g.exemplar_dropout, t_dist=g.exemplar_t_dist,
-                             exemplar_aug=g.exemplar_aug, pair_aug=g.exemplar_pair_aug, rotations=g.exemplar_rotations)
+                             cond_mode=g.cond, cond_dim=g.cond_dim, n_tokens=g.tokens, feat_dim=feat_dim,
+                             p_uncond=g.dropout, t_dist=g.t_dist, exemplar_aug=g.aug, pair_aug=g.pair_aug,
+                             rotations=g.rotations)
         return cls(cfg, encoder, device)
 
     @classmethod
@@ -347,7 +369,7 @@ class ExemplarDiffusion:
         with TrainingMonitor("[exemplar] training", steps, start=start, log=log, progress=progress,
                              log_dir=log_dir) as monitor:
             losses = run_steps(step_loss, opt, sched, steps, start=start, params=params, max_norm=1.0,
-                               monitor=monitor, name="exemplar generator", hint="lower generator.lr",
+                               monitor=monitor, name="exemplar generator", hint="lower generator.exemplar.lr",
                                after_step=periodic(log, log_every, "[exemplar]", steps, t0, state_path,
                                                    self.modules(), opt, sched, save_every))
         for m in self.modules().values():

@@ -11,6 +11,7 @@ import torch
 
 from fewgen.data.images import signed_to_uint8
 from fewgen.errors import FewgenError
+from fewgen.options import opt
 
 #: ``dpmsolver++``: DPM-Solver++ (2M) on time-uniform steps, the default; ``dpmsolver++-logsnr``:
 #: the same on steps uniform in log-SNR (Lu et al. 2022's choice for pixel-space models);
@@ -95,6 +96,39 @@ def per_image_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.
         g = torch.Generator().manual_seed(int(s))
         out[i] = torch.randn(shape, generator=g)
     return out
+
+
+@dataclass
+class PixelUNetOptions:
+    """What the options of both pixel generators hold (``generator.diffusion``, ``generator.exemplar``):
+    the UNet's shape and its training on the base classes."""
+
+    block_out_channels: list[int] = opt([32, 64, 64], "UNet channels per level (each level after the first halves "
+                                        "the size)", min=1, nonempty=True)
+    attention_levels: list[bool] = opt([False, False, True], "cross-attention blocks per UNet level (one per entry of "
+                                       "block_out_channels)")
+    cond_dim: int = opt(64, "condition token width (cross-attention dim)", min=1)
+    train_steps: int = opt(1500, "DDPM training steps on the base classes", min=1)
+    batch_size: int = opt(48, "base training batch size", min=1)
+    lr: float = opt(1e-3, "base training peak learning rate (AdamW, warmup + cosine)", gt=0)
+    seed: int = opt(0, "seed of base training (the adapters': generator.datadream.seed)")
+
+    def fit_arguments(self) -> dict:
+        """The arguments of the generator's ``fit`` that these options set."""
+        return {"steps": self.train_steps, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed}
+
+    def check_shape(self, image_size: int, section: str) -> None:
+        """One attention flag per UNet level, and images of side ``image_size`` that each level can
+        halve; errors name the options as ``<section>.<field>``."""
+        levels = len(self.block_out_channels)
+        if len(self.attention_levels) != levels:
+            raise FewgenError(f"{section}.attention_levels has {len(self.attention_levels)} entries but "
+                              f"{section}.block_out_channels has {levels}; give one per UNet level")
+        down = 2 ** (levels - 1)
+        if image_size % down:
+            raise FewgenError(f"the {image_size}px images cannot be halved by {levels} UNet levels "
+                              f"({section}.block_out_channels); use images whose side is divisible by {down} "
+                              "(data.image_size), or fewer levels")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.pixels import SAMPLERS
+from fewgen.options import opt
 from fewgen.synthesis.sharding import ProcessContext
 from fewgen.training import TrainingMonitor
 from fewgen.utils import (
@@ -63,6 +64,28 @@ def to_uint8_rgb(x: torch.Tensor, shape: tuple[int, int, int] | None = None) -> 
         if c == 1:
             x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class StableDiffusionOptions:
+    """Options of a Stable Diffusion pipeline (``generator.kind=stable-diffusion``; the config section
+    ``generator.stable_diffusion``): which pipeline, how it is prompted, and how it runs."""
+
+    model: str | None = opt(None, "the Stable Diffusion pipeline: a local diffusers folder or hub id")
+    optional: bool = opt(False, "no model: false refuses the run; true leaves the generator, adapt and synthesize "
+                         "steps and the learner methods that need generated images out, with a line in the log (the "
+                         "photos preset: real-only rows on a CPU, DataDream's recipe once "
+                         "generator.stable_diffusion.model names a Stable Diffusion)")
+    prompt: str = opt("a photo of a {}", "prompt template ({} = class name)")
+    resolution: int | None = opt(None, "generation size (default: the pipeline's)", min=8)
+    dtype: str = opt("auto", "dtype: auto (fp16 on cuda), float32, float16, bfloat16",
+                     choices=("auto", "float32", "float16", "bfloat16"))
+    attention_slicing: bool = opt(False, "attention in slices (less GPU memory, a little slower; the same images up "
+                                  "to rounding, so the same cache entries)")
+    vae_slicing: bool = opt(False, "decode latents one image at a time (less GPU memory for large batches; the same "
+                            "cache entries)")
+    compile: bool = opt(False, "torch.compile the UNet for sampling (faster after a first slow batch; the same cache "
+                        "entries; each switch of a cls adapter recompiles)")
 
 
 @dataclass
@@ -104,8 +127,8 @@ class StableDiffusionGenerator:
     parallel_sampling = False  # one pipeline per process
 
     @classmethod
-    def from_options(cls, g, device: torch.device | str = "cpu") -> StableDiffusionGenerator:
-        """The pipeline ``g.model`` of the generator config ``g`` (``fewgen.app.config.GeneratorConfig``)."""
+    def from_options(cls, g: StableDiffusionOptions, device: torch.device | str = "cpu") -> StableDiffusionGenerator:
+        """The pipeline ``g.model`` of options ``g``."""
         return cls(g.model, device=device, dtype=g.dtype, prompt=g.prompt, resolution=g.resolution,
                    attention_slicing=g.attention_slicing, vae_slicing=g.vae_slicing, compile=g.compile)
 

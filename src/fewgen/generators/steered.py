@@ -50,6 +50,10 @@ class SteeredOptions:
     seed: int = opt(0, "seed of the regressor and of the redrawings")
     regressors: int = opt(1, "regressors whose normalised predictions are averaged (seeds seed, seed+1, ...)", min=1)
 
+    def fit_arguments(self) -> dict:
+        """The arguments of the generator's ``fit`` these options set: none (it reads its own)."""
+        return {}
+
     def check_run(self, per_class: int) -> None:
         """The checks of a run that draws ``per_class`` images per class (0: none), where the kept
         count follows from it: from a single shot they all come from its pool."""
@@ -228,9 +232,10 @@ class SteeredGenerator:
         return self.steerer.options
 
     @classmethod
-    def from_options(cls, g, base: ArrayDataset, encoder: nn.Module, device: torch.device | str = "cpu"):
-        """Untrained, from the generator config ``g`` (its ``steered`` section) and the backbone."""
-        return cls(SteeredOptions(**asdict(g.steered)), encoder, device)
+    def from_options(cls, g: SteeredOptions, base: ArrayDataset, encoder: nn.Module,
+                     device: torch.device | str = "cpu"):
+        """Untrained, from options ``g`` (the section ``generator.steered``) and the backbone."""
+        return cls(replace(g), encoder, device)
 
     def num_parameters(self) -> int:
         dim, h = self.backbone.num_features, self.options.regressor_hidden

@@ -130,7 +130,7 @@ def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: 
     the image shape and the content digest of the real images the set starts from (``sources``: the
     few shots, for SDEdit; None when it starts from noise). ``fewgen.keys`` (kind ``synthetic``)
     declares what of the config it holds."""
-    template = gc.prompt if stable_diffusion else "{}"
+    template = gc.stable_diffusion.prompt if stable_diffusion else "{}"
     from fewgen.generators.registry import generator_kind
 
     exemplar = generator_kind(gc.kind).exemplar
@@ -140,7 +140,7 @@ def synthesis_spec(sc, gc, *, generator: str, adapter: str | None, class_names: 
                          prompts=[template.format(n) for n in class_names], per_class=sc.synthetic_per_class,
                          image_shape=tuple(image_shape), adapter_key=adapter, sampler=sc.sampler, steps=sc.steps,
                          guidance=sc.exemplar_guidance if exemplar else sc.guidance, seed=sc.seed, chunk=sc.chunk,
-                         precision="float32" if stable_diffusion else sc.precision,  # SD: generator.dtype
+                         precision="float32" if stable_diffusion else sc.precision,  # SD: generator.stable_diffusion.dtype
                          strengths=list(sc.sdedit_strengths),
                          sources=sources if sc.sdedit_strengths or exemplar else None,  # what the images start from
                          extra=extra)

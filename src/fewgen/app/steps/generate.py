@@ -2,7 +2,7 @@
 
 * ``generator``: train (or load from the cache, or resume) the base generator on
   ``run.data.base`` (class-token or exemplar-conditioned); ``run.state.generator``. With
-  ``generator.kind=stable-diffusion`` it loads the pipeline named by ``generator.model`` instead.
+  ``generator.kind=stable-diffusion`` it loads the pipeline named by ``generator.stable_diffusion.model`` instead.
 * ``adapt``: per seed in ``cfg.seeds`` and K in ``cfg.eval.n_shots``, DataDream LoRA on
   ``few_shot_set(novel, K, seed)`` only; ``run.state.adapters[(seed, K)]``.
 * ``synthesize``: ``run.state.synthetic[(seed, K)]``, an ArrayDataset of
@@ -36,7 +36,7 @@ def generator_parts(run: Run, encoder_key: str | None = None) -> dict:
 
 def reads_backbone(cfg) -> bool:
     """Whether the generator reads exemplars through the pretrained backbone."""
-    return generator_kind(cfg.generator.kind).reads_backbone(cfg.generator)
+    return generator_kind(cfg.generator.kind).uses_backbone(cfg.generator)
 
 
 def _encoder(run: Run):
@@ -47,8 +47,9 @@ def _encoder(run: Run):
 
 def train_or_load_generator(run: Run):
     """The base generator of the run's kind, trained on the base classes, through the artifact cache."""
-    g = run.cfg.generator
-    cls = generator_kind(g.kind).generator_class()
+    kind = generator_kind(run.cfg.generator.kind)
+    options = kind.section(run.cfg.generator)
+    cls = kind.generator_class()
     pb = _encoder(run)
     encoder = None if pb is None else pb.backbone
     parts = generator_parts(run, None if pb is None else pb.key)
@@ -56,17 +57,17 @@ def train_or_load_generator(run: Run):
     def build(entry):
         ctx = process_context()
         if ctx.is_main:
-            torch.manual_seed(g.seed)
-            gen = cls.from_options(g, run.data.base, encoder, run.device)
-            steps = "" if generator_kind(g.kind).options else f" for {g.train_steps} steps"  # else its own section's
-            run.log(f"training the {g.kind} generator ({gen.num_parameters() / 1e6:.2f}M parameters){steps} on "
+            torch.manual_seed(options.seed)
+            gen = cls.from_options(options, run.data.base, encoder, run.device)
+            fit = options.fit_arguments()
+            steps = f" for {fit['steps']} steps" if "steps" in fit else ""
+            run.log(f"training the {kind.name} generator ({gen.num_parameters() / 1e6:.2f}M parameters){steps} on "
                     f"{len(run.data.base)} base images")
-            res = gen.fit(run.data.base, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr, seed=g.seed,
-                          state_path=entry / "training_state.safetensors", log=run.log, log_every=100,
-                          progress=run.progress, log_dir=tensorboard_dir(run, "generator"))
-            gen.save(entry, {"steps": g.train_steps})
+            res = gen.fit(run.data.base, **fit, state_path=entry / "training_state.safetensors", log=run.log,
+                          log_every=100, progress=run.progress, log_dir=tensorboard_dir(run, "generator"))
+            gen.save(entry, {"steps": res.steps})
             (entry / "training_state.safetensors").unlink(missing_ok=True)
-            run.cache.mark_done(entry, {"steps": g.train_steps, "images_per_s": round(res.images_per_s, 1),
+            run.cache.mark_done(entry, {"steps": res.steps, "images_per_s": round(res.images_per_s, 1),
                                         "train_s": round(res.seconds, 1)})
         ctx.barrier()
 
@@ -81,7 +82,7 @@ def train_or_load_generator(run: Run):
 def step_generator(run: Run) -> None:
     kind = generator_kind(run.cfg.generator.kind)
     if kind.pretrained:
-        run.state.generator = kind.generator_class().from_options(run.cfg.generator, run.device)
+        run.state.generator = kind.generator_class().from_options(kind.section(run.cfg.generator), run.device)
     else:
         run.state.generator = train_or_load_generator(run)
 
@@ -109,11 +110,11 @@ def step_adapt(run: Run) -> None:
 def synthesis_label(run: Run, exemplar: bool, adapter) -> str:
     """A short name of how a set was made (dataset names, logs)."""
     s, g = run.cfg.synthesis, run.cfg.generator
-    if generator_kind(g.kind).options:  # a kind with its own options section: its name says how
+    if not generator_kind(g.kind).sampled:  # no sampler: its name says how
         return g.kind
     how = f"sdedit{'+'.join(f'{v:g}' for v in s.sdedit_strengths)}" if s.sdedit_strengths else "noise"
     if exemplar:
-        return f"exemplar-{g.exemplar_cond}-{how}" + ("" if adapter is None else f"-datadream-{g.datadream.mode}")
+        return f"exemplar-{g.exemplar.cond}-{how}" + ("" if adapter is None else f"-datadream-{g.datadream.mode}")
     return f"{'zero-shot' if adapter is None else 'datadream-' + g.datadream.mode}-{how}"
 
 
