@@ -144,8 +144,8 @@ def test_dg_rows_average_and_intervals():
 
 TINY = [
     "seeds=[0]", "data.image_size=16", "num_threads=1", "domainfusion.epochs=2", "domainfusion.batch_size=8",
-    "domainfusion.gen_image_size=8", "domainfusion.gen_channels=[8,16]", "domainfusion.gen_steps=2",
-    "domainfusion.gen_batch_size=8", "domainfusion.sample_steps=2", "domainfusion.ld_batch=4",
+    "domainfusion.diffusion.image_size=8", "domainfusion.diffusion.block_out_channels=[8,16]",
+    "domainfusion.diffusion.steps=2", "domainfusion.diffusion.batch_size=8", "domainfusion.sample_steps=2", "domainfusion.ld_batch=4",
     "domainfusion.aug_synthetic=4", "domainfusion.aug_every=1", "domainfusion.aug_candidates=2",
     "backbone.kwargs={hidden: 8, out_channels: 8}",
 ]
@@ -235,7 +235,7 @@ def test_preset_runs_with_a_stable_diffusion_folder(tmp_path):
     pipe = build_tiny_pipeline(tmp_path / "sd")
     base = [*TINY, "data.dataset=imagefolder", f"data.root={root}", "data.base_classes=[cat]",
             "data.val_classes=[dog]", "data.novel_classes=[fox, owl]", "eval.n_ways=[2]", "eval.n_query=1",
-            "domainfusion.targets=[photo, sketch]", f"cache_dir={tmp_path / 'cache'}", "domainfusion.gen_guidance=2.0"]
+            "domainfusion.targets=[photo, sketch]", f"cache_dir={tmp_path / 'cache'}", "domainfusion.guidance=2.0"]
     run(load_config("domainfusion", [*base, f"domainfusion.generator={pipe}"]), tmp_path / "run", progress=False,
         quiet=True)
     check_metrics(tmp_path / "run", ["photo", "sketch"], OnlineAugmenter.planned_images(2, 1, 4, 2))

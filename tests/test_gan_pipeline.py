@@ -13,8 +13,8 @@ from tests.conftest import DIGITS
 TINY = [
     "pipeline=[pretrain,gan-source,gan-adapt,report]", "data.dataset=digits", "pretrain.epochs=1",
     "pretrain.max_steps_per_epoch=2", "pretrain.val_episodes=5", "pretrain.rotation_classes=false",
-    "eval.n_ways=[2]", "eval.n_shots=[1]", "gan.setup=class-range", "gan.target_range=[8,10]", "gan.image_size=16",
-    "gan.width=4", "gan.z_dim=8", "gan.source.iters=3", "gan.adapt.iters=2", "gan.adapt.track_every=1", "gan.adapt.checkpoint_every=1",
+    "eval.n_ways=[2]", "eval.n_shots=[1]", "gan.setup=class-range", "gan.target_range=[8,10]", "gan.arch.image_size=16",
+    "gan.arch.width=4", "gan.arch.z_dim=8", "gan.source.iters=3", "gan.adapt.iters=2", "gan.adapt.track_every=1", "gan.adapt.checkpoint_every=1",
     "gan.track_samples=30", "gan.eval_samples=40", "gan.kid_subset_size=10", "gan.methods=[tgan,dcl]", "seeds=[0,1]",
     "num_threads=1",
 ]

@@ -317,7 +317,7 @@ GAN_ADAPTED = rule(
     ignore={**{f: "choose the shots and held-out target images, which enter by content (inputs shots, target)"
                for f in _GAN_TARGET},
             **{f: "source GAN training: in the source's key (input source)"
-               for f in ("gan.source", "gan.image_size", "gan.z_dim", "gan.width", "gan.mapping_layers")},
+               for f in ("gan.source", "gan.arch")},
             "gan.adapt.seed": "replaced by each of the run's seeds, the shot draw (input seed)",
             "gan.methods": "which methods run; each is its own entry (input method)",
             "gan.eval_samples": "final metrics, computed after adaptation",
@@ -329,8 +329,7 @@ GAN_ADAPTED = rule(
 
 DG_GENERATOR = rule(
     "dg-diffusion", inputs=("data", "sources"),
-    config=("domainfusion.gen_image_size", "domainfusion.gen_channels", "domainfusion.gen_steps",
-            "domainfusion.gen_batch_size", "domainfusion.gen_lr"),
+    config=("domainfusion.diffusion",),
 )
 """DomainFusion's pixel diffusion model of one target's source domains (``sources``) of ``data``."""
 

@@ -300,6 +300,6 @@ def _check_domainfusion(cfg: RunConfig) -> None:
         if "{}" not in d.prompt:
             raise FewgenError(f"domainfusion.prompt {d.prompt!r} has no {{}} for the class name; "
                               "e.g. 'a photo of a {}'")
-    elif d.gen_image_size > image_size(cfg):
-        raise FewgenError(f"domainfusion.gen_image_size {d.gen_image_size} is larger than the images "
+    elif d.diffusion.image_size > image_size(cfg):
+        raise FewgenError(f"domainfusion.diffusion.image_size {d.diffusion.image_size} is larger than the images "
                           f"({image_size(cfg)}); use at most {image_size(cfg)}")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from fewgen.dg.domainfusion import (
+    SourceDiffusionOptions,
     LatentDistillationOptions,
     OfflineOptions,
     OnlineAugmentationOptions,
@@ -29,7 +30,7 @@ from fewgen.evaluation.protocol import ExtraSupportOptions
 from fewgen.gan.methods.cdc import CDCOptions
 from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
-from fewgen.gan.model import AdaptSettings, GANTrainSettings
+from fewgen.gan.model import AdaptSettings, GANShape, GANTrainSettings
 from fewgen.generators.datadream import DataDreamConfig
 from fewgen.generators.diffusion import DiffusionOptions
 from fewgen.generators.exemplar import ExemplarOptions
@@ -186,13 +187,9 @@ class DomainFusionConfig(DGTrainOptions, OfflineOptions, OnlineAugmentationOptio
     generator: str | None = opt(None, "a Stable Diffusion model (local diffusers folder or hub id) used frozen in "
                                 "its latent space for every target; null: train the pixel model below per target")
     prompt: str = opt("a photo of a {}", "Stable Diffusion: the class condition, {} = the class name")
-    gen_image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)", min=4,
-                                 max=1024)
-    gen_channels: list[int] = opt([32, 64], "UNet block_out_channels of the diffusion model", min=1, nonempty=True)
-    gen_steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)", min=1)
-    gen_batch_size: int = opt(64, "diffusion training batch size", min=1)
-    gen_lr: float = opt(1e-3, "diffusion learning rate", gt=0)
-    gen_guidance: float = opt(1.0, "classifier-free guidance of img2img (1: plain conditional model)")
+    diffusion: SourceDiffusionOptions = field(default_factory=SourceDiffusionOptions)
+    guidance: float = opt(1.0, "classifier-free guidance of img2img, Stable Diffusion's or the pixel model's "
+                          "(1: plain conditional model)")
     sample_steps: int = opt(10, "DDIM steps of img2img (strength s runs round(s * steps) of them)", min=1)
 
 
@@ -211,10 +208,7 @@ class GANConfig(DCLOptions, CDCOptions, FreezeDOptions):
     target_root: str | None = opt(None, "folder: an image folder (one subfolder per class) holding the target images")
     n_shots: int = opt(10, "training images of the target (one per class when the target has that many classes); "
                        "each of the run's seeds draws its own shots and adapts with that seed", min=1)
-    image_size: int = opt(32, "GAN resolution: 8, 16, 32 or 64 (images are resized)", choices=(8, 16, 32, 64))
-    z_dim: int = opt(64, "latent size", min=1)
-    width: int = opt(16, "channel width (4 x width at 4x4, halving per resolution)", min=1)
-    mapping_layers: int = opt(0, "layers of the optional mapping network", min=0)
+    arch: GANShape = field(default_factory=GANShape)
     methods: list[str] = opt(["tgan", "freezed", "cdc", "dcl"], "adaptation methods, each from the same source GAN", choices="GAN adaptation method", nonempty=True)
     track_samples: int = opt(500, "samples per tracking point", min=2)
     eval_samples: int = opt(1000, "samples for the final metrics (intra-LPIPS protocol: 1000)", min=2)

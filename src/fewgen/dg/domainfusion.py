@@ -215,6 +215,29 @@ class OnlineAugmenter:
 
 
 @dataclass
+class SourceDiffusionOptions:
+    """The pixel diffusion model DomainFusion trains on a target's source domains when no Stable
+    Diffusion is given (the config section ``domainfusion.diffusion``): a class-token UNet without
+    attention, at its own (smaller) side."""
+
+    image_size: int = opt(16, "side the diffusion model works at (its 'latent' size; <= the image size)", min=4,
+                          max=1024)
+    block_out_channels: list[int] = opt([32, 64], "UNet channels per level", min=1, nonempty=True)
+    steps: int = opt(1500, "diffusion training steps (once per target, on its source domains)", min=1)
+    batch_size: int = opt(64, "diffusion training batch size", min=1)
+    lr: float = opt(1e-3, "diffusion learning rate", gt=0)
+
+    def model_config(self, channels: int):
+        """The :class:`~fewgen.generators.diffusion.DiffusionConfig` of the model, for images of
+        ``channels`` channels."""
+        from fewgen.generators.diffusion import DiffusionConfig
+
+        return DiffusionConfig(image_size=self.image_size, channels=channels,
+                               block_out_channels=list(self.block_out_channels),
+                               attention_levels=[False] * len(self.block_out_channels), cond_mode="class")
+
+
+@dataclass
 class OfflineOptions:
     """The offline baseline's option (``domainfusion.*`` keys)."""
 

@@ -50,14 +50,24 @@ class PixelNorm(nn.Module):
 
 
 @dataclass
-class GANArch:
-    """The shape of a GAN; part of every cache key."""
+class GANShape:
+    """The shape of a GAN as its options give it (the config section ``gan.arch``); the channels
+    follow the images (:meth:`for_channels`)."""
 
-    image_size: int = 32
+    image_size: int = opt(32, "GAN resolution: 8, 16, 32 or 64 (images are resized)", choices=(8, 16, 32, 64))
+    z_dim: int = opt(64, "latent size", min=1)
+    width: int = opt(16, "channel width (4 x width at 4x4, halving per resolution)", min=1)
+    mapping_layers: int = opt(0, "layers of the optional mapping network", min=0)
+
+    def for_channels(self, channels: int) -> GANArch:
+        return GANArch(**asdict(self), channels=channels)
+
+
+@dataclass
+class GANArch(GANShape):
+    """The shape of a GAN for images of ``channels`` channels; part of every cache key."""
+
     channels: int = 1
-    z_dim: int = 64
-    width: int = 32
-    mapping_layers: int = 0
 
     def widths(self) -> list[int]:
         """Channels at resolutions 4, 8, ..., image_size."""
@@ -251,7 +261,7 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
     """
     if tuple(images.shape[1:]) != (arch.channels, arch.image_size, arch.image_size):
         raise FewgenError(f"source images are {tuple(images.shape[1:])}, the GAN expects "
-                          f"({arch.channels}, {arch.image_size}, {arch.image_size}); set gan.image_size")
+                          f"({arch.channels}, {arch.image_size}, {arch.image_size}); set gan.arch.image_size")
     torch.manual_seed(settings.seed)
     G, D = Generator(arch).to(device), Discriminator(arch).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
@@ -305,9 +315,8 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
 
 
 def gan_arch(gc, channels: int) -> GANArch:
-    """The GAN architecture of a ``GANConfig`` for images with ``channels`` channels."""
-    return GANArch(image_size=gc.image_size, channels=channels, z_dim=gc.z_dim, width=gc.width,
-                   mapping_layers=gc.mapping_layers)
+    """The GAN architecture of a ``GANConfig`` (its section ``gan.arch``) for images with ``channels`` channels."""
+    return gc.arch.for_channels(channels)
 
 
 def gan_train_settings(gc) -> GANTrainSettings:

@@ -66,7 +66,7 @@ def generation_setup(gc, data: FewShotData, seed: int, name: str) -> GenerationS
             raise FewgenError("gan.setup=folder needs gan.target_root=<image folder, one subfolder per class>")
         from fewgen.data import load_dataset
 
-        tdata = load_dataset("imagefolder", gc.target_root, gc.image_size, channels=full.image_shape[0])
+        tdata = load_dataset("imagefolder", gc.target_root, gc.arch.image_size, channels=full.image_shape[0])
         source, target = full, tdata.full
         desc = f"source {data.name}, target folder {gc.target_root}"
     else:
@@ -74,7 +74,7 @@ def generation_setup(gc, data: FewShotData, seed: int, name: str) -> GenerationS
     shot_idx = draw_shots(target, gc.n_shots, seed)
     keep = torch.ones(len(target), dtype=torch.bool)
     keep[shot_idx] = False
-    size = gc.image_size
+    size = gc.arch.image_size
     return GenerationSetup(name, resize_uint8(source.images, size), resize_uint8(target.images[shot_idx], size),
                            resize_uint8(target.images[keep], size),
                            f"{desc}; {gc.n_shots} shots (seed {seed}), {int(keep.sum())} held-out target images")

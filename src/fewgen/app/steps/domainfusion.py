@@ -54,24 +54,22 @@ def stable_diffusion_generator(run: Run):
 
     d = run.cfg.domainfusion
     adapter = LatentDiffusionAdapter.from_pretrained(d.generator, run.data.full.class_names, d.prompt,
-                                                     device=run.device, guidance=d.gen_guidance)
+                                                     device=run.device, guidance=d.guidance)
     freeze(adapter)
     with torch.no_grad():  # a fingerprint of the weights and prompts: cached results follow the model, not its path
         sums = [float(p.double().sum()) for p in adapter.parameters()] + [float(adapter.prompt_embeds.double().sum())]
-    return adapter, stable_hash({"kind": "stable-diffusion", "prompt": d.prompt, "guidance": d.gen_guidance,
+    return adapter, stable_hash({"kind": "stable-diffusion", "prompt": d.prompt, "guidance": d.guidance,
                                  "weights": stable_hash(sums)}), 0.0
 
 
 def source_generator(run: Run, target: str):
     """The diffusion model of ``target``'s source domains (trained once, cached), frozen."""
-    from fewgen.generators.diffusion import DiffusionConfig, DiffusionGenerator
+    from fewgen.generators.diffusion import DiffusionGenerator
 
-    d = run.cfg.domainfusion
+    d, o = run.cfg.domainfusion, run.cfg.domainfusion.diffusion
     full = run.data.full
     sources = [n for n in full.domain_names if n != target]
-    channels = full.image_shape[0]
-    gcfg = DiffusionConfig(image_size=d.gen_image_size, channels=channels, block_out_channels=list(d.gen_channels),
-                           attention_levels=[False] * len(d.gen_channels), cond_mode="class")
+    gcfg = o.model_config(full.image_shape[0])
     parts = key_parts("dg-diffusion", run.cfg, data=full.digest(), sources=sources)
 
     def load(entry: Path) -> tuple[DiffusionGenerator, float]:
@@ -83,15 +81,15 @@ def source_generator(run: Run, target: str):
         from fewgen.data.base import ArrayDataset
 
         src = full.select_domains(sources)
-        low = resize(src.float_images(), d.gen_image_size)
+        low = resize(src.float_images(), o.image_size)
         train = ArrayDataset((low * 255).round().to(torch.uint8), src.labels, src.class_names, name=f"{src.name}-gen")
         gen = DiffusionGenerator(gcfg, full.class_names, device=run.device)
         run.log(f"[domainfusion] training the diffusion model of sources {sources} ({len(train)} images at "
-                f"{d.gen_image_size}px, {gen.num_parameters()} parameters, {d.gen_steps} steps)")
+                f"{o.image_size}px, {gen.num_parameters()} parameters, {o.steps} steps)")
         t0 = time.time()
-        gen.fit(train, steps=d.gen_steps, batch_size=d.gen_batch_size, lr=d.gen_lr, seed=seed_hash("dg-gen", target),
+        gen.fit(train, steps=o.steps, batch_size=o.batch_size, lr=o.lr, seed=seed_hash("dg-gen", target),
                 state_path=entry / "state.safetensors", save_every=50, log=run.log,
-                log_every=max(1, d.gen_steps // 8), progress=run.progress,
+                log_every=max(1, o.steps // 8), progress=run.progress,
                 log_dir=tensorboard_dir(run, "domainfusion", f"generator-{target}"))
         seconds = time.time() - t0
         gen.save(entry, {"sources": sources})
@@ -101,7 +99,7 @@ def source_generator(run: Run, target: str):
         return gen, seconds
 
     gen, seconds = run.cache.build_or_load("dg-diffusion", parts, build, load, run.log)
-    adapter = PixelDiffusionAdapter(gen, full.image_shape[-1], guidance=d.gen_guidance)
+    adapter = PixelDiffusionAdapter(gen, full.image_shape[-1], guidance=d.guidance)
     freeze(adapter)
     return adapter, stable_hash(parts), seconds
 
