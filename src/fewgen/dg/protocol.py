@@ -187,13 +187,14 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
         n_steps = max(1, n // s.batch_size)
         first = step
 
-        def step_loss(k: int, first=first, n_steps=n_steps, images=images, labels=labels, perm=perm,
-                      epoch=epoch) -> dict[str, torch.Tensor]:
+        # cosine over the fraction of training done, so methods that add images per epoch follow the
+        # same schedule per epoch as ERM: the steps of an epoch are known only when it starts, so each
+        # epoch has its own schedule, from the fraction done at its start
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i, epoch=epoch, n_steps=n_steps: cosine_factor((epoch + i / n_steps) / s.epochs))
+
+        def step_loss(k: int, first=first, images=images, labels=labels, perm=perm) -> dict[str, torch.Tensor]:
             i = k - first
-            # cosine over the fraction of training done, so methods that add images per epoch follow
-            # the same schedule per epoch as ERM (the number of steps per epoch varies: no LambdaLR)
-            for group in opt.param_groups:
-                group["lr"] = s.lr * cosine_factor((epoch + i / n_steps) / s.epochs)
             idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
             x = augment(images[idx].to(device).float().div_(255.0))
             y = labels[idx].to(device)
@@ -209,7 +210,7 @@ def train_dg_classifier(split: DGSplit, model: DGClassifier, settings: DGTrainSe
                 sums[name] = sums.get(name, 0.0) + v
             monitor.scalars({f"loss/{name}": v for name, v in terms.items()}, k + 1)
 
-        run_steps(step_loss, opt, None, first + n_steps, start=first, after_step=after_step,
+        run_steps(step_loss, opt, sched, first + n_steps, start=first, after_step=after_step,
                   name=f"[{label}] training", hint="lower domainfusion.lr")
         step = first + n_steps
         val_acc = float((predict(model, split.val, device) == split.val.labels).double().mean() * 100)

@@ -36,7 +36,7 @@ from fewgen.checkpoint import load_training_state, save_training_state
 from fewgen.errors import FewgenError
 from fewgen.options import opt
 from fewgen.registry import Registry
-from fewgen.training import TrainingMonitor
+from fewgen.training import TrainingMonitor, run_steps
 
 GAN_METHODS: Registry = Registry("GAN adaptation method")
 
@@ -280,7 +280,11 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
     t0, acc = time.time(), {"d": 0.0, "g": 0.0, "count": 0}
     monitor = TrainingMonitor("source GAN", settings.iters, start=start, log=log, progress=progress, log_dir=log_dir,
                               unit="iteration")
-    for step in range(start, settings.iters):
+    d_loss = 0.0
+
+    def step_loss(step: int) -> torch.Tensor:
+        """The discriminator's update, then the generator's loss (the core's optimiser step)."""
+        nonlocal d_loss
         g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)  # per-step stream: resumable
         real = real_all[torch.randint(0, n, (settings.batch_size,), generator=g)].to(device)
         z = torch.randn(settings.batch_size, arch.z_dim, generator=g).to(device)
@@ -288,17 +292,17 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
             fake = G(z)
         d_loss = _d_step(D, opt_d, ns_d_loss(D(real), D(fake)), real, step, settings)
         z = torch.randn(settings.batch_size, arch.z_dim, generator=g).to(device)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss = ns_g_loss(D(G(z)))
-        g_loss.backward()
-        opt_g.step()
+        return ns_g_loss(D(G(z)))
+
+    def after_step(step: int, values: dict[str, float]) -> None:
+        nonlocal acc
         with torch.no_grad():
             for pe, p in zip(G_ema.parameters(), G.parameters()):
                 pe.lerp_(p, 1 - settings.ema_decay)
         acc["d"] += d_loss
-        acc["g"] += float(g_loss.detach())
+        acc["g"] += values["loss"]
         acc["count"] += 1
-        monitor.step({"loss/d": d_loss, "loss/g": float(g_loss.detach())})
+        monitor.step({"loss/d": d_loss, "loss/g": values["loss"]})
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.iters:
             row = {"iter": done, "d_loss": acc["d"] / acc["count"], "g_loss": acc["g"] / acc["count"],
@@ -308,6 +312,9 @@ def train_source_gan(images: torch.Tensor, arch: GANArch, settings: GANTrainSett
             log(f"source GAN iter {done}/{settings.iters}: d_loss {row['d_loss']:.3f} g_loss {row['g_loss']:.3f}")
             if state_path is not None:
                 save_training_state(state_path, modules, optimizers=optims, extra={"step": done, "history": history})
+
+    run_steps(step_loss, opt_g, None, settings.iters, start=start, after_step=after_step, name="source GAN",
+              hint="lower gan.source.lr")
     monitor.close()
     G_ema.eval()
     D.eval()
@@ -495,7 +502,11 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
     t0 = time.time()
     monitor = TrainingMonitor(f"{method.name} adaptation", settings.iters, start=start, log=log, progress=progress,
                               log_dir=log_dir, unit="iteration")
-    for step in range(start, settings.iters):
+    d_terms: dict[str, torch.Tensor] = {}
+
+    def step_loss(step: int) -> dict[str, torch.Tensor]:
+        """The discriminator's update, then the generator's loss terms (the core's optimiser step)."""
+        nonlocal d_terms
         rng = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         idx = torch.randint(0, len(shots_f), (min(settings.batch_size, len(shots_f)),), generator=rng)
         real = shots_f[idx]
@@ -504,12 +515,12 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
         d_terms = method.d_losses(s)
         _d_step(D, opt_d, sum(d_terms.values()), real, step, settings)
         s.z = torch.randn(settings.batch_size, G.arch.z_dim, generator=rng).to(device)
-        g_terms = method.g_losses(s)
-        opt_g.zero_grad(set_to_none=True)
-        sum(g_terms.values()).backward()
-        opt_g.step()
-        values = {prefix + k: float(v.detach()) for prefix, terms in (("d_", d_terms), ("g_", g_terms))
-                  for k, v in terms.items()}
+        return method.g_losses(s)
+
+    def after_step(step: int, g_values: dict[str, float]) -> None:
+        nonlocal sums, counts
+        values = {**{f"d_{k}": float(v.detach()) for k, v in d_terms.items()},
+                  **{f"g_{k[5:]}": v for k, v in g_values.items() if k.startswith("loss/")}}
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
             counts[k] = counts.get(k, 0) + 1
@@ -531,6 +542,9 @@ def adapt_gan(method: AdaptMethod, source: SourceGAN, shots: torch.Tensor, setti
             if state_path is not None:
                 save_training_state(state_path, modules, optimizers=optims,
                                     extra={"step": done, "history": history, "tracking": tracking})
+
+    run_steps(step_loss, opt_g, None, settings.iters, start=start, after_step=after_step,
+              name=f"{method.name} adaptation", hint="lower gan.adapt.lr")
     monitor.close()
     return AdaptResult(G.eval(), D.eval(), history, tracking)
 
