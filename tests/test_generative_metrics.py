@@ -71,7 +71,9 @@ def test_kid_matches_double_loop():
     assert std == pytest.approx(0.0, abs=1e-9)
 
 
-def test_torchmetrics_fid_kid_agree_with_pure_functions(backbone):
+def test_fid_kid_of_images_equal_those_of_their_features(backbone):
+    """fid_kid (torchmetrics over the feature network) and fid_from_features (torchmetrics over
+    features embedded once, as the GAN tracker does) give the same FID."""
     g = torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (60, 1, 16, 16), dtype=torch.uint8, generator=g)
     fake = (torch.rand(50, 1, 16, 16, generator=g) * 0.5)

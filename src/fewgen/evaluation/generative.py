@@ -177,46 +177,51 @@ def embed(feature_net: nn.Module, images: torch.Tensor, batch_size: int = 256) -
 # ----------------------------------------------------------------------------- FID / KID
 
 
+class _GivenFeatures(nn.Module):
+    """The "feature network" of torchmetrics' FID and KID when the features are already computed
+    (the GAN tracker embeds the target images once): features in, the same features out."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def fid_from_features(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (n, D), (m, D).
+    """torchmetrics' Frechet distance between Gaussians fitted to two feature sets (n, D), (m, D),
+    in float64: ``|mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^(1/2))``."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    ``|mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^(1/2))``, in float64, with the
-    trace of the matrix square root as the sum of square roots of the eigenvalues of
-    ``S_r S_f`` (as torchmetrics computes it).
-    """
-    a, b = real_feats.double(), fake_feats.double()
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise FewgenError(f"FID needs at least 2 real and 2 fake samples, got {a.shape[0]} and {b.shape[0]}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
-    covmean_trace = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * covmean_trace)
-
-
-def poly_kernel_mmd2(x: torch.Tensor, y: torch.Tensor, degree: int = 3, coef: float = 1.0) -> torch.Tensor:
-    """Unbiased MMD^2 with the KID kernel ``k(a, b) = (a.b / D + coef)^degree``; x, y: (m, D)."""
-    d = x.shape[1]
-    k_xx = (x @ x.T / d + coef) ** degree
-    k_yy = (y @ y.T / d + coef) ** degree
-    k_xy = (x @ y.T / d + coef) ** degree
-    m, n = x.shape[0], y.shape[0]
-    return ((k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1)) + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
-            - 2 * k_xy.mean())
+    if real_feats.shape[0] < 2 or fake_feats.shape[0] < 2:
+        raise FewgenError(f"FID needs at least 2 real and 2 fake samples, got {real_feats.shape[0]} and "
+                          f"{fake_feats.shape[0]}")
+    fid = FrechetInceptionDistance(feature=_GivenFeatures(real_feats.shape[1]))
+    fid.update(real_feats.double(), real=True)
+    fid.update(fake_feats.double(), real=False)
+    return float(fid.compute())
 
 
 def kid_from_features(real_feats: torch.Tensor, fake_feats: torch.Tensor, subsets: int = 50,
                       subset_size: int = 100, seed: int = 0) -> tuple[float, float]:
-    """KID (Binkowski et al. 2018): mean and std of the unbiased polynomial MMD^2 over random subsets."""
-    a, b = real_feats.double(), fake_feats.double()
-    size = min(subset_size, a.shape[0], b.shape[0])
+    """torchmetrics' KID (Binkowski et al. 2018) of two feature sets: mean and std of the unbiased
+    polynomial MMD^2 over ``subsets`` random subsets (seeded by ``seed``) of at most ``subset_size``."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, real_feats.shape[0], fake_feats.shape[0])
     if size < 2:
-        raise FewgenError(f"KID needs at least 2 real and 2 fake samples, got {a.shape[0]} and {b.shape[0]}")
-    g = torch.Generator().manual_seed(seed)
-    vals = torch.stack([
-        poly_kernel_mmd2(a[torch.randperm(a.shape[0], generator=g)[:size]], b[torch.randperm(b.shape[0], generator=g)[:size]])
-        for _ in range(subsets)
-    ])
-    return float(vals.mean()), float(vals.std(unbiased=False))
+        raise FewgenError(f"KID needs at least 2 real and 2 fake samples, got {real_feats.shape[0]} and "
+                          f"{fake_feats.shape[0]}")
+    with warnings.catch_warnings():  # KID warns that it buffers features: fine at our sizes
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_GivenFeatures(real_feats.shape[1]), subsets=subsets, subset_size=size)
+    kid.update(real_feats.double(), real=True)
+    kid.update(fake_feats.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return float(mean), float(std)
 
 
 def fid_kid(real_images: torch.Tensor, fake_images: torch.Tensor, feature_net: Any, kid_subsets: int = 50,
