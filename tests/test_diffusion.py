@@ -233,7 +233,7 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FEWGEN_CACHE", str(tmp_path / "cache"))
     argv = ["generate", "generate", "seeds=[0]", "eval.n_shots=[1]", "generator.diffusion.cond_mode=class",
-            "generator.train_steps=3", "generator.datadream.steps_per_class=1", "generator.datadream.batch_size=2",
+            "generator.diffusion.train_steps=3", "generator.datadream.steps_per_class=1", "generator.datadream.batch_size=2",
             "generator.datadream.rank=2", "synthesis.synthetic_per_class=2", "synthesis.steps=2", "synthesis.chunk=2",
             "synthesis.grid_classes=2", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
