@@ -38,6 +38,11 @@ def resize_uint8(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
     return to_uint8(resize(images.float() / 255.0, (h, w)))
 
 
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """Float RGB images (n, 3, H, W) -> (n, 1, H, W): the luminance 0.299 R + 0.587 G + 0.114 B."""
+    return (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
 def convert_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8 (n, C, H, W) -> uint8 (n, *shape): channels converted, then resized."""
     c, h, w = shape
@@ -46,7 +51,7 @@ def convert_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.T
         if c == 3 and x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         elif c == 1 and x.shape[1] == 3:
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = to_gray(x)
         else:
             raise FewgenError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
     return to_uint8(resize(x, (h, w)))

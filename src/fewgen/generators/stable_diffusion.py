@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fewgen.data.images import to_gray, to_uint8
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
@@ -62,8 +63,8 @@ def to_uint8_rgb(x: torch.Tensor, shape: tuple[int, int, int] | None = None) -> 
         if x.shape[-2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         if c == 1:
-            x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+            x = to_gray(x)
+    return to_uint8(x)
 
 
 @dataclass
