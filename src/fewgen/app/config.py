@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from fewgen.dg.domainfusion import (
-    SourceDiffusionOptions,
     LatentDistillationOptions,
     OfflineOptions,
     OnlineAugmentationOptions,
+    SourceDiffusionOptions,
 )
 from fewgen.dg.protocol import DGTrainOptions
 from fewgen.errors import FewgenError

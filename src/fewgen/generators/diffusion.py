@@ -40,7 +40,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,13 +52,16 @@ from fewgen.generators.pixels import (  # noqa: F401  (SAMPLERS, PRECISIONS, Fit
     PRECISIONS,
     SAMPLERS,
     FitResult,
+    PixelUNetConfig,
     PixelUNetOptions,
     autocast,
+    build_conditional_unet,
     build_noise_scheduler,
     build_sampler,
-    check_unet_shape,
     guided_noise,
+    load_modules,
     per_image_noise,
+    save_modules,
     to_model_space,
     to_uint8,
 )
@@ -79,27 +82,16 @@ class DiffusionOptions(PixelUNetOptions):
 
 
 @dataclass
-class DiffusionConfig:
-    """Architecture and noise schedule of the pixel diffusion model."""
+class DiffusionConfig(PixelUNetConfig):
+    """Architecture and noise schedule of the class-token model."""
 
-    image_size: int = 28
-    channels: int = 1
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
-    cond_dim: int = 64
-    attention_head_dim: int = 8
     cond_mode: str = "class+name"
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    p_uncond: float = 0.1
     p_drop_class: float = 0.2
 
     def __post_init__(self) -> None:
         if self.cond_mode not in COND_MODES:
             raise FewgenError(f"cond_mode {self.cond_mode!r} is not one of {', '.join(COND_MODES)}")
-        check_unet_shape(self.image_size, self.block_out_channels, self.attention_levels)
+        super().__post_init__()
 
     @property
     def n_tokens(self) -> int:
@@ -108,24 +100,7 @@ class DiffusionConfig:
 
 def build_unet(cfg: DiffusionConfig):
     """The diffusers ``UNet2DConditionModel`` for ``cfg`` (cross-attention on condition tokens)."""
-    from diffusers import UNet2DConditionModel
-
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
-    return UNet2DConditionModel(
-        sample_size=cfg.image_size,
-        in_channels=cfg.channels,
-        out_channels=cfg.channels,
-        down_block_types=down,
-        up_block_types=up,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        norm_num_groups=cfg.norm_num_groups,
-        cross_attention_dim=cfg.cond_dim,
-        attention_head_dim=cfg.attention_head_dim,
-        class_embed_type="projection",
-        projection_class_embeddings_input_dim=cfg.cond_dim * cfg.n_tokens,
-    )
+    return build_conditional_unet(cfg, cfg.channels, cfg.cond_dim * cfg.n_tokens)
 
 
 class Conditioner(nn.Module):
@@ -458,15 +433,9 @@ class DiffusionGenerator:
 
     def save(self, folder: str | Path, meta: dict | None = None) -> None:
         """``generator.safetensors`` (UNet + conditions) and ``generator.json`` (config, class names)."""
-        from fewgen.checkpoint import save_tensors
-        from fewgen.utils import write_json
-
-        folder = Path(folder)
-        tensors = {f"{name}.{k}": v for name, m in self.modules().items() for k, v in m.state_dict().items()}
-        save_tensors(folder / "generator.safetensors", tensors, meta)
-        write_json(folder / "generator.json", {"kind": self.file_format, "config": dataclasses.asdict(self.cfg),
-                                               "class_names": self.class_names,
-                                               "n_base_classes": self.conditioner.tables[0].shape[0]})
+        save_modules(folder, self.modules(), meta, {"kind": self.file_format, "config": dataclasses.asdict(self.cfg),
+                                                    "class_names": self.class_names,
+                                                    "n_base_classes": self.conditioner.tables[0].shape[0]})
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu",
@@ -493,9 +462,7 @@ class DiffusionGenerator:
                 gen.conditioner.add_classes(sz, None if te is None or te.shape[1] == 0 else te[start:start + sz])
                 start += sz
             gen.class_names = names
-        for name, m in gen.modules().items():
-            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-            m.eval()
+        load_modules(gen.modules(), tensors)
         return gen
 
 

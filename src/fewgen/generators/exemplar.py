@@ -41,7 +41,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,12 +53,15 @@ from fewgen.errors import FewgenError
 from fewgen.generators.datadream import AdaptedGenerator
 from fewgen.generators.pixels import (
     FitResult,
+    PixelUNetConfig,
     PixelUNetOptions,
     autocast,
+    build_conditional_unet,
     build_noise_scheduler,
     build_sampler,
-    check_unet_shape,
+    load_modules,
     per_image_noise,
+    save_modules,
     to_model_space,
     to_uint8,
 )
@@ -90,23 +93,12 @@ class ExemplarOptions(PixelUNetOptions):
 
 
 @dataclass
-class ExemplarConfig:
+class ExemplarConfig(PixelUNetConfig):
     """Architecture, conditioning and training noise of the exemplar-conditioned model."""
 
-    image_size: int = 28
-    channels: int = 1
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
-    attention_head_dim: int = 8
     cond_mode: str = "features"
-    cond_dim: int = 64
     n_tokens: int = 4
     feat_dim: int = 64
-    p_uncond: float = 0.1
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
     t_dist: str = "uniform"
     exemplar_aug: float = 0.0
     pair_aug: float = 0.0
@@ -117,7 +109,7 @@ class ExemplarConfig:
             raise FewgenError(f"exemplar cond_mode {self.cond_mode!r} is not one of {', '.join(COND_MODES)}")
         if self.t_dist not in T_DISTS:
             raise FewgenError(f"exemplar t_dist {self.t_dist!r} is not one of {', '.join(T_DISTS)}")
-        check_unet_shape(self.image_size, self.block_out_channels, self.attention_levels)
+        super().__post_init__()
 
     @property
     def uses_features(self) -> bool:
@@ -131,18 +123,7 @@ class ExemplarConfig:
 def build_unet(cfg: ExemplarConfig):
     """The diffusers ``UNet2DConditionModel``: cross-attention on the exemplar tokens, their pooled
     vector added to the time embedding, and (``channels``) the exemplar as extra input channels."""
-    from diffusers import UNet2DConditionModel
-
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
-    return UNet2DConditionModel(
-        sample_size=cfg.image_size, in_channels=cfg.channels * (2 if cfg.uses_channels else 1),
-        out_channels=cfg.channels, down_block_types=down, up_block_types=up,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        norm_num_groups=cfg.norm_num_groups, cross_attention_dim=cfg.cond_dim,
-        attention_head_dim=cfg.attention_head_dim, class_embed_type="projection",
-        projection_class_embeddings_input_dim=cfg.cond_dim,
-    )
+    return build_conditional_unet(cfg, cfg.channels * (2 if cfg.uses_channels else 1), cfg.cond_dim)
 
 
 def exemplar_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
@@ -462,13 +443,7 @@ class ExemplarDiffusion:
     def save(self, folder: str | Path, meta: dict | None = None) -> None:
         """``generator.safetensors`` (UNet + conditioner) and ``generator.json`` (config); the
         encoder is the pretrained backbone, cached on its own."""
-        from fewgen.checkpoint import save_tensors
-        from fewgen.utils import write_json
-
-        folder = Path(folder)
-        tensors = {f"{name}.{k}": v for name, m in self.modules().items() for k, v in m.state_dict().items()}
-        save_tensors(folder / "generator.safetensors", tensors, meta)
-        write_json(folder / "generator.json", {"kind": self.file_format, "config": dataclasses.asdict(self.cfg)})
+        save_modules(folder, self.modules(), meta, {"kind": self.file_format, "config": dataclasses.asdict(self.cfg)})
 
     @classmethod
     def load(cls, folder: str | Path, encoder: nn.Module | None = None,
@@ -482,9 +457,7 @@ class ExemplarDiffusion:
             raise FewgenError(f"{folder} holds a {info.get('kind')!r} generator, not an exemplar-conditioned one")
         gen = cls(ExemplarConfig(**info["config"]), encoder, device)
         tensors, _ = load_tensors(folder / "generator.safetensors")
-        for name, m in gen.modules().items():
-            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-            m.eval()
+        load_modules(gen.modules(), tensors)
         return gen
 
 

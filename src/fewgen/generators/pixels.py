@@ -5,7 +5,8 @@ precision, classifier-free guidance and the result of a training run."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -96,6 +97,62 @@ def per_image_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.
         g = torch.Generator().manual_seed(int(s))
         out[i] = torch.randn(shape, generator=g)
     return out
+
+
+@dataclass
+class PixelUNetConfig:
+    """What both pixel UNets save with themselves (``generator.json``), made from their options and
+    the images' shape: the UNet's shape and its noise schedule."""
+
+    image_size: int = 28
+    channels: int = 1
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    attention_head_dim: int = 8
+    cond_dim: int = 64
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    p_uncond: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_unet_shape(self.image_size, self.block_out_channels, self.attention_levels)
+
+
+def build_conditional_unet(cfg: PixelUNetConfig, in_channels: int, pooled_dim: int):
+    """The diffusers ``UNet2DConditionModel`` of both pixel generators: cross-attention on condition
+    tokens of width ``cond_dim`` at the levels ``attention_levels`` marks, and a pooled condition
+    (``pooled_dim`` wide) projected into the time embedding."""
+    from diffusers import UNet2DConditionModel
+
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size, in_channels=in_channels, out_channels=cfg.channels, down_block_types=down,
+        up_block_types=up, block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups, cross_attention_dim=cfg.cond_dim,
+        attention_head_dim=cfg.attention_head_dim, class_embed_type="projection",
+        projection_class_embeddings_input_dim=pooled_dim,
+    )
+
+
+def save_modules(folder: str | Path, modules: dict, meta: dict | None, info: dict) -> None:
+    """``generator.safetensors`` (every module's state under its name) and ``generator.json`` (``info``)."""
+    from fewgen.checkpoint import save_tensors
+    from fewgen.utils import write_json
+
+    folder = Path(folder)
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    save_tensors(folder / "generator.safetensors", tensors, meta)
+    write_json(folder / "generator.json", info)
+
+
+def load_modules(modules: dict, tensors: dict) -> None:
+    """Each module's state from the tensors under its name (as :func:`save_modules` wrote them); eval mode."""
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        m.eval()
 
 
 @dataclass

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fewgen.data.images import to_gray, to_uint8
 from fewgen.data.base import ArrayDataset
+from fewgen.data.images import to_gray, to_uint8
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.pixels import SAMPLERS
