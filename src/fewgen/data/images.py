@@ -1,6 +1,9 @@
-"""The one way images change size and channels: area averaging when shrinking, bilinear
-(``align_corners=False``) when enlarging; gray -> RGB by repeating the channel, RGB -> gray by
-the luminance ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601)."""
+"""The one module images change size and channels in: by default area averaging when shrinking,
+bilinear (``align_corners=False``) when enlarging; where a model was trained on another resampling,
+its own (``mode``): antialiased bilinear for Stable Diffusion's outputs and the metrics' feature
+networks (as PIL resizes), bilinear to Stable Diffusion's resolution (as diffusers' processor),
+bicubic for CLIP (as its processor). Gray -> RGB by repeating the channel, RGB -> gray by the
+luminance ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601)."""
 
 from __future__ import annotations
 
@@ -9,14 +12,22 @@ import torch.nn.functional as F
 
 from fewgen.errors import FewgenError
 
+#: resampling modes of :func:`resize`
+RESIZE_MODES = ("auto", "bilinear", "bicubic")
 
-def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Float images (n, C, H, W) -> (n, C, *size); unchanged when already that size."""
+
+def resize(x: torch.Tensor, size: int | tuple[int, int], mode: str = "auto", antialias: bool = False) -> torch.Tensor:
+    """Float images (n, C, H, W) -> (n, C, *size); unchanged when already that size. ``mode``:
+    auto (area when shrinking, bilinear when enlarging), bilinear or bicubic (``align_corners=False``;
+    ``antialias`` as PIL when shrinking)."""
     h, w = (size, size) if isinstance(size, int) else size
     if x.shape[-2:] == (h, w):
         return x
-    mode = "area" if x.shape[-1] > w else "bilinear"
-    kw = {} if mode == "area" else {"align_corners": False}
+    if mode not in RESIZE_MODES:
+        raise FewgenError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    if mode == "auto":
+        mode = "area" if x.shape[-1] > w else "bilinear"
+    kw = {} if mode == "area" else {"align_corners": False, **({"antialias": True} if antialias else {})}
     return torch.cat([F.interpolate(chunk, size=(h, w), mode=mode, **kw) for chunk in torch.split(x, 2048)])
 
 

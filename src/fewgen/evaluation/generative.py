@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fewgen.data.images import resize, to_gray
 from fewgen.errors import FewgenError
 
 # ----------------------------------------------------------------------------- feature networks
@@ -66,11 +66,11 @@ def _match(x: torch.Tensor, channels: int | None, image_size: int | None) -> tor
         if x.shape[1] == 1:
             x = x.expand(-1, channels, -1, -1)
         elif channels == 1:
-            x = x.mean(1, keepdim=True)
+            x = to_gray(x)
         else:
             raise FewgenError(f"cannot feed {x.shape[1]}-channel images to a {channels}-channel network")
-    if image_size is not None and (x.shape[-1] != image_size or x.shape[-2] != image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    if image_size is not None:
+        x = resize(x, image_size, mode="bilinear", antialias=True)
     return x
 
 

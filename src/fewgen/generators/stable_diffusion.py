@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fewgen.data.base import ArrayDataset
-from fewgen.data.images import to_gray, to_uint8
+from fewgen.data.images import resize, to_gray, to_uint8
 from fewgen.errors import FewgenError
 from fewgen.generators.datadream import LORA_WEIGHTS, DataDreamConfig
 from fewgen.generators.pixels import SAMPLERS
@@ -60,8 +60,7 @@ def to_uint8_rgb(x: torch.Tensor, shape: tuple[int, int, int] | None = None) -> 
     x = x.float().clamp(0, 1)
     if shape is not None:
         c, h, w = shape
-        if x.shape[-2:] != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        x = resize(x, (h, w), mode="bilinear", antialias=True)
         if c == 1:
             x = to_gray(x)
     return to_uint8(x)
@@ -225,7 +224,7 @@ class StableDiffusionGenerator:
         x = images.float() / 255.0
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = resize(x, self.resolution, mode="bilinear")
         out = i2i(prompt=list(prompts), image=x.to(self.device, self.dtype), strength=strength,
                   num_inference_steps=steps, guidance_scale=guidance, generator=self._generators(seeds),
                   output_type="pt").images
@@ -241,7 +240,7 @@ class StableDiffusionGenerator:
         x = images.float() / 127.5 - 1.0
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = resize(x, self.resolution, mode="bilinear")
         with torch.no_grad():
             dist = self.pipe.vae.encode(x.to(self.device, self.dtype)).latent_dist
         return dist.mean * self.pipe.vae.config.scaling_factor
