@@ -4,6 +4,7 @@ registered learner method trains (the registry, not a hand-written list, says wh
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 from pathlib import Path
 
@@ -152,6 +153,33 @@ def test_every_generator_kind_is_registered_with_a_class_that_has_its_constructo
         if not kind.pretrained:  # trained on the base classes here: fit, save, and load back from the cache
             for method in ("fit", "save", "load_trained"):
                 assert callable(getattr(cls, method, None)), (name, method)
+        # its options are its own section of the generator config, a dataclass declared beside it
+        section = kind.section(GeneratorConfig())
+        assert dataclasses.is_dataclass(section) and section.__module__ == cls.__module__, name
+        assert callable(getattr(section, "fit_arguments", None)) or kind.pretrained, name
+
+
+def test_a_generator_reads_its_own_section_only_and_a_flat_key_names_the_sections():
+    """No flat generator options: each kind's key holds generator.kind and its section, and an old
+    flat key (generator.train_steps) is refused with the sections that hold it."""
+    from fewgen.app.config import load_config
+    from fewgen.errors import FewgenError
+    from fewgen.generators.registry import GENERATORS
+    from fewgen.keys import key_parts
+
+    for name in ("diffusion", "exemplar"):
+        kind = GENERATORS.get(name)
+        cfg = load_config(None, [f"generator.kind={name}"])
+        paths = key_parts("generators", cfg, base="b", encoder="e")["config"]
+        assert paths and all(p == "generator.kind" or p.startswith(f"generator.{kind.options}.") for p in paths)
+        other = "exemplar" if name == "diffusion" else "diffusion"
+        moved = load_config(None, [f"generator.kind={name}", f"generator.{other}.train_steps=7"])
+        assert key_parts("generators", moved, base="b", encoder="e") == key_parts("generators", cfg, base="b",
+                                                                                  encoder="e")
+    with pytest.raises(FewgenError, match="generator.diffusion.train_steps, generator.exemplar.train_steps"):
+        load_config(None, ["generator.train_steps=7"])
+    with pytest.raises(FewgenError, match="generator.exemplar.cond"):
+        load_config(None, ["generator.exemplar_cond=both"])
 
 
 def test_a_step_that_leaves_what_it_declares_empty_is_reported():
