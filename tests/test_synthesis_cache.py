@@ -21,7 +21,8 @@ from synth_worker import sample_fn_for, spec_for, tiny_generator, toy_few_shot  
 
 WORKER = Path(__file__).parent / "synth_worker.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+       "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parents[1]),
+                                      os.environ.get("PYTHONPATH", "")])}  # the root: tests.conftest
 
 
 def set_files(root: Path, key: str | None = None) -> dict[str, bytes]:
