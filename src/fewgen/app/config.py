@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from fewgen.backbones.registry import BackboneConfig
+from fewgen.data.loading import DataConfig
 from fewgen.dg.domainfusion import (
     LatentDistillationOptions,
     OfflineOptions,
@@ -26,7 +28,7 @@ from fewgen.dg.domainfusion import (
 )
 from fewgen.dg.protocol import DGTrainOptions
 from fewgen.errors import FewgenError
-from fewgen.evaluation.protocol import ExtraSupportOptions
+from fewgen.evaluation.protocol import EvalConfig
 from fewgen.gan.methods.cdc import CDCOptions
 from fewgen.gan.methods.dcl import DCLOptions
 from fewgen.gan.methods.freezed import FreezeDOptions
@@ -40,94 +42,9 @@ from fewgen.learners.datadream_classifier import DataDreamOptions
 from fewgen.learners.diffalign import DiffAlignOptions
 from fewgen.learners.finetune import FinetuneOptions
 from fewgen.options import check_values, opt  # noqa: F401  (re-exported)
-from fewgen.pretrain.loop import TrainSettings
-
-
-@dataclass
-class DataConfig:
-    dataset: str = opt("digits", "registered dataset (fewgen datasets lists them)", choices="dataset")
-    root: str | None = opt(None, "data root with one folder per dataset (default $FEWGEN_DATA, else ./data); for imagefolder the folder itself")
-    image_size: int | None = opt(None, "square image side; when null the dataset's default, or with a pretrained "
-                                 "backbone (clip, dinov2) the side its image processor resizes to (e.g. 224, "
-                                 "256), so photos reach its own resize and centre crop at full size", min=4, max=1024)
-    channels: int | None = opt(None, "1 or 3 (imagefolder only)", choices=(1, 3))
-    download: bool = opt(False, "download official files when missing (omniglot)")
-    base_classes: list[str] | None = opt(None, "override the base classes by name")
-    val_classes: list[str] | None = opt(None, "override the validation classes by name")
-    novel_classes: list[str] | None = opt(None, "override the novel classes by name (with data.novel_dataset: the "
-                                          "classes of that dataset to use; default all)")
-    novel_dataset: str | None = opt(None, "take the novel classes from another dataset (a registered one, or "
-                                    "imagefolder with data.novel_root), brought to the base side's image shape; "
-                                    "the base dataset's own novel classes then join its base classes",
-                                    choices="dataset")
-    novel_root: str | None = opt(None, "data.novel_dataset=imagefolder: the folder <root>/<class>/*.png of the novel classes")
-    eval_split: str = opt("novel", "classes the few-shot episodes are drawn from: novel (results), or val to choose "
-                          "hyperparameters on the validation classes without touching the novel ones",
-                          choices=("novel", "val"))
-
-
-@dataclass
-class BackboneConfig:
-    name: str = opt("conv4", "registered backbone: conv4, conv4-wide, resnet12, resnet12-small (trained by the "
-                    "pretrain step), or clip, dinov2 (frozen pretrained models: backbone.model)", choices="backbone")
-    kwargs: dict[str, Any] = opt({}, "extra constructor arguments")
-    model: str | None = opt(None, "clip / dinov2: the pretrained model, a local folder or hub id (transformers; clip: "
-                            "a CLIPModel or CLIPVisionModelWithProjection, with its preprocessor_config.json)")
-    dtype: str = opt("float32", "clip / dinov2: the dtype the frozen model runs in",
-                     choices=("float32", "float16", "bfloat16"))
-
-
-@dataclass
-class IERConfig:
-    """IER pretraining (recipes ``ier`` and ``ier-distill``; Rizve et al. 2021). Any loss is off at weight 0."""
-
-    ce_weight: float = opt(1.0, "weight of the cross-entropy on base classes (head f_Phi)")
-    equivariant_weight: float = opt(1.0, "weight of the transformation-prediction loss (head f_Psi)")
-    invariant_weight: float = opt(1.0, "weight of the memory-bank contrastive loss (head f_Omega)")
-    distill_weight: float = opt(1.0, "weight of the teacher terms (KL on class/transformation heads, L2 on f_Omega) in generations >= 1")
-    distill_feature_weight: float = opt(0.0, "extra L2 between student and teacher backbone features (the official code uses it; not in the paper's equations)")
-    transforms: list[str] = opt(["rotate"], "transformation families whose product is the equivariance set: rotate (4), flip (2), crop (4), affine (4)", choices=("rotate", "flip", "crop", "affine"), nonempty=True)
-    num_views: int | None = opt(None, "views per image per step, the identity included (default: every transformation); bounds memory", min=1)
-    temperature: float = opt(1.0, "temperature of the contrastive loss (official code: 1.0)", gt=0)
-    bank_negatives: int = opt(6400, "negatives drawn from the memory bank per step (official: 6400)", min=1)
-    feature_dim: int = opt(64, "output size of the contrastive head f_Omega", min=1)
-    bank_momentum: float = opt(0.99, "momentum of the memory-bank update", min=0, max=1)
-    head_hidden: int | None = opt(None, "hidden width of the f_Psi / f_Omega MLPs (default: backbone feature size)", min=1)
-    rotation_classes: str = opt("relabel", "with pretrain.rotation_classes and rotate in transforms: relabel (each rotated view of an unrotated base image is labelled with its rotation class, as CE sees them) or drop (train on the unrotated base classes only; rotations are just the transformations)", choices=("relabel", "drop"))
-    generations: int = opt(1, "distillation generations after the first model (ier-distill)", min=0)
-    distill_temperature: float = opt(4.0, "temperature of the distillation KL terms", gt=0)
-
-
-@dataclass
-class PretrainConfig(TrainSettings):
-    """Base-class pretraining: the recipe, its loss and data options, and the epoch loop's (``TrainSettings``)."""
-
-    recipe: str = opt("ce", "base-class pretraining recipe", choices="recipe")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", min=0, max=0.99)
-    augment: list[str] = opt(["crop"], "kornia augmentations: crop, resized_crop, flip, affine, color", choices="augmentation")
-    rotation_classes: bool = opt(True, "add the 90-degree rotations of base classes as new classes (Vinyals et al.)")
-    ier: IERConfig = field(default_factory=IERConfig)
-
-
-@dataclass
-class EvalConfig(ExtraSupportOptions):
-    """Episodes, classifiers and the extra supports of the frozen classifiers (``eval.synthetic_weight``, ...)."""
-
-    n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True, unique=True)
-    n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K); 0 = every image of a class "
-                             "(no queries left: only without evaluate and learn, as fewgen fit)", min=0, nonempty=True,
-                             unique=True)
-    n_query: int = opt(15, "queries per class per episode", min=1)
-    episodes: int = opt(600, "episodes per (seed, N, K)", min=1)
-    classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto", choices="classifier", nonempty=True,
-                                  unique=True)
-    all_way: bool = opt(True, "also classify all remaining novel images among all novel classes")
-    logreg_c: float = opt(1.0, "inverse L2 strength of the logistic regression (scikit-learn's C)", gt=0)
-    logreg_iters: int = opt(1000, "maximum iterations of the batched logistic regression", min=1)
-    zero_shot: bool = opt(True, "with backbone.name=clip (a CLIPModel with its text tower): also a zero-shot row per "
-                          "setting, each query classified by its nearest class prompt (eval.prompt), no shots used")
-    prompt: str = opt("a photo of a {}.", "the class prompt of the zero-shot row ({} = the class name, underscores "
-                      "read as spaces)")
+from fewgen.pretrain import PretrainConfig
+from fewgen.pretrain.ier import IERConfig  # noqa: F401  (re-exported)
+from fewgen.synthesis.store import SynthesisConfig
 
 
 @dataclass
@@ -235,40 +152,6 @@ class GeneratorConfig:
     stable_diffusion: StableDiffusionOptions = field(default_factory=StableDiffusionOptions)
     datadream: DataDreamConfig = field(default_factory=DataDreamConfig)
     steered: SteeredOptions = field(default_factory=SteeredOptions)
-
-
-@dataclass
-class SynthesisConfig:
-    """Synthetic images of the novel classes (fewgen.synthesis): sampler, count, cache."""
-
-    synthetic_per_class: int = opt(20, "synthetic images per novel class", min=1)
-    sampler: str = opt("dpmsolver++", "ddim, dpmsolver++ (time-uniform steps), dpmsolver++-logsnr "
-                       "(steps uniform in log-SNR) or dpmsolver++-full (no lambda clipping near t = T)", choices="sampler")
-    steps: int = opt(25, "sampling steps", min=1)
-    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none) of the class-token and Stable Diffusion "
-                          "generators", min=0)
-    exemplar_guidance: float = opt(0.5, "exemplar generator: Boutin et al.'s guidance w, eps = (1 + w) eps_c - w eps_u "
-                                   "(0 = the conditional model; more: closer to the exemplar's class, less original)",
-                                   min=0)
-    exemplar_condition: str = opt("each", "exemplar generator with K > 1 shots: condition each image on its shot "
-                                  "(each: image i on shot i mod K) or on the mean feature of the class's shots (mean)",
-                                  choices=("each", "mean"))
-    seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")
-    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch); Stable "
-                     "Diffusion without per-class adapters fills a batch with several classes' images", min=1)
-    precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "
-                         "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.stable_diffusion.dtype", choices=("float32", "bfloat16", "float16"))
-    streams: int | None = opt(None, "parallel sampling streams in each process, each a copy of the pixel "
-                              "generator with an equal share of the CPU threads (bytes unchanged); default: one "
-                              "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion", min=1)
-    zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
-    sdedit_strengths: list[float] = opt([], "SDEdit from the shots (DA-Fusion): image i of a class starts from its shot "
-                                        "i mod K noised to strength s (0 = the shot, 1 = pure noise), s cycling "
-                                        "through this list, e.g. [0.25, 0.5, 0.75]; empty: start from pure noise",
-                                        min=0, max=1)
-    grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none", min=0)
-    import_dir: str | None = opt(None, "folder <dir>/<class>/*.png|jpg of images made elsewhere, read by the "
-                                 "import-synthetic step as the synthetic set (first synthetic_per_class per class)")
 
 
 @dataclass

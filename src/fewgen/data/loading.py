@@ -6,13 +6,41 @@ another dataset in colour."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fewgen.data.base import FewShotData
 from fewgen.errors import FewgenError
+from fewgen.options import opt
+
+
+@dataclass
+class DataConfig:
+    """Which data a run reads (the config section ``data``): the dataset, its classes and image shape."""
+
+    dataset: str = opt("digits", "registered dataset (fewgen datasets lists them)", choices="dataset")
+    root: str | None = opt(None, "data root with one folder per dataset (default $FEWGEN_DATA, else ./data); for imagefolder the folder itself")
+    image_size: int | None = opt(None, "square image side; when null the dataset's default, or with a pretrained "
+                                 "backbone (clip, dinov2) the side its image processor resizes to (e.g. 224, "
+                                 "256), so photos reach its own resize and centre crop at full size", min=4, max=1024)
+    channels: int | None = opt(None, "1 or 3 (imagefolder only)", choices=(1, 3))
+    download: bool = opt(False, "download official files when missing (omniglot)")
+    base_classes: list[str] | None = opt(None, "override the base classes by name")
+    val_classes: list[str] | None = opt(None, "override the validation classes by name")
+    novel_classes: list[str] | None = opt(None, "override the novel classes by name (with data.novel_dataset: the "
+                                          "classes of that dataset to use; default all)")
+    novel_dataset: str | None = opt(None, "take the novel classes from another dataset (a registered one, or "
+                                    "imagefolder with data.novel_root), brought to the base side's image shape; "
+                                    "the base dataset's own novel classes then join its base classes",
+                                    choices="dataset")
+    novel_root: str | None = opt(None, "data.novel_dataset=imagefolder: the folder <root>/<class>/*.png of the novel classes")
+    eval_split: str = opt("novel", "classes the few-shot episodes are drawn from: novel (results), or val to choose "
+                          "hyperparameters on the validation classes without touching the novel ones",
+                          choices=("novel", "val"))
 
 
 def load_data(d, backbone=None) -> FewShotData:
-    """The :class:`FewShotData` of the data options ``d`` (``fewgen.app.config.DataConfig``), read for
-    the backbone options ``backbone`` (``fewgen.app.config.BackboneConfig``; None: a backbone trained
+    """The :class:`FewShotData` of the data options ``d`` (:class:`DataConfig`), read for
+    the backbone options ``backbone`` (:class:`~fewgen.backbones.registry.BackboneConfig`; None: a backbone trained
     here, which reads the dataset's own size and channels)."""
     from fewgen.data import load_dataset
 

@@ -45,6 +45,27 @@ class ExtraSupportOptions:
 
 
 @dataclass
+class EvalConfig(ExtraSupportOptions):
+    """Episodes, classifiers and the extra supports of the frozen classifiers (``eval.synthetic_weight``, ...)."""
+
+    n_ways: list[int] = opt([5], "episode ways", min=2, nonempty=True, unique=True)
+    n_shots: list[int] = opt([1, 5], "shots per class (the few-shot set size K); 0 = every image of a class "
+                             "(no queries left: only without evaluate and learn, as fewgen fit)", min=0, nonempty=True,
+                             unique=True)
+    n_query: int = opt(15, "queries per class per episode", min=1)
+    episodes: int = opt(600, "episodes per (seed, N, K)", min=1)
+    classifiers: list[str] = opt(["logreg", "proto"], "frozen-feature classifiers: logreg, proto", choices="classifier", nonempty=True,
+                                  unique=True)
+    all_way: bool = opt(True, "also classify all remaining novel images among all novel classes")
+    logreg_c: float = opt(1.0, "inverse L2 strength of the logistic regression (scikit-learn's C)", gt=0)
+    logreg_iters: int = opt(1000, "maximum iterations of the batched logistic regression", min=1)
+    zero_shot: bool = opt(True, "with backbone.name=clip (a CLIPModel with its text tower): also a zero-shot row per "
+                          "setting, each query classified by its nearest class prompt (eval.prompt), no shots used")
+    prompt: str = opt("a photo of a {}.", "the class prompt of the zero-shot row ({} = the class name, underscores "
+                      "read as spaces)")
+
+
+@dataclass
 class ExtraSupport:
     """Extra support images (synthetic ones) for frozen-feature classifiers, per (seed, K).
 

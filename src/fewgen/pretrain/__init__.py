@@ -10,13 +10,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fewgen.options import opt
 from fewgen.pretrain import ce  # noqa: F401  (registration)
+from fewgen.pretrain.ier import IERConfig  # and the IER recipes register themselves
+from fewgen.pretrain.loop import TrainSettings
 from fewgen.pretrain.registry import RECIPES, PretrainContext, pretrain_key
 
-try:  # the IER recipes register themselves when present
-    from fewgen.pretrain import ier  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+
+@dataclass
+class PretrainConfig(TrainSettings):
+    """Base-class pretraining: the recipe, its loss and data options, and the epoch loop's (``TrainSettings``)."""
+
+    recipe: str = opt("ce", "base-class pretraining recipe", choices="recipe")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", min=0, max=0.99)
+    augment: list[str] = opt(["crop"], "kornia augmentations: crop, resized_crop, flip, affine, color", choices="augmentation")
+    rotation_classes: bool = opt(True, "add the 90-degree rotations of base classes as new classes (Vinyals et al.)")
+    ier: IERConfig = field(default_factory=IERConfig)
 
 
 @dataclass
@@ -33,7 +42,8 @@ def pretrain_backbone(backbone_options, options, data, cache, device: torch.devi
                       log: Callable[[str], None] = print, progress: bool = True,
                       log_dir: str | Path | None = None) -> PretrainedBackbone:
     """Pretrain (or load from the cache, or resume) the backbone of the options ``backbone_options``
-    (``fewgen.app.config.BackboneConfig``) with the pretraining options ``options`` (``PretrainConfig``)
+    (:class:`~fewgen.backbones.registry.BackboneConfig`) with the pretraining options ``options``
+    (:class:`PretrainConfig`)
     on ``data``'s base classes.
 
     Returns the val-selected backbone. The cache entry is complete once it is marked done;

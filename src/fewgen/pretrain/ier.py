@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,9 +61,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewgen.errors import FewgenError
+from fewgen.options import opt
 from fewgen.pretrain.loop import TrainResult, TrainSettings
 from fewgen.pretrain.registry import RECIPES, PretrainContext, pretrain_key
 from fewgen.utils import make_generator, seed_hash
+
+
+@dataclass
+class IERConfig:
+    """IER pretraining (recipes ``ier`` and ``ier-distill``; Rizve et al. 2021). Any loss is off at weight 0."""
+
+    ce_weight: float = opt(1.0, "weight of the cross-entropy on base classes (head f_Phi)")
+    equivariant_weight: float = opt(1.0, "weight of the transformation-prediction loss (head f_Psi)")
+    invariant_weight: float = opt(1.0, "weight of the memory-bank contrastive loss (head f_Omega)")
+    distill_weight: float = opt(1.0, "weight of the teacher terms (KL on class/transformation heads, L2 on f_Omega) in generations >= 1")
+    distill_feature_weight: float = opt(0.0, "extra L2 between student and teacher backbone features (the official code uses it; not in the paper's equations)")
+    transforms: list[str] = opt(["rotate"], "transformation families whose product is the equivariance set: rotate (4), flip (2), crop (4), affine (4)", choices=("rotate", "flip", "crop", "affine"), nonempty=True)
+    num_views: int | None = opt(None, "views per image per step, the identity included (default: every transformation); bounds memory", min=1)
+    temperature: float = opt(1.0, "temperature of the contrastive loss (official code: 1.0)", gt=0)
+    bank_negatives: int = opt(6400, "negatives drawn from the memory bank per step (official: 6400)", min=1)
+    feature_dim: int = opt(64, "output size of the contrastive head f_Omega", min=1)
+    bank_momentum: float = opt(0.99, "momentum of the memory-bank update", min=0, max=1)
+    head_hidden: int | None = opt(None, "hidden width of the f_Psi / f_Omega MLPs (default: backbone feature size)", min=1)
+    rotation_classes: str = opt("relabel", "with pretrain.rotation_classes and rotate in transforms: relabel (each rotated view of an unrotated base image is labelled with its rotation class, as CE sees them) or drop (train on the unrotated base classes only; rotations are just the transformations)", choices=("relabel", "drop"))
+    generations: int = opt(1, "distillation generations after the first model (ier-distill)", min=0)
+    distill_temperature: float = opt(4.0, "temperature of the distillation KL terms", gt=0)
 
 # ----------------------------------------------------------------------------- losses (pure)
 

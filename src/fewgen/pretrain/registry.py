@@ -20,7 +20,7 @@ RECIPES: Registry = Registry("pretraining recipe")
 
 
 def pretrain_key(backbone, pretrain, data) -> dict:
-    """The cache-key parts of the backbone the options ``backbone`` (``fewgen.app.config.BackboneConfig``)
+    """The cache-key parts of the backbone the options ``backbone`` (:class:`~fewgen.backbones.registry.BackboneConfig`)
     and ``pretrain`` (``PretrainConfig``) train on ``data``: those options (IER options only for the
     IER recipes) and the content of the base and val images (``fewgen.keys``), so another class split
     or changed images is another backbone."""
@@ -39,8 +39,8 @@ class PretrainContext:
     ``pretrain.rotation_classes`` is on.
     """
 
-    backbone_options: Any  # fewgen.app.config.BackboneConfig
-    options: Any  # fewgen.app.config.PretrainConfig
+    backbone_options: Any  # fewgen.backbones.registry.BackboneConfig
+    options: Any  # fewgen.pretrain.PretrainConfig
     data: FewShotData
     train_images: torch.Tensor
     train_labels: torch.Tensor

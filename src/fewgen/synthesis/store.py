@@ -37,6 +37,7 @@ import torch
 from fewgen.cache import ArtifactCache
 from fewgen.data.base import ArrayDataset
 from fewgen.errors import FewgenError
+from fewgen.options import opt
 from fewgen.synthesis.sharding import ProcessContext, shard
 from fewgen.training import TrainingMonitor
 from fewgen.utils import atomic_path, read_json, seed_hash, sha256_file, write_json
@@ -46,6 +47,40 @@ from fewgen.utils import atomic_path, read_json, seed_hash, sha256_file, write_j
 # attribute ``mixes_classes = True`` may also be given a list of per-image class indices for a batch
 # of several classes' chunks (SynthesisSpec.batches)
 SampleFn = Callable[[int, Sequence[int], Sequence[int]], torch.Tensor]
+
+
+@dataclass
+class SynthesisConfig:
+    """Synthetic images of the novel classes (fewgen.synthesis): sampler, count, cache."""
+
+    synthetic_per_class: int = opt(20, "synthetic images per novel class", min=1)
+    sampler: str = opt("dpmsolver++", "ddim, dpmsolver++ (time-uniform steps), dpmsolver++-logsnr "
+                       "(steps uniform in log-SNR) or dpmsolver++-full (no lambda clipping near t = T)", choices="sampler")
+    steps: int = opt(25, "sampling steps", min=1)
+    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none) of the class-token and Stable Diffusion "
+                          "generators", min=0)
+    exemplar_guidance: float = opt(0.5, "exemplar generator: Boutin et al.'s guidance w, eps = (1 + w) eps_c - w eps_u "
+                                   "(0 = the conditional model; more: closer to the exemplar's class, less original)",
+                                   min=0)
+    exemplar_condition: str = opt("each", "exemplar generator with K > 1 shots: condition each image on its shot "
+                                  "(each: image i on shot i mod K) or on the mean feature of the class's shots (mean)",
+                                  choices=("each", "mean"))
+    seed: int = opt(0, "synthesis seed (each image's seed derives from it, the class and the index)")
+    chunk: int = opt(16, "images per generation batch (part of the cache key: fixes each image's batch); Stable "
+                     "Diffusion without per-class adapters fills a batch with several classes' images", min=1)
+    precision: str = opt("float32", "pixel UNet precision while sampling: float32, bfloat16 (2x the images/s on "
+                         "CPUs with native bf16 at chunks >= 40), float16 (GPU); Stable Diffusion uses generator.stable_diffusion.dtype", choices=("float32", "bfloat16", "float16"))
+    streams: int | None = opt(None, "parallel sampling streams in each process, each a copy of the pixel "
+                              "generator with an equal share of the CPU threads (bytes unchanged); default: one "
+                              "per CPU thread up to 8 on CPU, 1 on GPU and for Stable Diffusion", min=1)
+    zero_shot: bool = opt(False, "no adaptation: generate novel classes from their names with the base generator")
+    sdedit_strengths: list[float] = opt([], "SDEdit from the shots (DA-Fusion): image i of a class starts from its shot "
+                                        "i mod K noised to strength s (0 = the shot, 1 = pure noise), s cycling "
+                                        "through this list, e.g. [0.25, 0.5, 0.75]; empty: start from pure noise",
+                                        min=0, max=1)
+    grid_classes: int = opt(8, "novel classes drawn as real-vs-synthetic grids per (seed, K); 0 = none", min=0)
+    import_dir: str | None = opt(None, "folder <dir>/<class>/*.png|jpg of images made elsewhere, read by the "
+                                 "import-synthetic step as the synthetic set (first synthetic_per_class per class)")
 
 
 @dataclass
