@@ -92,16 +92,6 @@ def generator_kind(name: str) -> GeneratorKind:
     return GENERATORS.get(name)
 
 
-def option_sections() -> list[str]:
-    """The ``generator.<section>`` names that belong to one kind each."""
-    return [GENERATORS.get(n).options for n in GENERATORS.names()]
-
-
-def adapted_kinds() -> list[str]:
-    """Kinds whose novel classes come from a DataDream adapter of the shots."""
-    return [n for n in GENERATORS.names() if GENERATORS.get(n).adapted]
-
-
 register_generator(GeneratorKind(
     "diffusion", "fewgen.generators.diffusion:DiffusionGenerator", "diffusion", adapted=True,
     description="pixel UNet with class tokens, trained on the base classes (generator.diffusion)"))
