@@ -60,6 +60,21 @@ def parse_spec(spec: str):
     return o
 
 
+def load_backbones(specs: list[tuple[str, list[str]]], data, cache) -> dict:
+    """Each (name, overrides) of ``specs``: the omniglot preset's backbone with those overrides,
+    pretrained on ``data``'s base classes through ``cache`` (or loaded from it), by name."""
+    from fewgen.app.config import load_config
+    from fewgen.pretrain import pretrain_backbone
+
+    backbones = {}
+    for name, overrides in specs:
+        cfg = load_config("omniglot", list(overrides))
+        pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
+        backbones[name] = pb
+        log(f"backbone {name} ({', '.join(overrides)}): {pb.key}, best val {pb.best_val:.2f}")
+    return backbones
+
+
 def trained_generator(o, spec: str, pb, data, cache):
     """The deformation generator of options ``o`` trained through backbone ``pb`` on the base
     classes, from the artifact cache (keyed by the options, the backbone and the base content) or
@@ -299,21 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/bench_centre_shift{'' if a.split == 'val' else '_' + a.split}.json")
 
-    from fewgen.app.config import load_config
     from fewgen.cache import ArtifactCache
     from fewgen.data import load_dataset
-    from fewgen.pretrain import pretrain_backbone
 
     t0 = time.time()
     cache = ArtifactCache(a.cache)
     data = load_dataset("omniglot", a.root)
     split = data.split(a.split)
-    backbones = {}
-    for name, overrides in specs:
-        cfg = load_config("omniglot", [*a.pretrain, *overrides])
-        pb = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False)
-        backbones[name] = pb
-        log(f"backbone {name} ({', '.join(overrides)}): {pb.key}, best val {pb.best_val:.2f}")
+    backbones = load_backbones([(name, [*a.pretrain, *overrides]) for name, overrides in specs], data, cache)
 
     n_classes = split.num_classes
     generators, deformers = [], []

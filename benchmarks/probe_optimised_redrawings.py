@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_centre_shift import all_way_correct, episode_acc, log, prototypes, save_grid  # noqa: E402
+from bench_centre_shift import (  # noqa: E402
+    all_way_correct,
+    episode_acc,
+    load_backbones,
+    log,
+    prototypes,
+    save_grid,
+)
 
 
 def optimise(backbone, images: torch.Tensor, target: torch.Tensor, max_shift: float, steps: int, grid: int,
@@ -85,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/probe_optimised_redrawings_{a.split}.json")
 
-    from fewgen.app.config import load_config
     from fewgen.cache import ArtifactCache
     from fewgen.data import load_dataset
     from fewgen.data.fewshot import all_way_split, few_shot_indices, sample_episodes
@@ -93,16 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     from fewgen.evaluation.protocol import mean_ci95
     from fewgen.generators.steered import SteeredOptions, SteeredRedrawings
     from fewgen.learners.synthetic import augmented_copies
-    from fewgen.pretrain import pretrain_backbone
 
     t0 = time.time()
     cache = ArtifactCache(a.cache)
     data = load_dataset("omniglot", a.root)
     split = data.split(a.split)
-    backbones = {}
-    for name, seed in (("train", 0), ("indep", 1)):
-        cfg = load_config("omniglot", [f"pretrain.seed={seed}"])
-        backbones[name] = pretrain_backbone(cfg.backbone, cfg.pretrain, data, cache, "cpu", log, progress=False).backbone
+    backbones = {name: pb.backbone for name, pb in load_backbones(
+        [("train", ["pretrain.seed=0"]), ("indep", ["pretrain.seed=1"])], data, cache).items()}
     n_classes = split.num_classes
     scores: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for seed in a.seeds:
