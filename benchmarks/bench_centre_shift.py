@@ -16,7 +16,9 @@ Rows, each prototype ``normalize((1 - s) * shot + s * mean(extra))`` over L2-nor
   control the first M of the same pool unsteered;
 * + images of the deformation generator (``fewgen.generators.deform``) trained through the
   prototype loss on base episodes, scored through the backbone it was trained with (seed 0) and
-  through an independently trained backbone it never saw (``pretrain.seed=1``).
+  through an independently trained backbone it never saw (``pretrain.seed=1``);
+* + images of the fusion generator (``fewgen.generators.fusion``, ``--generators fusion:...``): the
+  shot fused patch-wise with drawings of its nearest base classes, trained the same way.
 
 ``cos->centre`` is the mean cosine of each prototype with its class centre (the normalised mean
 feature of the class's drawings other than its two shots): what a generator has to raise.
@@ -47,17 +49,30 @@ def log(s: str) -> None:
 
 
 def parse_spec(spec: str):
-    """``"max_shift=0.4,proto_share=0.75"`` -> DeformOptions with those fields changed."""
+    """``"max_shift=0.4,proto_share=0.75"`` -> DeformOptions with those fields changed;
+    ``"fusion:neighbours=1,steps=800"`` -> FusionOptions so."""
     from fewgen.generators.deform import DeformOptions
+    from fewgen.generators.fusion import FusionOptions
 
-    o = DeformOptions()
+    family, _, fields = spec.rpartition(":")
+    families = {"": DeformOptions, "deform": DeformOptions, "fusion": FusionOptions}
+    if family not in families:
+        raise SystemExit(f"unknown generator family {family!r} in {spec!r}; families: deform (the default), fusion")
+    o = families[family]()
     types = {f.name: type(getattr(o, f.name)) for f in dataclasses.fields(o)}
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, fields.split(",")):
         k, v = item.split("=", 1)
         if k not in types:
-            raise SystemExit(f"unknown DeformOptions field {k!r}; fields: {', '.join(types)}")
+            raise SystemExit(f"unknown {type(o).__name__} field {k!r}; fields: {', '.join(types)}")
         setattr(o, k, v.lower() in ("1", "true") if types[k] is bool else types[k](v))
     return o
+
+
+def generator_class(o):
+    from fewgen.generators.deform import DeformGenerator, DeformOptions
+    from fewgen.generators.fusion import FusionGenerator
+
+    return DeformGenerator if type(o) is DeformOptions else FusionGenerator
 
 
 def load_backbones(specs: list[tuple[str, list[str]]], data, cache) -> dict:
@@ -76,17 +91,19 @@ def load_backbones(specs: list[tuple[str, list[str]]], data, cache) -> dict:
 
 
 def trained_generator(o, spec: str, pb, data, cache):
-    """The deformation generator of options ``o`` trained through backbone ``pb`` on the base
-    classes, from the artifact cache (keyed by the options, the backbone and the base content) or
+    """The generator of options ``o`` (deformation or fusion) trained through backbone ``pb`` on the
+    base classes, from the artifact cache (keyed by the options, the backbone and the base content) or
     trained there (resumable from its training state)."""
-    from fewgen.generators.deform import DeformGenerator
-
+    cls = generator_class(o)
     parts = {"options": dataclasses.asdict(o), "backbone": pb.key, "base": data.base.digest()}
-    entry = cache.entry("deform-generators", parts)
+    entry = cache.entry(f"{cls.family}-generators", parts)
     if cache.ready(entry, log):
-        log(f"deform generator {spec!r} from cache {entry}")
-        return DeformGenerator.load(entry / "generator.safetensors")
-    gen = DeformGenerator(data.base.image_shape[0], o)
+        log(f"{cls.family} generator {spec!r} from cache {entry}")
+        gen = cls.load(entry / "generator.safetensors")
+        if cls.family == "fusion":
+            gen.prepare(pb.backbone.eval(), data.base)
+        return gen
+    gen = cls(data.base.image_shape[0], o)
     gen.fit(pb.backbone, data.base, checkpoint=entry / "train-state.safetensors", log=log)
     gen.save(entry / "generator.safetensors")
     cache.mark_done(entry, {"spec": spec}, files=["generator.safetensors"])
@@ -146,7 +163,6 @@ def score_draw(a, seed: int, split, data, backbones: dict, deformers: list, gene
     per-episode and per-query accuracies to ``scores``; returns this draw's shots and images (grids)."""
     from fewgen.data.fewshot import all_way_split, few_shot_indices, sample_episodes
     from fewgen.evaluation.features import extract_features
-    from fewgen.generators.deform import DeformGenerator
     from fewgen.learners.synthetic import augmented_copies
 
     # 2 shots per class: the first is the shot, the second the upper bound; queries exclude both
@@ -162,14 +178,18 @@ def score_draw(a, seed: int, split, data, backbones: dict, deformers: list, gene
     generated_images: dict[str, torch.Tensor] = {}
     for spec, o, gen, train_s in deformers:
         m = max(a.per_shot)
-        images = gen.generate(split.images[shot_idx], m, seed=seed)
+        train_bb = backbones["train"].backbone.eval()
+        images = gen.generate(split.images[shot_idx], m, seed=seed,
+                              backbone=train_bb if gen.family == "fusion" else None)
         generated_images[spec] = images.view(n_classes, m, *images.shape[1:])
         if generators is not None:  # the generator's own figures, on the first draw
-            ident = DeformGenerator(data.base.image_shape[0], o)
-            loss = gen.episode_loss(backbones["train"].backbone, split, 50, seed)
-            loss0 = ident.episode_loss(backbones["train"].backbone, split, 50, seed)
+            untrained = type(gen)(data.base.image_shape[0], o)
+            if gen.family == "fusion":
+                untrained.prepare(train_bb, data.base)
+            loss = gen.episode_loss(train_bb, split, 50, seed)
+            loss0 = untrained.episode_loss(train_bb, split, 50, seed)
             change = (images.float() - split.images[shot_idx].repeat_interleave(m, 0).float()).abs().mean().item() / 255
-            log(f"deform generator {spec!r}: {a.split} prototype loss {loss:.4f} (untrained: {loss0:.4f}); "
+            log(f"{gen.family} generator {spec!r}: {a.split} prototype loss {loss:.4f} (untrained: {loss0:.4f}); "
                 f"mean pixel change {change:.3f}; {train_s:.0f} s")
             generators.append({"spec": spec, "options": dataclasses.asdict(o), "split_loss": loss,
                                "split_loss_untrained": loss0, "pixel_change": change, "train_s": round(train_s, 1),
@@ -223,7 +243,8 @@ def score_draw(a, seed: int, split, data, backbones: dict, deformers: list, gene
                        for s in a.shares]
         for spec, images in generated_images.items():
             gen_feats = extract_features(bb, images.reshape(-1, *images.shape[2:])).view(n_classes, images.shape[1], -1)
-            candidates += [(f"+ deform [{spec}]", f"m={m} s={s}", prototypes(shot, gen_feats[:, :m], s))
+            family = "fusion" if spec.startswith("fusion:") else "deform"
+            candidates += [(f"+ {family} [{spec}]", f"m={m} s={s}", prototypes(shot, gen_feats[:, :m], s))
                            for m in a.per_shot for s in a.shares]
         for spec, images in steered.items():
             st_feats = extract_features(bb, images.reshape(-1, *images.shape[2:])).view(n_classes, images.shape[1], -1)
@@ -283,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="few-shot seeds: each draws its own shots and episodes (and seeds the steered pools and "
                          "regressors); with several, each difference also gets a CI over the draws")
     ap.add_argument("--generators", nargs="*", default=["max_shift=0.2"],
-                    help="deform generators, each as comma-separated DeformOptions fields")
+                    help="generators trained through the classifier, each as comma-separated DeformOptions fields, or "
+                         "FAMILY:FIELDS (deform: DeformOptions, fusion: FusionOptions)")
     ap.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     ap.add_argument("--per-shot", nargs="+", type=int, default=[5, 20])
     ap.add_argument("--copies", type=int, default=20)
