@@ -203,11 +203,12 @@ def score_draw(a, seed: int, split, data, backbones: dict, deformers: list, gene
         bb = backbones["train"].backbone.eval()
         shots = split.images[shot_idx]
         for spec in a.steer:
-            kind, pool_n, m, *n_reg = spec.split(":")
+            kind, pool_n, m, *rest = spec.split(":")
             mild = dict(degrees=15.0, translate=0.1, scale=(0.85, 1.15), shear=10.0) if kind == "copies" else {}
-            # the pool and the regressor are seeded by the draw: each draw is also a generator run
-            o = SteeredOptions(pool=int(pool_n), keep=int(m), seed=seed, regressors=int(n_reg[0]) if n_reg else 1,
-                               **mild)
+            target = "pixel+regressor" if rest[1:] == ["pixel"] else "regressor"
+            # the pool and the predictors are seeded by the draw: each draw is also a generator run
+            o = SteeredOptions(pool=int(pool_n), keep=int(m), seed=seed, regressors=int(rest[0]) if rest else 1,
+                               target=target, **mild)
             steerer = SteeredRedrawings(o).fit(bb, data.base)
             steered[spec] = steerer.generate(bb, shots).view(n_classes, o.keep, *shots.shape[1:])
             steered[spec + " (unsteered)"] = affine_pool(shots, o)[:, :o.keep]
@@ -310,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-shot", nargs="+", type=int, default=[5, 20])
     ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--steer", nargs="*", default=[],
-                    help="steered redrawings (fewgen.generators.steered), each KIND:POOL:M[:R] (KIND affine: its default "
-                         "distortion, or copies: the milder one of the affine copies): POOL random redrawings of each "
-                         "shot, of which the M whose mean feature (train backbone) is nearest the regressor's "
-                         "prediction are kept; R regressors averaged, default 1)")
+                    help="steered redrawings (fewgen.generators.steered), each KIND:POOL:M[:R[:pixel]] (KIND affine: its "
+                         "default distortion, or copies: the milder one of the affine copies): POOL random redrawings of "
+                         "each shot, of which the M whose mean feature (train backbone) is nearest the regressor's "
+                         "prediction are kept; R regressors averaged, default 1; pixel: steered toward the mean of the "
+                         "regressor's and the pixel predictor's predictions, target=pixel+regressor)")
     ap.add_argument("--reference", default="+ {copies} affine copies|s=0.25",
                     help="ROW|SETTING of the best real-only row (chosen on val): every row's paired difference "
                          "against it is reported too")

@@ -5,7 +5,9 @@ A 1-shot cosine prototype depends only on the mean support feature, so images he
 features move that mean toward the class centre (docs/results/synthetic.md). Random copies of the
 shot average back to the shot. Here a small regressor, trained on pairs of base-class drawings,
 predicts E[f(x2) | f(x1)]: where another drawing of the shot's class lies in the frozen backbone's
-feature space. Of ``pool`` random affine redrawings of each shot, ``keep`` are chosen greedily so
+feature space. With ``target=pixel+regressor`` that prediction is averaged with a second one, from
+a copy of the backbone fine-tuned on the base images to map each drawing to its class's mean
+feature: a predictor that reads the pixels (:func:`train_pixel_predictor`). Of ``pool`` random affine redrawings of each shot, ``keep`` are chosen greedily so
 that their normalised mean feature is nearest (cosine) that prediction. The kept images are real
 pixels of the shot, moved, rotated, scaled and sheared: drawings, not adversarial patterns, and
 their gain holds through a backbone that never took part in the choice (benchmarks/
@@ -49,6 +51,13 @@ class SteeredOptions:
     regressor_lr: float = opt(1e-3, "Adam learning rate of the regressor", gt=0)
     seed: int = opt(0, "seed of the regressor and of the redrawings")
     regressors: int = opt(1, "regressors whose normalised predictions are averaged (seeds seed, seed+1, ...)", min=1)
+    target: str = opt("regressor", "where the redrawings are steered: regressor (the E[f2 | f1] regressor's prediction) "
+                      "or pixel+regressor (its mean with the pixel predictor's: a copy of the backbone fine-tuned on "
+                      "the base images to map each drawing to its class's mean feature)",
+                      choices=("regressor", "pixel+regressor"))
+    pixel_epochs: int = opt(4, "epochs of the pixel predictor's fine-tuning on the base images (target pixel+regressor)",
+                            min=1)
+    pixel_lr: float = opt(1e-4, "Adam learning rate of the pixel predictor (target pixel+regressor)", gt=0)
 
     def fit_arguments(self) -> dict:
         """The arguments of the generator's ``fit`` these options set: none (it reads its own)."""
@@ -113,6 +122,47 @@ def train_centre_regressor(feats: torch.Tensor, labels: torch.Tensor, o: Steered
     return reg.eval(), history
 
 
+def leave_one_out_means(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """For every drawing, the normalised mean feature of the other drawings of its class (N, D)."""
+    f = F.normalize(feats.float(), dim=-1)
+    n_classes = int(labels.max()) + 1
+    sums = torch.zeros(n_classes, f.shape[1]).index_add_(0, labels, f)
+    count = torch.bincount(labels, minlength=n_classes).float()
+    return F.normalize((sums[labels] - f) / (count[labels] - 1).clamp(min=1)[:, None], dim=-1)
+
+
+def train_pixel_predictor(backbone: nn.Module, base: ArrayDataset, base_feats: torch.Tensor, epochs: int,
+                          seed: int, lr: float = 1e-4, batch: int = 128) -> nn.Module:
+    """A copy of ``backbone`` fine-tuned on the base images so that each drawing's feature points at
+    its class's mean feature (the frozen backbone's ``base_feats``) without it, by the cosine loss:
+    a centre predictor that reads the pixels, not the backbone's features. Its normalisation layers
+    keep the backbone's statistics (eval mode throughout), so it starts as the backbone exactly."""
+    import copy
+
+    target = leave_one_out_means(base_feats, base.labels)
+    g = copy.deepcopy(backbone).eval()  # normalisation statistics frozen: it starts as the backbone exactly
+    for p in g.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(g.parameters(), lr)
+    order_g = torch.Generator().manual_seed(seed_hash("pixel-predictor", seed))
+    steps_per_epoch = -(-len(base) // batch)
+    orders: list[torch.Tensor] = []
+
+    def step_loss(step: int) -> torch.Tensor:
+        epoch, i = divmod(step, steps_per_epoch)
+        while len(orders) <= epoch:
+            orders.append(torch.randperm(len(base), generator=order_g))
+        ix = orders[epoch][i * batch:(i + 1) * batch]
+        device = next(g.parameters()).device
+        return (1 - F.cosine_similarity(g.forward_features(base.float_images(ix).to(device)),
+                                        target[ix].to(device))).mean()
+
+    run_steps(step_loss, opt, None, epochs * steps_per_epoch, name="pixel predictor", hint="lower pixel_lr")
+    for p in g.parameters():
+        p.requires_grad_(False)
+    return g.eval()
+
+
 def affine_pool(shots: torch.Tensor, o: SteeredOptions, stream: tuple = ()) -> torch.Tensor:
     """``o.pool`` random affine redrawings (N, pool, C, H, W) uint8 of each shot (N, C, H, W) uint8;
     shot n's redrawings depend only on its index, the seed and ``stream`` (e.g. a class)."""
@@ -154,6 +204,7 @@ class SteeredRedrawings:
         self.options = options or SteeredOptions()
         self.options.check()
         self.regressors: list[CentreRegressor] = []
+        self.pixel: nn.Module | None = None  # the pixel predictor (target pixel+regressor)
         self.history: list[float] = []
 
     @staticmethod
@@ -169,6 +220,8 @@ class SteeredRedrawings:
         o = self.options
         fitted = [train_centre_regressor(feats, base.labels, replace(o, seed=o.seed + i)) for i in range(o.regressors)]
         self.regressors = [reg for reg, _ in fitted]
+        if o.target == "pixel+regressor":
+            self.pixel = train_pixel_predictor(backbone, base, feats, o.pixel_epochs, o.seed, o.pixel_lr)
         self.history = fitted[0][1]
         return self
 
@@ -179,8 +232,14 @@ class SteeredRedrawings:
         with torch.no_grad():
             f = self._features(backbone, shots)
             if len(self.regressors) == 1:
-                return F.normalize(self.regressors[0](f), dim=-1)
-            return F.normalize(torch.stack([F.normalize(r(f), dim=-1) for r in self.regressors]).mean(0), dim=-1)
+                pred = F.normalize(self.regressors[0](f), dim=-1)
+            else:
+                pred = F.normalize(torch.stack([F.normalize(r(f), dim=-1) for r in self.regressors]).mean(0), dim=-1)
+            if self.options.target == "pixel+regressor":
+                if self.pixel is None:
+                    raise FewgenError("the steered redrawings' pixel predictor is missing: fit them first")
+                pred = F.normalize(pred + F.normalize(self._features(self.pixel, shots), dim=-1), dim=-1)
+            return pred
 
     def generate(self, backbone: nn.Module, shots: torch.Tensor, keep: int | None = None,
                  stream: tuple = ()) -> torch.Tensor:
@@ -200,10 +259,22 @@ class SteeredRedrawings:
 
     def state(self) -> dict:
         """The options and the regressors' tensors (for a cache entry): the first's unprefixed, the
-        i-th's under ``r<i>.``."""
-        return {"options": asdict(self.options),
-                "tensors": {(k if i == 0 else f"r{i}.{k}"): v.detach().clone()
-                            for i, reg in enumerate(self.regressors) for k, v in reg.state_dict().items()}}
+        i-th's under ``r<i>.``; the pixel predictor's (if any) under ``pixel.``."""
+        tensors = {(k if i == 0 else f"r{i}.{k}"): v.detach().clone()
+                   for i, reg in enumerate(self.regressors) for k, v in reg.state_dict().items()}
+        if self.pixel is not None:
+            tensors.update({f"pixel.{k}": v.detach().clone() for k, v in self.pixel.state_dict().items()})
+        return {"options": asdict(self.options), "tensors": tensors}
+
+    def load_pixel(self, backbone: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """The pixel predictor from ``pixel.``-prefixed tensors: a copy of ``backbone`` with them."""
+        import copy
+
+        pixel = copy.deepcopy(backbone)
+        pixel.load_state_dict({k[len("pixel."):]: v for k, v in tensors.items() if k.startswith("pixel.")})
+        for p in pixel.parameters():
+            p.requires_grad_(False)
+        self.pixel = pixel.eval()
 
 
 class SteeredGenerator:
@@ -239,11 +310,13 @@ class SteeredGenerator:
 
     def num_parameters(self) -> int:
         dim, h = self.backbone.num_features, self.options.regressor_hidden
-        return (2 * dim * h + h + dim) * self.options.regressors
+        pixel = sum(p.numel() for p in self.backbone.parameters()) if self.options.target == "pixel+regressor" else 0
+        return (2 * dim * h + h + dim) * self.options.regressors + pixel
 
     def fit(self, dataset: ArrayDataset, log=None, **_ignored):
-        """Fit the regressor on the base classes (``generator.steered.regressor_*``; the base
-        generator's steps, batch and learning rate do not apply). A :class:`FitResult`."""
+        """Fit the regressor (and, with ``target=pixel+regressor``, the pixel predictor) on the base
+        classes (``generator.steered.regressor_*``, ``pixel_*``; the base generator's steps, batch and
+        learning rate do not apply). A :class:`FitResult`."""
         import time
 
         from fewgen.generators.pixels import FitResult
@@ -252,8 +325,10 @@ class SteeredGenerator:
         self.steerer.fit(self.backbone, dataset)
         seconds = time.time() - t0
         if log:
+            pixel = (f", pixel predictor {self.options.pixel_epochs} epochs" if self.options.target == "pixel+regressor"
+                     else "")
             log(f"[steered] regressor: {self.options.regressor_steps} steps, loss {self.steerer.history[0]:.4f} -> "
-                f"{sum(self.steerer.history[-50:]) / len(self.steerer.history[-50:]):.4f} ({seconds:.0f}s)")
+                f"{sum(self.steerer.history[-50:]) / len(self.steerer.history[-50:]):.4f}{pixel} ({seconds:.0f}s)")
         return FitResult(self.options.regressor_steps, self.steerer.history, seconds,
                          512 * self.options.regressor_steps / max(seconds, 1e-9))
 
@@ -286,6 +361,8 @@ class SteeredGenerator:
             names = reg.state_dict().keys()
             reg.load_state_dict({k: tensors[k if i == 0 else f"r{i}.{k}"] for k in names})
             gen.steerer.regressors.append(reg.eval())
+        if gen.options.target == "pixel+regressor":
+            gen.steerer.load_pixel(gen.backbone, tensors)
         return gen
 
     def state_key(self) -> str:
