@@ -14,8 +14,10 @@ make the generated images' mean feature a better class centre than the shot. Eve
 episode and randomness from a generator seeded by (family, seed, step), so training is deterministic
 and a run resumed from its checkpoint equals an uninterrupted one.
 
-A family subclasses :class:`EpisodicGenerator` with its network (``self.net``), its options (a
-subclass of :class:`EpisodicOptions`) and :meth:`~EpisodicGenerator.make_images`.
+A family subclasses :class:`EpisodicGenerator` with its network (built by the ``build`` it passes
+to ``__init__``), its options (a subclass of :class:`EpisodicOptions`, named by ``options_class``),
+:meth:`~EpisodicGenerator.noise` (its randomness per image) and :meth:`~EpisodicGenerator.make_images`;
+optionally :meth:`~EpisodicGenerator.prepare` (what it reads from the base classes).
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def prototype_loss(shot_feats: torch.Tensor, gen_feats: torch.Tensor, query_feat
 
 class EpisodicGenerator:
     """A generator of images of each shot, trained through a frozen backbone's prototype loss
-    (module docstring). Subclasses set :attr:`family` and build ``self.net`` in ``__init__``."""
+    (module docstring)."""
 
     family = "episodic"  # names the random streams ("<family>-train", "-eval", "-sample") and the log
+    options_class: type = EpisodicOptions  # what :meth:`load` rebuilds the options with
 
     def __init__(self, in_chans: int, options: EpisodicOptions, build: Callable[[], nn.Module]):
         self.options = options
@@ -242,8 +245,6 @@ class EpisodicGenerator:
         gen.history = list(meta.get("history", []))
         gen.net.eval()
         return gen
-
-    options_class: type = EpisodicOptions
 
 
 __all__ = ["EpisodicGenerator", "EpisodicOptions", "base_episode", "prototype_loss"]
